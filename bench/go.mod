@@ -1,0 +1,3 @@
+module kubellm/bench
+
+go 1.22

@@ -1,0 +1,5 @@
+import sys
+
+from kubellm.cli import main
+
+sys.exit(main())

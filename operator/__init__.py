@@ -1,0 +1,1 @@
+"""kubellm.operator: reconciles ModelDeployment and ApiKey resources into router config."""

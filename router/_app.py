@@ -1,0 +1,207 @@
+"""The ASGI application: routes, error rendering, lifespan and config reload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import _metrics as metrics
+from ._config import ConfigError, RouterConfig, load_config
+from ._errors import KubellmError, NotFoundError, error_body
+from ._proxy import JSON, Router, authenticate, error_response
+from ._state import build_state
+from .providers import Operation
+
+log = logging.getLogger("kubellm.router")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Where the config comes from: a file that is watched, or a fixed document."""
+
+    path: Path | None = None
+    config: RouterConfig | None = None
+
+    def load(self) -> RouterConfig:
+        if self.path is not None:
+            return load_config(self.path)
+        assert self.config is not None
+        return self.config
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        # Kubernetes swaps mounted ConfigMaps through a symlink, which changes the inode.
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+async def _watch_config(router: Router, source: ConfigSource) -> None:
+    assert source.path is not None
+    path = source.path
+    seen = _file_signature(path)
+    while True:
+        await asyncio.sleep(router.state.config.settings.reload_interval_seconds)
+        current = _file_signature(path)
+        if current == seen or current is None:
+            continue
+        seen = current
+        try:
+            state = build_state(load_config(path))
+        except ConfigError as err:
+            metrics.CONFIG_RELOADS.labels("invalid").inc()
+            log.error("config reload rejected, still serving version %s: %s", router.state.version, err.message)
+            continue
+        if state.version == router.state.version:
+            continue
+        old = router.state.version
+        router.state = state
+        metrics.set_config_version(old, state.version)
+        metrics.CONFIG_RELOADS.labels("applied").inc()
+        log.info("config reloaded: version %s -> %s", old, state.version)
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type=JSON)
+
+
+_REQUEST_SCHEMA = {"type": "object", "required": ["model"], "additionalProperties": True}
+
+
+def create_app(source: ConfigSource) -> FastAPI:
+    """Build the router app. Raises :class:`ConfigError` if the initial config is invalid."""
+    router = Router(build_state(source.load()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await router.upstream.start()
+        metrics.set_config_version(None, router.state.version)
+        watcher = asyncio.create_task(_watch_config(router, source)) if source.path is not None else None
+        try:
+            yield
+        finally:
+            router.draining = True
+            if watcher is not None:
+                watcher.cancel()
+            await router.upstream.stop()
+
+    app = FastAPI(
+        title="kubellm router",
+        version=router.state.version,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.router = router
+
+    def openai_route(path: str, operation: Operation, summary: str) -> None:
+        async def endpoint(request: Request) -> Response:
+            return await router.handle(operation, request)
+
+        extra = {"requestBody": {"required": True, "content": {JSON: {"schema": _REQUEST_SCHEMA}}}}
+        for prefix in ("/v1", ""):
+            app.add_api_route(
+                prefix + path,
+                endpoint,
+                methods=["POST"],
+                summary=summary,
+                include_in_schema=prefix == "/v1",
+                openapi_extra=extra,
+                name=f"{operation.value}{prefix.replace('/', '_')}",
+            )
+
+    openai_route("/chat/completions", Operation.CHAT, "Create a chat completion (OpenAI format)")
+    openai_route("/completions", Operation.COMPLETION, "Create a text completion (OpenAI format)")
+    openai_route("/embeddings", Operation.EMBEDDING, "Create embeddings (OpenAI format)")
+
+    def authorized(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            try:
+                authenticate(router.state, request)
+            except KubellmError as err:
+                return error_response(err)
+            return await handler(request)
+
+        return wrapped
+
+    @authorized
+    async def list_models(request: Request) -> Response:
+        caller = authenticate(router.state, request)
+        groups = sorted(router.state.groups)
+        if caller.key is not None:
+            groups = [g for g in groups if caller.key.may_use(g)]
+        data = [{"id": g, "object": "model", "created": 0, "owned_by": "kubellm"} for g in groups]
+        return _json({"object": "list", "data": data})
+
+    @authorized
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        caller = authenticate(router.state, request)
+        if name not in router.state.groups or (caller.key is not None and not caller.key.may_use(name)):
+            return error_response(NotFoundError(f"the model {name!r} does not exist", param="model",
+                                                code="model_not_found"))
+        return _json({"id": name, "object": "model", "created": 0, "owned_by": "kubellm"})
+
+    for prefix in ("/v1", ""):
+        app.add_api_route(prefix + "/models", list_models, methods=["GET"], include_in_schema=prefix == "/v1",
+                          summary="List model groups")
+        app.add_api_route(prefix + "/models/{model:path}", get_model, methods=["GET"],
+                          include_in_schema=prefix == "/v1", summary="Retrieve a model group")
+
+    @app.get("/health/liveness", summary="Liveness probe")
+    async def liveness() -> Response:
+        return _json({"status": "alive"})
+
+    @app.get("/health/readiness", summary="Readiness probe")
+    async def readiness() -> Response:
+        state = router.state
+        ready = not router.draining
+        doc = {"status": "ready" if ready else "draining", "configVersion": state.version,
+               "modelGroups": len(state.groups)}
+        return _json(doc, 200 if ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            message, kind, code = f"no route for {request.url.path}", "not_found_error", "not_found"
+        elif exc.status_code == 405:
+            message, kind, code = f"method {request.method} is not allowed on {request.url.path}", \
+                "invalid_request_error", "method_not_allowed"
+        else:
+            message, kind, code = str(exc.detail), "invalid_request_error", None
+        return Response(error_body(exc.status_code, message, type=kind, code=code), status_code=exc.status_code,
+                        media_type=JSON, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = error_body(500, "internal router error; see the router log", type="api_error", code="internal_error")
+        return Response(body, status_code=500, media_type=JSON)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` and worker processes; the CLI passes its choices by environment."""
+    from ._quickstart import source_from_env
+
+    return create_app(source_from_env(os.environ))

@@ -1,0 +1,281 @@
+"""The router config: one pydantic schema, shared by the YAML file and the operator.
+
+The operator renders exactly this document from ModelDeployment and ApiKey
+resources, so it is the contract between the two. Field docs here are the
+source of ``docs/config.md`` (``kubellm config-docs`` regenerates it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from ._errors import KubellmError
+
+
+class ConfigError(KubellmError):
+    """A config document that cannot be used; the message names the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
+    )
+
+
+class Pricing(_Model):
+    """Prices in USD per one million tokens. Unset fields fall back to the shipped price table."""
+
+    input_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M prompt tokens.")
+    output_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M completion tokens.")
+    cached_input_per_million: Decimal | None = Field(
+        None, ge=0, description="USD per 1M cached prompt tokens (defaults to the input price)."
+    )
+
+
+class Timeouts(_Model):
+    """Upstream timeouts in seconds. A request may lower them with the `x-kubellm-timeout` header."""
+
+    connect: float = Field(5.0, gt=0, description="TCP and TLS connect timeout.")
+    first_token: float | None = Field(
+        None, gt=0, description="Time to the first streamed byte (streams) or to the response headers."
+    )
+    idle: float | None = Field(None, gt=0, description="Longest gap between two streamed chunks.")
+    total: float = Field(600.0, gt=0, description="Whole request, including the streamed body.")
+
+
+class Limits(_Model):
+    """Request and token limits. Unset means unlimited."""
+
+    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, description="Tokens (prompt + completion) per minute.")
+    max_parallel_requests: int | None = Field(None, ge=1, description="Concurrent in-flight requests.")
+
+
+class MockOptions(_Model):
+    """Behaviour of the built-in `mock` provider."""
+
+    latency_ms: float = Field(0.0, ge=0, description="Delay before the response (or first chunk).")
+    chunk_delay_ms: float = Field(0.0, ge=0, description="Delay between streamed chunks.")
+    reply: str | None = Field(
+        None, description="Fixed reply text. Unset: a deterministic reply derived from the prompt."
+    )
+
+
+class DeploymentConfig(_Model):
+    """One upstream model deployment. Deployments sharing `model` form a model group."""
+
+    name: str = Field(
+        "", description="Unique deployment id, shown in `x-kubellm-deployment`. Default: `<model>-<index>`."
+    )
+    model: str = Field(..., min_length=1, description="Public model name clients send (the model group).")
+    provider: str = Field(..., description="Provider adapter, e.g. `openai`, `openai-compatible`, `mock`.")
+    upstream_model: str | None = Field(
+        None, description="Model or deployment id sent upstream. Default: `model`."
+    )
+    base_url: str | None = Field(None, description="Upstream base URL. Default: the provider's own.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable that holds the upstream credential."
+    )
+    api_key_file: str | None = Field(None, description="File that holds the upstream credential.")
+    api_key: str | None = Field(
+        None,
+        description="Inline upstream credential. Prefer `apiKeyEnv`/`apiKeyFile`; the operator uses this "
+        "field only inside the config Secret it renders.",
+    )
+    api_version: str | None = Field(None, description="Azure OpenAI `api-version`.")
+    region: str | None = Field(None, description="Cloud region (Bedrock).")
+    project: str | None = Field(None, description="Cloud project (Vertex AI).")
+    location: str | None = Field(None, description="Cloud location (Vertex AI).")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent upstream.")
+    weight: float = Field(1.0, ge=0, description="Relative share of traffic within its priority tier.")
+    priority: int = Field(
+        0, ge=0, description="Priority tier; a higher number gets traffic only when lower tiers cannot serve."
+    )
+    limits: Limits = Field(default_factory=Limits, description="Per-deployment limits; saturated deployments are skipped.")
+    context_window: int | None = Field(None, ge=1, description="Largest prompt + completion in tokens.")
+    pricing: Pricing = Field(default_factory=Pricing, description="Overrides the shipped price table.")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Upstream timeouts.")
+    drop_unsupported_params: bool = Field(
+        False, description="Silently drop parameters the provider cannot honour instead of answering 400."
+    )
+    cache: bool = Field(False, description="Opt this deployment into the response cache.")
+    log_payloads: bool = Field(False, description="Log prompts and responses for this deployment.")
+    mock: MockOptions = Field(default_factory=MockOptions, description="Options of the `mock` provider.")
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        from .providers import provider_names
+
+        names = provider_names()
+        if value not in names:
+            raise ValueError(f"unknown provider {value!r}; known: {', '.join(sorted(names))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential_source(self) -> DeploymentConfig:
+        given = [f for f in ("api_key_env", "api_key_file", "api_key") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set at most one of {', '.join(to_camel(f) for f in given)}")
+        return self
+
+
+class ModelGroupConfig(_Model):
+    """Settings shared by every deployment of one public model name."""
+
+    name: str = Field(..., min_length=1, description="The public model name.")
+    strategy: Literal["weighted-random", "least-busy", "lowest-latency", "usage-based", "lowest-cost"] = Field(
+        "weighted-random", description="Load-balancing strategy."
+    )
+    fallbacks: list[str] = Field(default_factory=list, description="Model groups to try, in order, on failure.")
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may send for this group.")
+
+
+class KeyConfig(_Model):
+    """A virtual API key. Only its SHA-256 hash is stored."""
+
+    name: str = Field(..., min_length=1, description="Key id, shown in logs, metrics and status.")
+    key_hash: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key (what the operator renders)."
+    )
+    key_env: str | None = Field(None, description="Environment variable holding the key itself.")
+    models: list[str] = Field(default_factory=list, description="Model groups it may use; empty means all.")
+    limits: Limits = Field(default_factory=Limits, description="Per-key limits.")
+    disabled: bool = Field(False, description="Reject every request made with this key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeyConfig:
+        if (self.key_hash is None) == (self.key_env is None):
+            raise ValueError("set exactly one of keyHash, keyEnv")
+        return self
+
+
+class RouterSettings(_Model):
+    """Process-wide router settings."""
+
+    master_key_env: str = Field(
+        "KUBELLM_MASTER_KEY", description="Environment variable holding the admin master key."
+    )
+    master_key_hash: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the master key, instead of the env var."
+    )
+    max_request_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest accepted request body; larger gets 413."
+    )
+    reload_interval_seconds: float = Field(
+        1.0, gt=0, description="How often the config file is checked for changes."
+    )
+    num_retries: int = Field(2, ge=0, le=10, description="Retries after the first attempt, across deployments.")
+    access_log: bool = Field(True, description="Write one JSON access log line per request.")
+
+
+class RouterConfig(_Model):
+    """The whole router config document."""
+
+    deployments: list[DeploymentConfig] = Field(default_factory=list, description="Upstream deployments.")
+    model_groups: list[ModelGroupConfig] = Field(
+        default_factory=list, description="Optional per-group settings (strategy, fallbacks, aliases)."
+    )
+    keys: list[KeyConfig] = Field(default_factory=list, description="Virtual API keys.")
+    settings: RouterSettings = Field(default_factory=RouterSettings, description="Router settings.")
+
+    @model_validator(mode="after")
+    def _names(self) -> RouterConfig:
+        seen: set[str] = set()
+        named: list[DeploymentConfig] = []
+        index: dict[str, int] = {}
+        for dep in self.deployments:
+            name = dep.name
+            if not name:
+                index[dep.model] = index.get(dep.model, 0) + 1
+                name = f"{dep.model}-{index[dep.model]}"
+                dep = dep.model_copy(update={"name": name})
+            if name in seen:
+                raise ValueError(f"duplicate deployment name {name!r}")
+            seen.add(name)
+            named.append(dep)
+        object.__setattr__(self, "deployments", named)
+        groups = {d.model for d in named}
+        for group in self.model_groups:
+            for target in group.fallbacks:
+                if target not in groups:
+                    raise ValueError(f"modelGroups[{group.name}].fallbacks: no deployment serves {target!r}")
+        return self
+
+    @property
+    def version(self) -> str:
+        """Content hash of the config, stable across key order."""
+        doc = self.model_dump(mode="json", by_alias=True)
+        return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _location(loc: tuple[int | str, ...], doc: Any) -> str:
+    parts: list[str] = []
+    node = doc
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return "".join(parts)
+
+
+def validation_message(exc: ValidationError, doc: Any) -> str:
+    lines = []
+    for err in exc.errors():
+        where = _location(err["loc"], doc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(doc: Any, *, source: str = "config") -> RouterConfig:
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: the document must be a mapping, got {type(doc).__name__}")
+    try:
+        return RouterConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {validation_message(exc, doc)}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> RouterConfig:
+    """Read and validate a YAML (or JSON) config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return parse_config(doc, source=str(p))
+
+
+def embedded_default() -> RouterConfig:
+    """The config `kubellm router` serves with no arguments: two mock deployments of one model."""
+    return parse_config(
+        {
+            "deployments": [
+                {"name": "mock-a", "model": "mock-gpt", "provider": "mock", "weight": 1},
+                {"name": "mock-b", "model": "mock-gpt", "provider": "mock", "weight": 1},
+                {"name": "mock-embed", "model": "mock-embedding", "provider": "mock"},
+            ]
+        },
+        source="embedded default",
+    )

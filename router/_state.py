@@ -1,0 +1,141 @@
+"""A loaded config, compiled into what the request path reads.
+
+A :class:`RouterState` is immutable once built. Hot reload builds a new one
+and swaps a single reference, so a request that started on the old state
+finishes on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._config import ConfigError, DeploymentConfig, KeyConfig, ModelGroupConfig, RouterConfig
+from .providers import Provider, get_provider
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Deployment:
+    config: DeploymentConfig
+    provider: Provider
+    api_key: str | None
+    #: Requests currently in flight on this deployment (this process).
+    in_flight: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(slots=True)
+class ModelGroup:
+    name: str
+    deployments: list[Deployment]
+    settings: ModelGroupConfig
+
+    def ordered_candidates(self, rng: random.Random) -> list[Deployment]:
+        """Deployments in the order to try them: tier by tier, each tier by weighted draw."""
+        tiers: dict[int, list[Deployment]] = {}
+        for dep in self.deployments:
+            tiers.setdefault(dep.config.priority, []).append(dep)
+        order: list[Deployment] = []
+        for tier in sorted(tiers):
+            pool = [d for d in tiers[tier] if d.config.weight > 0] or tiers[tier]
+            while pool:
+                weights = [d.config.weight for d in pool]
+                pick = rng.choices(range(len(pool)), weights=weights)[0] if sum(weights) > 0 else 0
+                order.append(pool.pop(pick))
+        return order
+
+
+@dataclass(slots=True)
+class VirtualKey:
+    config: KeyConfig
+    key_hash: bytes
+
+    def may_use(self, group: str) -> bool:
+        return not self.config.models or group in self.config.models
+
+
+@dataclass(slots=True)
+class RouterState:
+    config: RouterConfig
+    version: str
+    groups: dict[str, ModelGroup]
+    master_key_hash: bytes | None
+    keys: dict[bytes, VirtualKey] = field(default_factory=dict)
+
+    @property
+    def auth_required(self) -> bool:
+        return self.master_key_hash is not None or bool(self.keys)
+
+    def find_key(self, presented: str) -> tuple[bool, VirtualKey | None]:
+        """(is_master, virtual_key) for a presented bearer token, comparing hashes in constant time."""
+        digest = hashlib.sha256(presented.encode()).digest()
+        if self.master_key_hash is not None and hmac.compare_digest(digest, self.master_key_hash):
+            return True, None
+        # The dict lookup is on a SHA-256 of the secret, which leaks nothing useful through timing.
+        return False, self.keys.get(digest)
+
+
+def _credential(dep: DeploymentConfig, where: str) -> str | None:
+    if dep.api_key is not None:
+        return dep.api_key
+    if dep.api_key_env is not None:
+        value = os.environ.get(dep.api_key_env)
+        if not value:
+            raise ConfigError(f"{where}.apiKeyEnv: environment variable {dep.api_key_env} is not set")
+        return value
+    if dep.api_key_file is not None:
+        try:
+            return Path(dep.api_key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.apiKeyFile: cannot read {dep.api_key_file}: {exc.strerror}") from None
+    return None
+
+
+def build_state(config: RouterConfig) -> RouterState:
+    """Compile a validated config; raises :class:`ConfigError` naming the field on failure."""
+    groups: dict[str, ModelGroup] = {}
+    settings = {g.name: g for g in config.model_groups}
+    for i, dep in enumerate(config.deployments):
+        runtime = Deployment(dep, get_provider(dep.provider), _credential(dep, f"deployments[{i}]"))
+        group = groups.get(dep.model)
+        if group is None:
+            group = groups[dep.model] = ModelGroup(
+                dep.model, [], settings.get(dep.model) or ModelGroupConfig(name=dep.model)
+            )
+        group.deployments.append(runtime)
+    for group_settings in config.model_groups:
+        for alias in group_settings.aliases:
+            if alias in groups:
+                raise ConfigError(f"modelGroups[{group_settings.name}].aliases: {alias!r} is already a model")
+            if group_settings.name in groups:
+                groups[alias] = groups[group_settings.name]
+
+    master: bytes | None = None
+    if config.settings.master_key_hash:
+        master = bytes.fromhex(config.settings.master_key_hash)
+    elif os.environ.get(config.settings.master_key_env):
+        master = hashlib.sha256(os.environ[config.settings.master_key_env].encode()).digest()
+
+    keys: dict[bytes, VirtualKey] = {}
+    for i, key in enumerate(config.keys):
+        if key.key_hash is not None:
+            digest = bytes.fromhex(key.key_hash)
+        else:
+            assert key.key_env is not None
+            secret = os.environ.get(key.key_env)
+            if not secret:
+                raise ConfigError(f"keys[{i}].keyEnv: environment variable {key.key_env} is not set")
+            digest = hashlib.sha256(secret.encode()).digest()
+        keys[digest] = VirtualKey(key, digest)
+    return RouterState(config, config.version, groups, master, keys)

@@ -1,0 +1,208 @@
+"""Request validation that names the field at fault.
+
+Hand-written rather than pydantic on purpose: it runs on every request, checks
+only what the router must rely on, and leaves every other field untouched so it
+passes through to OpenAI-shaped upstreams as the client sent it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ._errors import InvalidRequestError
+from .providers import Operation
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequestError("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        reason = str(exc).split(":", 1)[0]
+        raise InvalidRequestError(f"the request body is not valid JSON: {reason}", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError(
+            f"the request body must be a JSON object, got {_kind(doc)}", code="invalid_json"
+        )
+    return doc
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _bad(param: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(f"'{param}': {message}", param=param, code="invalid_value")
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(name, f"expected a number, got {_kind(value)}")
+    if not low <= value <= high:
+        raise _bad(name, f"{value} is out of range; expected {low:g} to {high:g}")
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, f"expected an integer, got {_kind(value)}")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"{low} to {high}"
+        raise _bad(name, f"{value} is out of range; expected {bound}")
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(name, f"expected a boolean, got {_kind(value)}")
+    return value
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequestError("'model' is required", param="model", code="missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", f"expected a non-empty string, got {_kind(model)}")
+    return model
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _bad("stream_options", f"expected an object, got {_kind(options)}")
+        if not stream:
+            raise _bad("stream_options", "only allowed when 'stream' is true")
+        usage = options.get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise _bad("stream_options.include_usage", f"expected a boolean, got {_kind(usage)}")
+        include_usage = bool(usage)
+    return stream, include_usage
+
+
+def _sampling(body: dict[str, Any]) -> None:
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _number(body, "presence_penalty", -2, 2)
+    _number(body, "frequency_penalty", -2, 2)
+    _integer(body, "n", 1, 128)
+    _integer(body, "max_tokens", 1)
+    _integer(body, "max_completion_tokens", 1)
+    _integer(body, "seed", -(2**63), 2**63 - 1)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise _bad("stop", "expected a string or an array of strings")
+        if len(stop) > 4:
+            raise _bad("stop", "at most 4 stop sequences")
+
+
+def _messages(body: dict[str, Any]) -> None:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequestError("'messages' is required", param="messages", code="missing_required_parameter")
+    if not isinstance(messages, list):
+        raise _bad("messages", f"expected an array, got {_kind(messages)}")
+    if not messages:
+        raise _bad("messages", "expected at least one message")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(where, f"expected an object, got {_kind(message)}")
+        role = message.get("role")
+        if role not in _ROLES:
+            shown = role if isinstance(role, str) else _kind(role)
+            raise _bad(f"{where}.role", f"{shown!s} is not one of {', '.join(sorted(_ROLES))}")
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+                continue
+            if role == "assistant" and "content" in message:
+                continue
+            raise InvalidRequestError(
+                f"'{where}.content' is required", param=f"{where}.content", code="missing_required_parameter"
+            )
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise _bad(f"{where}.content[{j}]", "expected an object with a string 'type'")
+        elif not isinstance(content, str):
+            raise _bad(f"{where}.content", f"expected a string or an array of parts, got {_kind(content)}")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise InvalidRequestError(
+                f"'{where}.tool_call_id' is required for tool messages",
+                param=f"{where}.tool_call_id",
+                code="missing_required_parameter",
+            )
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("tools", f"expected an array, got {_kind(tools)}")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+                raise _bad(f"tools[{i}]", "expected an object with a 'function' object")
+            if not isinstance(tool["function"].get("name"), str):
+                raise _bad(f"tools[{i}].function.name", "expected a string")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str)):
+        raise _bad("response_format", "expected an object with a string 'type'")
+
+
+def _token_input(body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    if value is None:
+        raise InvalidRequestError(f"'{name}' is required", param=name, code="missing_required_parameter")
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return
+        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
+            return
+    raise _bad(name, "expected a string, an array of strings, or an array of token arrays")
+
+
+def validate(operation: Operation, body: dict[str, Any]) -> tuple[str, bool, bool]:
+    """Check a request; return (model, stream, include_usage)."""
+    model = _model(body)
+    if operation is Operation.EMBEDDING:
+        _token_input(body, "input")
+        _integer(body, "dimensions", 1)
+        fmt = body.get("encoding_format")
+        if fmt is not None and fmt not in ("float", "base64"):
+            raise _bad("encoding_format", "expected 'float' or 'base64'")
+        return model, False, False
+    stream, include_usage = _stream(body)
+    _sampling(body)
+    if operation is Operation.CHAT:
+        _messages(body)
+    else:
+        _token_input(body, "prompt")
+    return model, stream, include_usage

@@ -1,0 +1,239 @@
+"""The provider interface.
+
+A provider is a translator, not a client. Its narrow core:
+
+* :meth:`Provider.build_request` turns an OpenAI-shaped request into one upstream HTTP request;
+* :meth:`Provider.parse_response` turns the upstream body into OpenAI-shaped JSON bytes and usage;
+* :meth:`Provider.stream_translator` returns a per-request :class:`StreamTranslator` that turns
+  upstream stream bytes into OpenAI chunk payloads (never SSE text: ``_sse`` frames them);
+* :meth:`Provider.map_error` turns an upstream error response into a :class:`KubellmError`.
+
+Optional capabilities live beside it: a provider whose call takes several HTTP
+round trips (Replicate) or never leaves the process (mock) overrides :meth:`Provider.send`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from .._errors import (
+    AuthenticationError,
+    ContentFilterError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    KubellmError,
+    PermissionDeniedError,
+    RateLimitError,
+    UpstreamStatusError,
+)
+
+if TYPE_CHECKING:
+    from .._config import DeploymentConfig
+
+
+class Operation(StrEnum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+
+
+#: An OpenAI chunk or response payload: pre-serialized JSON bytes, or a dict to serialize.
+Payload = bytes | dict[str, Any]
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_openai(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage | None:
+        if not isinstance(usage, dict):
+            return None
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+        return cls(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=int(cached or 0),
+        )
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What a provider may know about the request it translates."""
+
+    request_id: str
+    operation: Operation
+    public_model: str
+    deployment: DeploymentConfig
+    stream: bool = False
+    #: The client asked for a final usage chunk (``stream_options.include_usage``).
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    #: The credential resolved for this deployment, if any.
+    api_key: str | None = None
+
+    @property
+    def upstream_model(self) -> str:
+        return self.deployment.upstream_model or self.deployment.model
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None = None
+
+
+@dataclass(slots=True)
+class ProviderResponse:
+    body: bytes
+    usage: Usage | None = None
+
+
+class UpstreamResponse(Protocol):
+    """A response being received; :mod:`.._upstream` wraps aiohttp's in this shape."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    async def read(self) -> bytes: ...
+
+    def iter_chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class UpstreamClient(Protocol):
+    async def send(self, request: UpstreamRequest, ctx: RequestContext) -> UpstreamResponse: ...
+
+
+class StreamTranslator(ABC):
+    """Per-request state machine from upstream stream bytes to OpenAI chunk payloads."""
+
+    #: Usage reported by the upstream, known once the stream ends.
+    usage: Usage | None = None
+    #: Set when the upstream signalled an error inside the stream.
+    error: KubellmError | None = None
+
+    @abstractmethod
+    def feed(self, data: bytes) -> list[Payload]:
+        """Consume the next bytes of the upstream body; return chunks ready to send."""
+
+    def finish(self) -> list[Payload]:
+        """The upstream body ended; return any chunks still held back."""
+        return []
+
+
+class Provider(ABC):
+    name: ClassVar[str]
+    operations: ClassVar[frozenset[Operation]] = frozenset({Operation.CHAT})
+    #: Environment variable a `provider/model` quick start reads the credential from.
+    default_api_key_env: ClassVar[str | None] = None
+    default_base_url: ClassVar[str | None] = None
+
+    @abstractmethod
+    def build_request(self, body: dict[str, Any], ctx: RequestContext) -> UpstreamRequest: ...
+
+    @abstractmethod
+    def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse: ...
+
+    @abstractmethod
+    def stream_translator(self, ctx: RequestContext) -> StreamTranslator: ...
+
+    def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:
+        return map_status_error(status, headers, extract_error_message(raw), provider=self.name)
+
+    async def send(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> UpstreamResponse:
+        """Perform the call. Providers with multi-step protocols override this."""
+        return await client.send(self.build_request(body, ctx), ctx)
+
+    def base_url(self, ctx: RequestContext) -> str:
+        url = ctx.deployment.base_url or self.default_base_url
+        if not url:
+            raise InvalidRequestError(f"deployment {ctx.deployment.name!r} has no baseUrl", param="baseUrl")
+        return url.rstrip("/")
+
+
+_CONTEXT_MARKERS = (
+    "context_length_exceeded",
+    "context length",
+    "maximum context",
+    "too many tokens",
+    "prompt is too long",
+    "input is too long",
+    "exceeds the context window",
+)
+_FILTER_MARKERS = ("content_filter", "content management policy", "safety", "content_policy")
+
+
+def extract_error_message(raw: bytes) -> tuple[str, str | None]:
+    """The upstream's own error message and code, from the common JSON error shapes."""
+    import orjson
+
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw[:500].decode("utf-8", "replace").strip()
+        return (text or "upstream returned an error with no body", None)
+    err: Any = doc.get("error", doc) if isinstance(doc, dict) else doc
+    if isinstance(err, list) and err:
+        err = err[0]
+    if isinstance(err, str):
+        return (err, None)
+    if isinstance(err, dict):
+        message = err.get("message") or err.get("detail") or err.get("error") or doc
+        code = err.get("code") or err.get("type") or err.get("status")
+        return (str(message), str(code) if code is not None else None)
+    return (str(doc)[:500], None)
+
+
+def map_status_error(
+    status: int, headers: Mapping[str, str], parsed: tuple[str, str | None], *, provider: str
+) -> KubellmError:
+    """Map an upstream status and message onto the router's error classes."""
+    message, code = parsed
+    lowered = f"{message} {code or ''}".lower()
+    prefix = f"{provider}: "
+    if status == 401:
+        # Never echo what the upstream said about the credential: it may quote it.
+        auth = AuthenticationError(
+            prefix + "the upstream rejected the deployment's credentials", code="upstream_authentication_error"
+        )
+        auth.retryable = True  # another deployment may hold a valid credential
+        return auth
+    if status == 403:
+        return PermissionDeniedError(prefix + message)
+    if status == 429:
+        retry_after = headers.get("Retry-After") or headers.get("retry-after")
+        return RateLimitError(prefix + message, headers={"Retry-After": retry_after} if retry_after else None)
+    if any(m in lowered for m in _CONTEXT_MARKERS):
+        return ContextLengthExceededError(prefix + message, param="messages")
+    if status == 400 and any(m in lowered for m in _FILTER_MARKERS):
+        return ContentFilterError(prefix + message)
+    return UpstreamStatusError(prefix + message, status=status, code=code)

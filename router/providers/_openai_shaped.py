@@ -1,0 +1,107 @@
+"""The shared base of every backend that already speaks OpenAI's wire format.
+
+Requests get only their ``model`` rewritten; responses and stream chunks pass
+through as the upstream's own bytes, parsed only to read usage.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+from .._errors import UpstreamProtocolError
+from .._sse import SSEDecoder
+from ._base import (
+    Operation,
+    Payload,
+    Provider,
+    ProviderResponse,
+    RequestContext,
+    StreamTranslator,
+    UpstreamRequest,
+    Usage,
+)
+
+_PATHS = {
+    Operation.CHAT: "/chat/completions",
+    Operation.COMPLETION: "/completions",
+    Operation.EMBEDDING: "/embeddings",
+}
+
+
+class OpenAIPassthroughTranslator(StreamTranslator):
+    """Forwards OpenAI chunks untouched, noting usage and hiding what the client did not ask for."""
+
+    __slots__ = ("_decoder", "_include_usage")
+
+    def __init__(self, include_usage: bool) -> None:
+        self._decoder = SSEDecoder()
+        self._include_usage = include_usage
+
+    def feed(self, data: bytes) -> list[Payload]:
+        return self._forward(self._decoder.feed(data))
+
+    def finish(self) -> list[Payload]:
+        return self._forward(self._decoder.close())
+
+    def _forward(self, events: list[Any]) -> list[Payload]:
+        out: list[Payload] = []
+        for event in events:
+            data: bytes = event.data
+            if not data or data == b"[DONE]":
+                continue
+            if b'"usage"' in data:
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamProtocolError("upstream sent a stream chunk that is not JSON") from None
+                usage = Usage.from_openai(chunk.get("usage")) if isinstance(chunk, dict) else None
+                if usage is not None:
+                    self.usage = usage
+                    if not self._include_usage:
+                        if not chunk.get("choices"):
+                            continue
+                        chunk.pop("usage", None)
+                        data = orjson.dumps(chunk)
+            out.append(data)
+        return out
+
+
+class OpenAIShapedProvider(Provider):
+    """Base for OpenAI, Azure OpenAI and every OpenAI-compatible vendor."""
+
+    operations = frozenset({Operation.CHAT, Operation.COMPLETION, Operation.EMBEDDING})
+    #: Whether the upstream accepts ``stream_options.include_usage``.
+    supports_stream_usage: ClassVar[bool] = True
+
+    def url(self, ctx: RequestContext) -> str:
+        return self.base_url(ctx) + _PATHS[ctx.operation]
+
+    def auth_headers(self, ctx: RequestContext) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
+
+    def prepare_body(self, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        body["model"] = ctx.upstream_model
+        if ctx.stream and self.supports_stream_usage and not ctx.include_usage:
+            # Ask for usage even when the client did not, so metering sees real numbers.
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return body
+
+    def build_request(self, body: dict[str, Any], ctx: RequestContext) -> UpstreamRequest:
+        headers = {"Content-Type": "application/json", **self.auth_headers(ctx), **ctx.deployment.headers}
+        payload = orjson.dumps(self.prepare_body(body, ctx))
+        return UpstreamRequest("POST", self.url(ctx), headers, payload)
+
+    def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(f"{self.name}: upstream answered with a body that is not JSON") from None
+        if not isinstance(doc, dict):
+            raise UpstreamProtocolError(f"{self.name}: upstream answered with a JSON {type(doc).__name__}")
+        return ProviderResponse(raw, Usage.from_openai(doc.get("usage")))
+
+    def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        return OpenAIPassthroughTranslator(ctx.include_usage)
