@@ -119,10 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--workers", type=int, default=1)
-    router.add_argument("--insecure-no-auth", action="store_true",
-                        help="allow a non-loopback address with no keys configured")
-    router.add_argument("--grace-period", type=float, default=30.0,
-                        help="seconds in-flight requests get to finish on shutdown")
+    router.add_argument(
+        "--insecure-no-auth", action="store_true", help="allow a non-loopback address with no keys configured"
+    )
+    router.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on shutdown",
+    )
     router.add_argument("--ssl-certfile")
     router.add_argument("--ssl-keyfile")
     router.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

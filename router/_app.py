@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from . import _metrics as metrics
 from ._config import ConfigError, RouterConfig, load_config
-from ._errors import KubellmError, NotFoundError, error_body
+from ._errors import KubellmError, ModelNotFoundError, error_body
 from ._proxy import JSON, Router, authenticate, error_response
 from ._state import build_state
 from .providers import Operation
@@ -64,7 +64,9 @@ async def _watch_config(router: Router, source: ConfigSource) -> None:
             state = build_state(load_config(path))
         except ConfigError as err:
             metrics.CONFIG_RELOADS.labels("invalid").inc()
-            log.error("config reload rejected, still serving version %s: %s", router.state.version, err.message)
+            log.error(
+                "config reload rejected, still serving version %s: %s", router.state.version, err.message
+            )
             continue
         if state.version == router.state.version:
             continue
@@ -128,39 +130,50 @@ def create_app(source: ConfigSource) -> FastAPI:
     openai_route("/completions", Operation.COMPLETION, "Create a text completion (OpenAI format)")
     openai_route("/embeddings", Operation.EMBEDDING, "Create embeddings (OpenAI format)")
 
-    def authorized(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def wrapped(request: Request) -> Response:
-            try:
-                authenticate(router.state, request)
-            except KubellmError as err:
-                return error_response(err)
-            return await handler(request)
-
-        return wrapped
-
-    @authorized
-    async def list_models(request: Request) -> Response:
+    def visible_models(request: Request) -> list[str]:
+        """Model groups the caller may use; raises if the caller is not authenticated."""
         caller = authenticate(router.state, request)
         groups = sorted(router.state.groups)
         if caller.key is not None:
             groups = [g for g in groups if caller.key.may_use(g)]
-        data = [{"id": g, "object": "model", "created": 0, "owned_by": "kubellm"} for g in groups]
-        return _json({"object": "list", "data": data})
+        return groups
 
-    @authorized
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "kubellm"}
+
+    async def list_models(request: Request) -> Response:
+        try:
+            groups = visible_models(request)
+        except KubellmError as err:
+            return error_response(err)
+        return _json({"object": "list", "data": [model_card(g) for g in groups]})
+
     async def get_model(request: Request) -> Response:
         name = request.path_params["model"]
-        caller = authenticate(router.state, request)
-        if name not in router.state.groups or (caller.key is not None and not caller.key.may_use(name)):
-            return error_response(NotFoundError(f"the model {name!r} does not exist", param="model",
-                                                code="model_not_found"))
-        return _json({"id": name, "object": "model", "created": 0, "owned_by": "kubellm"})
+        try:
+            groups = visible_models(request)
+        except KubellmError as err:
+            return error_response(err)
+        if name not in groups:
+            missing = ModelNotFoundError(f"the model {name!r} does not exist", param="model")
+            return error_response(missing)
+        return _json(model_card(name))
 
     for prefix in ("/v1", ""):
-        app.add_api_route(prefix + "/models", list_models, methods=["GET"], include_in_schema=prefix == "/v1",
-                          summary="List model groups")
-        app.add_api_route(prefix + "/models/{model:path}", get_model, methods=["GET"],
-                          include_in_schema=prefix == "/v1", summary="Retrieve a model group")
+        app.add_api_route(
+            prefix + "/models",
+            list_models,
+            methods=["GET"],
+            include_in_schema=prefix == "/v1",
+            summary="List model groups",
+        )
+        app.add_api_route(
+            prefix + "/models/{model:path}",
+            get_model,
+            methods=["GET"],
+            include_in_schema=prefix == "/v1",
+            summary="Retrieve a model group",
+        )
 
     @app.get("/health/liveness", summary="Liveness probe")
     async def liveness() -> Response:
@@ -170,8 +183,11 @@ def create_app(source: ConfigSource) -> FastAPI:
     async def readiness() -> Response:
         state = router.state
         ready = not router.draining
-        doc = {"status": "ready" if ready else "draining", "configVersion": state.version,
-               "modelGroups": len(state.groups)}
+        doc = {
+            "status": "ready" if ready else "draining",
+            "configVersion": state.version,
+            "modelGroups": len(state.groups),
+        }
         return _json(doc, 200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -184,17 +200,26 @@ def create_app(source: ConfigSource) -> FastAPI:
         if exc.status_code == 404:
             message, kind, code = f"no route for {request.url.path}", "not_found_error", "not_found"
         elif exc.status_code == 405:
-            message, kind, code = f"method {request.method} is not allowed on {request.url.path}", \
-                "invalid_request_error", "method_not_allowed"
+            message, kind, code = (
+                f"method {request.method} is not allowed on {request.url.path}",
+                "invalid_request_error",
+                "method_not_allowed",
+            )
         else:
             message, kind, code = str(exc.detail), "invalid_request_error", None
-        return Response(error_body(exc.status_code, message, type=kind, code=code), status_code=exc.status_code,
-                        media_type=JSON, headers=getattr(exc, "headers", None))
+        return Response(
+            error_body(exc.status_code, message, type=kind, code=code),
+            status_code=exc.status_code,
+            media_type=JSON,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        body = error_body(500, "internal router error; see the router log", type="api_error", code="internal_error")
+        body = error_body(
+            500, "internal router error; see the router log", type="api_error", code="internal_error"
+        )
         return Response(body, status_code=500, media_type=JSON)
 
     return app

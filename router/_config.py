@@ -100,7 +100,9 @@ class DeploymentConfig(_Model):
     priority: int = Field(
         0, ge=0, description="Priority tier; a higher number gets traffic only when lower tiers cannot serve."
     )
-    limits: Limits = Field(default_factory=Limits, description="Per-deployment limits; saturated deployments are skipped.")
+    limits: Limits = Field(
+        default_factory=Limits, description="Per-deployment limits; saturated deployments are skipped."
+    )
     context_window: int | None = Field(None, ge=1, description="Largest prompt + completion in tokens.")
     pricing: Pricing = Field(default_factory=Pricing, description="Overrides the shipped price table.")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Upstream timeouts.")
@@ -133,11 +135,15 @@ class ModelGroupConfig(_Model):
     """Settings shared by every deployment of one public model name."""
 
     name: str = Field(..., min_length=1, description="The public model name.")
-    strategy: Literal["weighted-random", "least-busy", "lowest-latency", "usage-based", "lowest-cost"] = Field(
-        "weighted-random", description="Load-balancing strategy."
+    strategy: Literal["weighted-random", "least-busy", "lowest-latency", "usage-based", "lowest-cost"] = (
+        Field("weighted-random", description="Load-balancing strategy.")
     )
-    fallbacks: list[str] = Field(default_factory=list, description="Model groups to try, in order, on failure.")
-    aliases: list[str] = Field(default_factory=list, description="Other names clients may send for this group.")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Model groups to try, in order, on failure."
+    )
+    aliases: list[str] = Field(
+        default_factory=list, description="Other names clients may send for this group."
+    )
 
 
 class KeyConfig(_Model):
@@ -174,7 +180,9 @@ class RouterSettings(_Model):
     reload_interval_seconds: float = Field(
         1.0, gt=0, description="How often the config file is checked for changes."
     )
-    num_retries: int = Field(2, ge=0, le=10, description="Retries after the first attempt, across deployments.")
+    num_retries: int = Field(
+        2, ge=0, le=10, description="Retries after the first attempt, across deployments."
+    )
     access_log: bool = Field(True, description="Write one JSON access log line per request.")
 
 

@@ -64,10 +64,17 @@ def config_reference() -> str:
         "",
     ]
     for model in _models(RouterConfig):
-        out += [f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",
-                "| field | type | default | description |", "|---|---|---|---|"]
+        out += [
+            f"## {model.__name__}",
+            "",
+            (model.__doc__ or "").strip(),
+            "",
+            "| field | type | default | description |",
+            "|---|---|---|---|",
+        ]
         for name, field in model.model_fields.items():
             alias = field.alias or name
-            out.append(f"| `{alias}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
+            kind, default, text = _type_name(field.annotation), _default(field), field.description or ""
+            out.append(f"| `{alias}` | {kind} | {default} | {text} |")
         out.append("")
     return "\n".join(out)

@@ -149,5 +149,7 @@ class UpstreamProtocolError(UpstreamError):
     default_code = "upstream_bad_response"
 
 
-def error_body(status: int, message: str, *, type: str, param: str | None = None, code: str | None = None) -> bytes:
+def error_body(
+    status: int, message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})

@@ -45,7 +45,9 @@ IN_FLIGHT = Gauge(
     "kubellm_in_flight_requests", "Requests being served.", ["model_group"], multiprocess_mode="livesum"
 )
 CONFIG_INFO = Gauge(
-    "kubellm_config_info", "The loaded config version (value is always 1).", ["version"],
+    "kubellm_config_info",
+    "The loaded config version (value is always 1).",
+    ["version"],
     multiprocess_mode="liveall",
 )
 CONFIG_RELOADS = Counter("kubellm_config_reloads_total", "Config reload attempts, by result.", ["result"])

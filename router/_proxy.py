@@ -57,7 +57,9 @@ class Caller:
 
 
 def error_response(err: KubellmError, headers: dict[str, str] | None = None) -> Response:
-    return Response(err.to_json(), status_code=err.status, media_type=JSON, headers={**err.headers, **(headers or {})})
+    return Response(
+        err.to_json(), status_code=err.status, media_type=JSON, headers={**err.headers, **(headers or {})}
+    )
 
 
 def authenticate(state: RouterState, request: Request) -> Caller:

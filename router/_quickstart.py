@@ -24,12 +24,15 @@ def single_model_source(spec: str, base_url: str | None = None) -> ConfigSource:
     if not sep or not model:
         raise ConfigError(f"--model {spec!r}: expected provider/model, e.g. openai/gpt-4o-mini")
     if provider_name not in provider_names():
-        raise ConfigError(
-            f"--model {spec!r}: unknown provider {provider_name!r}; known: {', '.join(sorted(provider_names()))}"
-        )
+        known = ", ".join(sorted(provider_names()))
+        raise ConfigError(f"--model {spec!r}: unknown provider {provider_name!r}; known: {known}")
     provider = get_provider(provider_name)
-    deployment: dict[str, object] = {"name": f"{provider_name}-{model}".replace("/", "-"), "model": model,
-                                     "provider": provider_name, "upstreamModel": model}
+    deployment: dict[str, object] = {
+        "name": f"{provider_name}-{model}".replace("/", "-"),
+        "model": model,
+        "provider": provider_name,
+        "upstreamModel": model,
+    }
     if base_url:
         deployment["baseUrl"] = base_url
     if provider.default_api_key_env and provider_name != "mock":

@@ -7,7 +7,6 @@ sets TCP_NODELAY on every connection it opens.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -31,7 +30,9 @@ class _AiohttpResponse:
         except TimeoutError:
             raise UpstreamTimeoutError(f"deployment {self._where!r} timed out sending its response") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamProtocolError(f"deployment {self._where!r} broke off its response: {type(exc).__name__}") from None
+            raise UpstreamProtocolError(
+                f"deployment {self._where!r} broke off its response: {type(exc).__name__}"
+            ) from None
         finally:
             self._resp.release()
 
@@ -44,7 +45,9 @@ class _AiohttpResponse:
                 f"deployment {self._where!r} went silent mid-stream", code="idle_timeout"
             ) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamProtocolError(f"deployment {self._where!r} broke off its stream: {type(exc).__name__}") from None
+            raise UpstreamProtocolError(
+                f"deployment {self._where!r} broke off its stream: {type(exc).__name__}"
+            ) from None
 
     def close(self) -> None:
         self._resp.close()
@@ -78,7 +81,9 @@ class UpstreamPool:
             await self.start()
         assert self._session is not None
         t = ctx.deployment.timeouts
-        timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle or t.first_token)
+        timeout = aiohttp.ClientTimeout(
+            total=t.total, sock_connect=t.connect, sock_read=t.idle or t.first_token
+        )
         where = ctx.deployment.name
         try:
             resp = await self._session.request(
@@ -89,10 +94,12 @@ class UpstreamPool:
                 timeout=timeout,
                 allow_redirects=False,
             )
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise UpstreamTimeoutError(f"deployment {where!r} did not answer in time") from None
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamConnectError(f"cannot connect to deployment {where!r}: {exc.os_error.strerror or 'refused'}") from None
+            raise UpstreamConnectError(
+                f"cannot connect to deployment {where!r}: {exc.os_error.strerror or 'refused'}"
+            ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(f"deployment {where!r} failed: {type(exc).__name__}") from None
         return _AiohttpResponse(resp, where)

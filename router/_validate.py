@@ -24,7 +24,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         reason = str(exc).split(":", 1)[0]
-        raise InvalidRequestError(f"the request body is not valid JSON: {reason}", code="invalid_json") from None
+        raise InvalidRequestError(
+            f"the request body is not valid JSON: {reason}", code="invalid_json"
+        ) from None
     if not isinstance(doc, dict):
         raise InvalidRequestError(
             f"the request body must be a JSON object, got {_kind(doc)}", code="invalid_json"
@@ -125,7 +127,9 @@ def _sampling(body: dict[str, Any]) -> None:
 def _messages(body: dict[str, Any]) -> None:
     messages = body.get("messages")
     if messages is None:
-        raise InvalidRequestError("'messages' is required", param="messages", code="missing_required_parameter")
+        raise InvalidRequestError(
+            "'messages' is required", param="messages", code="missing_required_parameter"
+        )
     if not isinstance(messages, list):
         raise _bad("messages", f"expected an array, got {_kind(messages)}")
     if not messages:

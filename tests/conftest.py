@@ -34,8 +34,9 @@ def openai_deployment(fake: FakeOpenAI, **extra: Any) -> dict[str, Any]:
 def start_router() -> Iterator[Callable[..., RouterProcess]]:
     started: list[RouterProcess] = []
 
-    def start(config: dict[str, Any] | None = None, *, env: dict[str, str] | None = None,
-              **kwargs: Any) -> RouterProcess:
+    def start(
+        config: dict[str, Any] | None = None, *, env: dict[str, str] | None = None, **kwargs: Any
+    ) -> RouterProcess:
         proc = RouterProcess(config, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}, **kwargs)
         started.append(proc)
         return proc.start()

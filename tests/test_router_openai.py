@@ -20,8 +20,10 @@ def _client(router: RouterProcess, key: str = MASTER_KEY, **kwargs: Any) -> open
 
 @pytest.fixture
 def router(fake_openai: FakeOpenAI, start_router: Callable[..., RouterProcess]) -> RouterProcess:
-    return start_router({"deployments": [openai_deployment(fake_openai, name="dep-a")]},
-                        env={"KUBELLM_MASTER_KEY": MASTER_KEY})
+    return start_router(
+        {"deployments": [openai_deployment(fake_openai, name="dep-a")]},
+        env={"KUBELLM_MASTER_KEY": MASTER_KEY},
+    )
 
 
 def test_chat_completion_sync(router: RouterProcess, fake_openai: FakeOpenAI) -> None:
@@ -39,7 +41,9 @@ def test_chat_completion_sync(router: RouterProcess, fake_openai: FakeOpenAI) ->
 
 
 def test_unknown_parameters_pass_through_unchanged(router: RouterProcess, fake_openai: FakeOpenAI) -> None:
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    ]
     _client(router).chat.completions.create(
         model="gpt-test",
         messages=[{"role": "user", "content": "hi"}],
@@ -63,10 +67,14 @@ def test_unknown_parameters_pass_through_unchanged(router: RouterProcess, fake_o
 def test_chat_completion_async(router: RouterProcess) -> None:
     async def run() -> list[str]:
         client = openai.AsyncOpenAI(base_url=router.v1, api_key=MASTER_KEY, max_retries=0)
-        results = await asyncio.gather(*[
-            client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": str(i)}])
-            for i in range(20)
-        ])
+        results = await asyncio.gather(
+            *[
+                client.chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": str(i)}]
+                )
+                for i in range(20)
+            ]
+        )
         await client.close()
         return [r.choices[0].message.content or "" for r in results]
 
@@ -139,20 +147,36 @@ def test_master_key_is_required(router: RouterProcess) -> None:
 def test_upstream_error_keeps_status_and_message(router: RouterProcess, fake_openai: FakeOpenAI) -> None:
     from tests.fakes.openai_upstream import Fault
 
-    fake_openai.queue(Fault(status=400, body={"error": {"message": "bad temperature thing", "type":
-                                                          "invalid_request_error", "param": None, "code": None}}))
+    fake_openai.queue(
+        Fault(
+            status=400,
+            body={
+                "error": {
+                    "message": "bad temperature thing",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+        )
+    )
     with pytest.raises(openai.BadRequestError) as info:
-        _client(router).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+        _client(router).chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}]
+        )
     assert "bad temperature thing" in info.value.message
 
 
 def test_upstream_bad_credentials_never_echo_the_key(
     fake_openai: FakeOpenAI, start_router: Callable[..., RouterProcess]
 ) -> None:
-    router = start_router({"deployments": [openai_deployment(fake_openai)]},
-                          env={"TEST_UPSTREAM_KEY": "sk-this-is-wrong-secret"})
+    router = start_router(
+        {"deployments": [openai_deployment(fake_openai)]},
+        env={"TEST_UPSTREAM_KEY": "sk-this-is-wrong-secret"},
+    )
     with pytest.raises(openai.AuthenticationError) as info:
         openai.OpenAI(base_url=router.v1, api_key="x", max_retries=0).chat.completions.create(
-            model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}]
+        )
     assert "sk-this-is-wrong-secret" not in str(info.value.body)
     assert "sk-this-is-wrong-secret" not in router.logs()

@@ -223,7 +223,8 @@ def map_status_error(
     if status == 401:
         # Never echo what the upstream said about the credential: it may quote it.
         auth = AuthenticationError(
-            prefix + "the upstream rejected the deployment's credentials", code="upstream_authentication_error"
+            prefix + "the upstream rejected the deployment's credentials",
+            code="upstream_authentication_error",
         )
         auth.retryable = True  # another deployment may hold a valid credential
         return auth

@@ -98,7 +98,9 @@ class OpenAIShapedProvider(Provider):
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamProtocolError(f"{self.name}: upstream answered with a body that is not JSON") from None
+            raise UpstreamProtocolError(
+                f"{self.name}: upstream answered with a body that is not JSON"
+            ) from None
         if not isinstance(doc, dict):
             raise UpstreamProtocolError(f"{self.name}: upstream answered with a JSON {type(doc).__name__}")
         return ProviderResponse(raw, Usage.from_openai(doc.get("usage")))

@@ -21,7 +21,9 @@ from ._base import RequestContext, Usage
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+);base64,(?P<data>.*)$", re.DOTALL)
 
 
-def reject_unsupported(body: dict[str, Any], unsupported: frozenset[str], ctx: RequestContext, provider: str) -> None:
+def reject_unsupported(
+    body: dict[str, Any], unsupported: frozenset[str], ctx: RequestContext, provider: str
+) -> None:
     """Drop parameters the provider cannot honour if the deployment allows it; otherwise answer 400."""
     present = [p for p in unsupported if body.get(p) is not None]
     if not present:
@@ -150,8 +152,10 @@ class ChunkBuilder:
         if not self._role_sent:
             delta = {"role": "assistant", **delta}
             self._role_sent = True
-        return {**self._base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                           "finish_reason": finish_reason}]}
+        return {
+            **self._base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
 
     def role(self) -> dict[str, Any]:
         return self._chunk({"content": ""})
@@ -160,7 +164,12 @@ class ChunkBuilder:
         return self._chunk({"content": delta})
 
     def tool_call_start(self, index: int, call_id: str, name: str, arguments: str = "") -> dict[str, Any]:
-        call = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        call = {
+            "index": index,
+            "id": call_id,
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
         return self._chunk({"tool_calls": [call]})
 
     def tool_call_arguments(self, index: int, delta: str) -> dict[str, Any]:

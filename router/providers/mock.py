@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import math
 import re
-
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -89,7 +88,9 @@ class MockProvider(OpenAIShapedProvider):
     name = "mock"
     default_base_url = "mock://local"
 
-    async def send(self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext) -> UpstreamResponse:
+    async def send(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> UpstreamResponse:
         body = self.prepare_body(body, ctx)
         if ctx.stream:
             return _LocalResponse(self._stream(body, ctx), "text/event-stream")
@@ -153,8 +154,19 @@ class MockProvider(OpenAIShapedProvider):
             "system_fingerprint": "kubellm-mock",
         }
         if chat:
-            yield frame({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]})
+            yield frame(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         for i, word in enumerate(words):
             if opts.chunk_delay_ms:
                 await asyncio.sleep(opts.chunk_delay_ms / 1000)
@@ -174,8 +186,11 @@ class MockProvider(OpenAIShapedProvider):
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
             completion = count_tokens(" ".join(words))
-            usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": completion,
-                     "total_tokens": prompt_tokens(body) + completion}
+            usage = {
+                "prompt_tokens": prompt_tokens(body),
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens(body) + completion,
+            }
             yield frame({**base, "choices": [], "usage": usage})
         yield DONE
 
@@ -198,7 +213,8 @@ class MockProvider(OpenAIShapedProvider):
             inputs = [inputs]
         dims = int(body.get("dimensions") or 8)
         data = [
-            {"object": "embedding", "index": i, "embedding": embed(str(item), dims)} for i, item in enumerate(inputs)
+            {"object": "embedding", "index": i, "embedding": embed(str(item), dims)}
+            for i, item in enumerate(inputs)
         ]
         tokens = prompt_tokens({"input": inputs})
         return {
@@ -207,5 +223,3 @@ class MockProvider(OpenAIShapedProvider):
             "model": ctx.upstream_model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-
-

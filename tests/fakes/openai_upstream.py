@@ -34,6 +34,9 @@ class Fault:
     chunk_delay: float = 0.0
 
 
+FAULT = web.RequestKey("fault", Fault)
+
+
 @dataclass
 class Seen:
     path: str
@@ -42,14 +45,17 @@ class Seen:
     at: float
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> web.Response:
+def _error(
+    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 class FakeOpenAI:
-    def __init__(self, api_key: str = "sk-upstream-test", name: str = "fake", reply: str | None = None,
-                 chunks: int = 5) -> None:
+    def __init__(
+        self, api_key: str = "sk-upstream-test", name: str = "fake", reply: str | None = None, chunks: int = 5
+    ) -> None:
         self.api_key = api_key
         self.name = name
         self.reply = reply
@@ -57,6 +63,8 @@ class FakeOpenAI:
         self.seen: list[Seen] = []
         self.faults: list[Fault] = []
         self.always: Fault | None = None
+        #: Requests whose client (the router) went away before the answer was complete.
+        self.abandoned = 0
         self._lock = threading.Lock()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -98,35 +106,58 @@ class FakeOpenAI:
     async def _common(self, request: web.Request) -> tuple[dict[str, Any] | None, web.StreamResponse | None]:
         auth = request.headers.get("Authorization", "")
         if auth != f"Bearer {self.api_key}":
-            return None, _error(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+            return None, _error(
+                401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key"
+            )
         if request.content_type != "application/json":
             return None, _error(400, "Content-Type must be application/json", "invalid_request_error")
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
-            return None, _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+            return None, _error(
+                400, "We could not parse the JSON body of your request.", "invalid_request_error"
+            )
         if not isinstance(body, dict):
             return None, _error(400, "body must be an object", "invalid_request_error")
         self.seen.append(Seen(request.path, dict(request.headers), body, time.monotonic()))
         if not isinstance(body.get("model"), str):
             return None, _error(400, "you must provide a model parameter", "invalid_request_error", "model")
         if "stream_options" in body and not body.get("stream"):
-            return None, _error(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                                "invalid_request_error", "stream_options")
+            return None, _error(
+                400,
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                "invalid_request_error",
+                "stream_options",
+            )
         fault = self._next_fault()
         if fault is not None:
             if fault.hang:
-                await asyncio.sleep(fault.hang)
+                deadline = time.monotonic() + fault.hang
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                    if request.transport is None or request.transport.is_closing():
+                        self.abandoned += 1
+                        return None, web.Response(status=499)
             if fault.reset:
                 assert request.transport is not None
                 request.transport.abort()
                 return None, web.Response(status=500)
             if fault.status is not None:
-                payload = fault.body or {"error": {"message": f"{self.name} injected {fault.status}",
-                                                   "type": "server_error", "param": None, "code": None}}
-                return None, web.Response(status=fault.status, body=orjson.dumps(payload),
-                                          content_type="application/json", headers=fault.headers)
-            request["fault"] = fault
+                payload = fault.body or {
+                    "error": {
+                        "message": f"{self.name} injected {fault.status}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+                return None, web.Response(
+                    status=fault.status,
+                    body=orjson.dumps(payload),
+                    content_type="application/json",
+                    headers=fault.headers,
+                )
+            request[FAULT] = fault
         return body, None
 
     def _text(self, body: dict[str, Any]) -> str:
@@ -144,35 +175,73 @@ class FakeOpenAI:
             return _error(400, "'messages' is a required property", "invalid_request_error", "messages")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
-                return _error(400, f"Invalid value for 'messages[{i}].role'", "invalid_request_error",
-                              f"messages[{i}].role")
+                return _error(
+                    400,
+                    f"Invalid value for 'messages[{i}].role'",
+                    "invalid_request_error",
+                    f"messages[{i}].role",
+                )
         text = self._text(body)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in messages)
         completion_tokens = len(text.split())
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         if body.get("stream"):
             return await self._stream(request, body, text, usage)
-        return web.json_response({
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": usage,
-        }, dumps=lambda d: orjson.dumps(d).decode())
+        return web.json_response(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            },
+            dumps=lambda d: orjson.dumps(d).decode(),
+        )
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], text: str,
-                      usage: dict[str, int]) -> web.StreamResponse:
-        fault: Fault | None = request.get("fault")
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], text: str, usage: dict[str, int]
+    ) -> web.StreamResponse:
+        fault: Fault | None = request.get(FAULT)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": body["model"],
+        }
         words = text.split()
         per = max(1, len(words) // self.chunks)
-        pieces = [" ".join(words[i:i + per]) for i in range(0, len(words), per)]
-        events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None}]}]
-        events += [{**base, "choices": [{"index": 0, "delta": {"content": (" " if i else "") + p},
-                                         "finish_reason": None}]} for i, p in enumerate(pieces)]
+        pieces = [" ".join(words[i : i + per]) for i in range(0, len(words), per)]
+        events = [
+            {
+                **base,
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                ],
+            }
+        ]
+        events += [
+            {
+                **base,
+                "choices": [
+                    {"index": 0, "delta": {"content": (" " if i else "") + p}, "finish_reason": None}
+                ],
+            }
+            for i, p in enumerate(pieces)
+        ]
         events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
@@ -184,7 +253,14 @@ class FakeOpenAI:
                 return resp
             if fault is not None and fault.chunk_delay:
                 await asyncio.sleep(fault.chunk_delay)
-            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            try:
+                await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            except ConnectionError:
+                self.abandoned += 1
+                return resp
+            if request.transport is None or request.transport.is_closing():
+                self.abandoned += 1
+                return resp
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -197,12 +273,20 @@ class FakeOpenAI:
         if "prompt" not in body:
             return _error(400, "'prompt' is a required property", "invalid_request_error", "prompt")
         text = self._text(body)
-        return web.json_response({
-            "id": "cmpl-fake", "object": "text_completion", "created": 1, "model": body["model"],
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": len(text.split()),
-                      "total_tokens": 3 + len(text.split())},
-        })
+        return web.json_response(
+            {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+                "usage": {
+                    "prompt_tokens": 3,
+                    "completion_tokens": len(text.split()),
+                    "total_tokens": 3 + len(text.split()),
+                },
+            }
+        )
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body, failure = await self._common(request)
@@ -212,8 +296,14 @@ class FakeOpenAI:
         if "input" not in body:
             return _error(400, "'input' is a required property", "invalid_request_error", "input")
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        return web.json_response({
-            "object": "list", "model": body["model"],
-            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))],
-            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
-        })
+        return web.json_response(
+            {
+                "object": "list",
+                "model": body["model"],
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                    for i in range(len(inputs))
+                ],
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            }
+        )

@@ -222,7 +222,7 @@ def _make_pki(directory: Path) -> _Pki:
     )
 
     srv_key = ec.generate_private_key(ec.SECP256R1())
-    first_service_ip = next(ipaddress.ip_network(SERVICE_CLUSTER_IP_RANGE).hosts())
+    first_service_ip = next(ipaddress.IPv4Network(SERVICE_CLUSTER_IP_RANGE).hosts())
     sans: list[x509.GeneralName] = [
         x509.DNSName("localhost"),
         x509.DNSName("kubernetes"),
@@ -352,10 +352,10 @@ class KubeControlPlane:
         *,
         controller_manager: bool = True,
         controllers: Sequence[str] = (
-            "garbagecollector",
-            "namespace",
-            "serviceaccount",
-            "serviceaccount-token",
+            "garbage-collector-controller",
+            "namespace-controller",
+            "serviceaccount-controller",
+            "serviceaccount-token-controller",
         ),
         users: Sequence[StaticTokenUser] = (),
         apiserver_args: Sequence[str] = (),
@@ -542,7 +542,9 @@ class KubeControlPlane:
         port = free_port()
         server_url = f"https://127.0.0.1:{port}"
         token_file = self.workdir / "tokens.csv"
-        rows = [(self.token, ADMIN_USER, ADMIN_USER, ("system:masters",))]
+        rows: list[tuple[str, str, str, tuple[str, ...]]] = [
+            (self.token, ADMIN_USER, ADMIN_USER, ("system:masters",))
+        ]
         rows.append((self._kcm_token, _KCM_USER, _KCM_USER, ("system:masters",)))
         rows += [(u.token, u.name, u.uid or u.name, u.groups) for u in self.users.values()]
         with token_file.open("w") as f:
@@ -609,7 +611,7 @@ class KubeControlPlane:
                 "--v=1",
             ],
         )
-        if "serviceaccount" in self._controllers:
+        if {"serviceaccount", "serviceaccount-controller"} & set(self._controllers):
             # The serviceaccount controller creates "default" in every namespace:
             # a cheap signal that the controllers are running.
             def ready() -> bool:

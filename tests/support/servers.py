@@ -74,7 +74,16 @@ class RouterProcess:
         tmp.replace(self.config_path)
 
     def start(self, wait: bool = True) -> RouterProcess:
-        cmd = [sys.executable, "-m", "kubellm", "router", "--port", str(self.port), "--workers", str(self._workers)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kubellm",
+            "router",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self._workers),
+        ]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         cmd += self._args
@@ -140,7 +149,9 @@ class ThreadedApp:
         asyncio.set_event_loop(self.loop)
 
         async def boot() -> None:
-            self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+            self._runner = web.AppRunner(
+                self.app, handle_signals=False, access_log=None, shutdown_timeout=0.5
+            )
             await self._runner.setup()
             await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
             self._ready.set()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The project's one test command: installs what the tests need, then lints, type-checks and runs pytest.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+
+# Python dependencies (the package itself, editable, with its test extras).
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# Servers the tests start on loopback: Redis (shared router state) from Debian's packages.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "scripts/test.sh: redis-server is missing; install Debian's redis-server package" >&2
+    exit 1
+  fi
+fi
+
+# The Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager), helm and kubectl,
+# built from the Go module proxy once and cached outside the repo.
+if [ -x scripts/k8s-binaries.sh ] || [ -f scripts/k8s-binaries.sh ]; then
+  bash scripts/k8s-binaries.sh >/dev/null
+fi
+
+"$PY" -m ruff check .
+"$PY" -m mypy
+
+"$PY" -m pytest "$@"
