@@ -6,21 +6,29 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from . import _metrics as metrics
-from ._config import ConfigError, RouterConfig, load_config
+from ._anthropic_inbound import handle_messages
+from ._cache import RedisCache
+from ._config import ConfigError, RedisSettings, RouterConfig, load_config
 from ._errors import KubellmError, ModelNotFoundError, error_body
+from ._health import RedisHealthStore
 from ._proxy import JSON, Router, authenticate, error_response
+from ._redis import connect as connect_redis
 from ._state import build_state
 from .providers import Operation
 
@@ -77,6 +85,51 @@ async def _watch_config(router: Router, source: ConfigSource) -> None:
         log.info("config reloaded: version %s -> %s", old, state.version)
 
 
+def redis_url(settings: RedisSettings) -> str | None:
+    url = settings.url or (os.environ.get(settings.url_env) if settings.url_env else None)
+    if not url:
+        return None
+    password = os.environ.get(settings.password_env) if settings.password_env else None
+    if password:
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}://:{quote(password, safe='')}@{rest}"
+    return url
+
+
+def _connect_shared_state(router: Router) -> Redis | None:
+    """Move breakers and the cache to Redis when it is configured (read once, at start)."""
+    settings = router.state.config.settings.redis
+    url = redis_url(settings)
+    if url is None:
+        return None
+    client = connect_redis(url)
+    router.health.store = RedisHealthStore(client, settings.key_prefix)
+    router.cache = router.dispatcher.cache = RedisCache(
+        client, router.state.config.settings.cache, settings.key_prefix
+    )
+    return client
+
+
+def _drain_on_sigterm(router: Router) -> None:
+    """On SIGTERM: report not-ready at once, keep serving for the drain delay, then let uvicorn shut down.
+
+    uvicorn's own handler (installed around the app's lifetime) stops accepting and waits for
+    in-flight requests, streams included, for ``--grace-period`` seconds.
+    """
+    uvicorn_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(uvicorn_handler):
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        router.draining = True
+        delay = router.state.config.settings.drain_delay_seconds
+        log.info("SIGTERM: draining; readiness is false, shutting down in %.1fs", delay)
+        loop.call_soon_threadsafe(loop.call_later, delay, uvicorn_handler, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def _json(doc: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type=JSON)
 
@@ -92,14 +145,22 @@ def create_app(source: ConfigSource) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.upstream.start()
         metrics.set_config_version(None, router.state.version)
-        watcher = asyncio.create_task(_watch_config(router, source)) if source.path is not None else None
+        tasks: list[asyncio.Task[None]] = []
+        if source.path is not None:
+            tasks.append(asyncio.create_task(_watch_config(router, source)))
+        redis = _connect_shared_state(router)
+        if redis is not None:
+            tasks.append(asyncio.create_task(router.health.run_refresh(router.deployment_names)))
+        _drain_on_sigterm(router)
         try:
             yield
         finally:
             router.draining = True
-            if watcher is not None:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
             await router.upstream.stop()
+            if redis is not None:
+                await redis.aclose()
 
     app = FastAPI(
         title="kubellm router",
@@ -129,6 +190,20 @@ def create_app(source: ConfigSource) -> FastAPI:
     openai_route("/chat/completions", Operation.CHAT, "Create a chat completion (OpenAI format)")
     openai_route("/completions", Operation.COMPLETION, "Create a text completion (OpenAI format)")
     openai_route("/embeddings", Operation.EMBEDDING, "Create embeddings (OpenAI format)")
+
+    # Anthropic's Messages API in front of any deployment; see _anthropic_inbound.
+    async def anthropic_messages(request: Request) -> Response:
+        return await handle_messages(router, request)
+
+    for prefix in ("/v1", ""):
+        app.add_api_route(
+            prefix + "/messages",
+            anthropic_messages,
+            methods=["POST"],
+            include_in_schema=prefix == "/v1",
+            summary="Create a message (Anthropic format)",
+            name=f"messages{prefix.replace('/', '_')}",
+        )
 
     def visible_models(request: Request) -> list[str]:
         """Model groups the caller may use; raises if the caller is not authenticated."""

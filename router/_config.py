@@ -139,7 +139,17 @@ class ModelGroupConfig(_Model):
         Field("weighted-random", description="Load-balancing strategy.")
     )
     fallbacks: list[str] = Field(
-        default_factory=list, description="Model groups to try, in order, on failure."
+        default_factory=list, description="Model groups to try, in order, when this group cannot answer."
+    )
+    context_window_fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Model groups to try when the prompt is too long for every deployment here.",
+    )
+    content_policy_fallbacks: list[str] = Field(
+        default_factory=list, description="Model groups to try when a deployment refuses on content policy."
+    )
+    latency_tolerance: float = Field(
+        0.1, ge=0, description="`lowest-latency`: deployments within this fraction of the best share load."
     )
     aliases: list[str] = Field(
         default_factory=list, description="Other names clients may send for this group."
@@ -157,12 +167,48 @@ class KeyConfig(_Model):
     models: list[str] = Field(default_factory=list, description="Model groups it may use; empty means all.")
     limits: Limits = Field(default_factory=Limits, description="Per-key limits.")
     disabled: bool = Field(False, description="Reject every request made with this key.")
+    cache: bool = Field(False, description="Opt this key's requests into the response cache.")
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyConfig:
         if (self.key_hash is None) == (self.key_env is None):
             raise ValueError("set exactly one of keyHash, keyEnv")
         return self
+
+
+class CooldownSettings(_Model):
+    """The per-deployment circuit breaker."""
+
+    failure_threshold: int = Field(
+        3, ge=1, description="Failures within `windowSeconds` that open the breaker."
+    )
+    window_seconds: float = Field(60.0, gt=0, description="Window over which failures are counted.")
+    cooldown_seconds: float = Field(
+        30.0, gt=0, description="How long an open breaker keeps a deployment out."
+    )
+    probe_timeout_seconds: float = Field(
+        30.0, gt=0, description="A half-open probe that has not finished by then may be retried by another."
+    )
+
+
+class CacheSettings(_Model):
+    """The exact-match response cache (opt-in per deployment or per key)."""
+
+    ttl_seconds: float = Field(300.0, gt=0, description="How long a cached answer is served.")
+    max_entries: int = Field(10_000, ge=1, description="In-memory backend: entries kept (LRU).")
+    max_entry_bytes: int = Field(1_048_576, ge=1, description="Answers larger than this are not cached.")
+
+
+class RedisSettings(_Model):
+    """Where the shared state lives. Without a URL, state is kept in process memory."""
+
+    url: str | None = Field(None, description="`redis://host:port/db`; must not contain a password.")
+    url_env: str | None = Field(None, description="Environment variable holding the Redis URL.")
+    password_env: str | None = Field(None, description="Environment variable holding the Redis password.")
+    key_prefix: str = Field("kubellm:", description="Prefix of every key the router writes.")
+    fail_open: bool = Field(
+        True, description="When Redis is unreachable, admit requests (true) or reject them with 503 (false)."
+    )
 
 
 class RouterSettings(_Model):
@@ -181,7 +227,33 @@ class RouterSettings(_Model):
         1.0, gt=0, description="How often the config file is checked for changes."
     )
     num_retries: int = Field(
-        2, ge=0, le=10, description="Retries after the first attempt, across deployments."
+        2,
+        ge=0,
+        le=10,
+        description="Retries after the first attempt within a model group (and each fallback).",
+    )
+    initial_backoff_seconds: float = Field(
+        0.1,
+        ge=0,
+        description="First retry delay when the same deployment must be retried; doubles, with jitter.",
+    )
+    max_backoff_seconds: float = Field(5.0, ge=0, description="Largest retry delay.")
+    request_timeout_seconds: float = Field(
+        600.0, gt=0, description="Per-request deadline across every attempt and fallback."
+    )
+    queue_wait_seconds: float = Field(
+        0.0, ge=0, description="How long a request may wait for a saturated model group before getting 429."
+    )
+    drain_delay_seconds: float = Field(
+        0.0, ge=0, description="On SIGTERM, seconds to keep accepting while readiness reports draining."
+    )
+    cooldown: CooldownSettings = Field(
+        default_factory=lambda: CooldownSettings(), description="Circuit breaker."
+    )
+    cache: CacheSettings = Field(default_factory=lambda: CacheSettings(), description="Response cache.")
+    redis: RedisSettings = Field(
+        default_factory=lambda: RedisSettings(),
+        description="Shared state between replicas; unset: in memory.",
     )
     access_log: bool = Field(True, description="Write one JSON access log line per request.")
 
@@ -213,10 +285,17 @@ class RouterConfig(_Model):
             named.append(dep)
         object.__setattr__(self, "deployments", named)
         groups = {d.model for d in named}
+        edges: dict[str, list[str]] = {}
         for group in self.model_groups:
-            for target in group.fallbacks:
-                if target not in groups:
-                    raise ValueError(f"modelGroups[{group.name}].fallbacks: no deployment serves {target!r}")
+            for field in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+                for target in getattr(group, field):
+                    if target not in groups:
+                        where = f"modelGroups[{group.name}].{to_camel(field)}"
+                        raise ValueError(f"{where}: no deployment serves {target!r}")
+                    edges.setdefault(group.name, []).append(target)
+        cycle = _find_cycle(edges)
+        if cycle:
+            raise ValueError(f"modelGroups: fallback loop {' -> '.join(cycle)}")
         return self
 
     @property
@@ -224,6 +303,33 @@ class RouterConfig(_Model):
         """Content hash of the config, stable across key order."""
         doc = self.model_dump(mode="json", by_alias=True)
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
+    """A fallback cycle, as the path that closes it, or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in edges.get(node, []):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in list(edges):
+        if start not in state:
+            found = visit(start)
+            if found:
+                return found
+    return None
 
 
 def _location(loc: tuple[int | str, ...], doc: Any) -> str:
@@ -244,9 +350,9 @@ def _location(loc: tuple[int | str, ...], doc: Any) -> str:
 def validation_message(exc: ValidationError, doc: Any) -> str:
     lines = []
     for err in exc.errors():
-        where = _location(err["loc"], doc) or "(top level)"
+        where = _location(err["loc"], doc)
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}")
+        lines.append(f"{where}: {msg}" if where else msg)
     return "; ".join(lines)
 
 

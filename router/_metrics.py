@@ -41,6 +41,19 @@ TOKENS = Counter(
 )
 ERRORS = Counter("kubellm_errors_total", "Errors returned to clients, by type.", ["model_group", "type"])
 RETRIES = Counter("kubellm_retries_total", "Upstream attempts after the first.", ["model_group"])
+FALLBACKS = Counter(
+    "kubellm_fallbacks_total", "Requests passed to a fallback model group.", ["model_group", "to"]
+)
+COOLDOWNS = Counter("kubellm_cooldowns_total", "Times a deployment's circuit breaker opened.", ["deployment"])
+DEPLOYMENT_COOLDOWN = Gauge(
+    "kubellm_deployment_cooldown",
+    "1 while a deployment's circuit breaker is open, as this replica sees it.",
+    ["deployment"],
+    multiprocess_mode="max",
+)
+CACHE_HITS = Counter(
+    "kubellm_cache_hits_total", "Requests answered from the response cache.", ["model_group"]
+)
 IN_FLIGHT = Gauge(
     "kubellm_in_flight_requests", "Requests being served.", ["model_group"], multiprocess_mode="livesum"
 )

@@ -8,18 +8,19 @@ logging happens through a queue off the event loop.
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from . import _metrics as metrics
+from ._balancer import Stats
+from ._cache import MemoryCache, ResponseCache
+from ._cache import wants as cache_wants
+from ._dispatch import JSON, Call, Dispatcher, RequestOptions
 from ._errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -27,17 +28,14 @@ from ._errors import (
     ModelNotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
-    UpstreamTimeoutError,
 )
-from ._sse import DONE, frame
-from ._state import Deployment, ModelGroup, RouterState, VirtualKey
+from ._health import HealthTracker, MemoryHealthStore
+from ._state import RouterState, VirtualKey
 from ._upstream import UpstreamPool
 from ._validate import parse_body, validate
-from .providers import Operation, Payload, RequestContext, StreamTranslator, UpstreamResponse, Usage
+from .providers import Operation
 
-access_log = logging.getLogger("kubellm.access")
-
-JSON = "application/json"
+__all__ = ["JSON", "Caller", "Router", "authenticate", "error_response", "read_body"]
 
 
 class ClientDisconnected(Exception):
@@ -111,21 +109,73 @@ async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any]) -> No
             return
 
 
+def request_options(request: Request) -> RequestOptions:
+    """Per-request choices from ``x-kubellm-*`` and ``Cache-Control`` headers."""
+    headers = request.headers
+    options = RequestOptions()
+    fallbacks = headers.get("x-kubellm-fallbacks")
+    if fallbacks is not None:
+        names = [n.strip() for n in fallbacks.split(",") if n.strip()]
+        options.fallbacks = [] if names in ([], ["none"]) else names
+    retries = headers.get("x-kubellm-num-retries")
+    if retries is not None:
+        if not retries.isdigit() or int(retries) > 10:
+            raise InvalidRequestError(
+                "'x-kubellm-num-retries' must be an integer from 0 to 10",
+                param="x-kubellm-num-retries",
+                code="invalid_header",
+            )
+        options.num_retries = int(retries)
+    for header, name in _TIMEOUT_HEADERS:
+        value = headers.get(header)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds < 86400:
+            raise InvalidRequestError(
+                f"'{header}' must be a number of seconds greater than 0", param=header, code="invalid_header"
+            )
+        options.timeouts[name] = seconds
+    options.cache_read, options.cache_write = cache_wants(headers)
+    return options
+
+
+_TIMEOUT_HEADERS = (
+    ("x-kubellm-timeout", "total"),
+    ("x-kubellm-connect-timeout", "connect"),
+    ("x-kubellm-first-token-timeout", "first_token"),
+    ("x-kubellm-idle-timeout", "idle"),
+)
+
+
 class Router:
     """Serves requests against the current :class:`RouterState`."""
 
-    def __init__(self, state: RouterState) -> None:
+    def __init__(self, state: RouterState, health: HealthTracker | None = None) -> None:
         self.state = state
         self.upstream = UpstreamPool()
-        self.rng = random.Random()
+        self.stats = Stats()
+        self.health = health or HealthTracker(MemoryHealthStore(), state.config.settings.cooldown)
+        self.health.on_change = lambda name, is_open: metrics.DEPLOYMENT_COOLDOWN.labels(name).set(
+            1 if is_open else 0
+        )
+        self.cache: ResponseCache = MemoryCache(state.config.settings.cache)
+        self.dispatcher = Dispatcher(self.upstream, self.health, self.stats, self.cache)
         self.draining = False
 
+    def deployment_names(self) -> list[str]:
+        return [d.name for g in self.state.groups.values() for d in g.deployments]
+
     async def handle(self, operation: Operation, request: Request) -> Response:
-        started = time.perf_counter()
+        started = time.monotonic()
         state = self.state  # one snapshot for the whole request, even across a reload
         request_id = uuid.uuid4().hex
         try:
             caller = authenticate(state, request)
+            options = request_options(request)
             raw = await read_body(request, state.config.settings.max_request_body_bytes)
             body = parse_body(raw)
             model, stream, include_usage = validate(operation, body)
@@ -139,13 +189,27 @@ class Router:
         except KubellmError as err:
             metrics.ERRORS.labels("", err.type).inc()
             return error_response(err, {"x-request-id": request_id})
-        ctx_args = (request_id, operation, group.name, stream, include_usage)
+        deadline = started + options.timeouts.get("total", state.config.settings.request_timeout_seconds)
+        call = Call(
+            request_id,
+            operation,
+            body,
+            stream,
+            include_usage,
+            group,
+            caller.label,
+            caller.key,
+            options,
+            state,
+            started,
+            deadline,
+        )
         current = asyncio.current_task()
         assert current is not None
         watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, current))
         metrics.IN_FLIGHT.labels(group.name).inc()
         try:
-            return await self._attempts(group, body, ctx_args, caller, started)
+            return await self.dispatcher.run(call)
         except asyncio.CancelledError:
             if not watcher.done() or current.cancelling() == 0:
                 raise
@@ -155,179 +219,3 @@ class Router:
         finally:
             watcher.cancel()
             metrics.IN_FLIGHT.labels(group.name).dec()
-
-    async def _attempts(
-        self,
-        group: ModelGroup,
-        body: dict[str, Any],
-        ctx_args: tuple[str, Operation, str, bool, bool],
-        caller: Caller,
-        started: float,
-    ) -> Response:
-        request_id, operation, public_model, stream, include_usage = ctx_args
-        candidates = [d for d in group.ordered_candidates(self.rng) if operation in d.provider.operations]
-        if not candidates:
-            err: KubellmError = InvalidRequestError(
-                f"no deployment of model {group.name!r} supports {operation.value} requests", param="model"
-            )
-            return error_response(err, {"x-request-id": request_id})
-        budget = self.state.config.settings.num_retries + 1
-        attempt = 0
-        last: KubellmError | None = None
-        while attempt < budget:
-            dep = candidates[attempt % len(candidates)]
-            attempt += 1
-            if attempt > 1:
-                metrics.RETRIES.labels(group.name).inc()
-            ctx = RequestContext(
-                request_id, operation, public_model, dep.config, stream, include_usage, api_key=dep.api_key
-            )
-            headers = {
-                "x-request-id": request_id,
-                "x-kubellm-model-group": group.name,
-                "x-kubellm-deployment": dep.name,
-                "x-kubellm-attempts": str(attempt),
-            }
-            dep.in_flight += 1
-            handed_off = False
-            try:
-                resp = await dep.provider.send(self.upstream, body, ctx)
-                if resp.status >= 400:
-                    raw = await resp.read()
-                    raise dep.provider.map_error(resp.status, resp.headers, raw)
-                if stream:
-                    response = await self._open_stream(dep, resp, ctx, headers, caller, started)
-                    handed_off = True
-                    return response
-                raw = await resp.read()
-                parsed = dep.provider.parse_response(raw, ctx)
-                self._finish(dep, ctx, caller, started, "200", parsed.usage, None)
-                return Response(parsed.body, media_type=JSON, headers=headers)
-            except KubellmError as err:
-                last = err
-                if not err.retryable:
-                    break
-            finally:
-                if not handed_off:
-                    dep.in_flight -= 1
-        assert last is not None
-        metrics.ERRORS.labels(group.name, last.type).inc()
-        self._finish(dep, ctx, caller, started, str(last.status), None, None)
-        return error_response(last, headers)
-
-    async def _open_stream(
-        self,
-        dep: Deployment,
-        resp: UpstreamResponse,
-        ctx: RequestContext,
-        headers: dict[str, str],
-        caller: Caller,
-        started: float,
-    ) -> Response:
-        """Read until the first chunk is ready, so failures before any byte can still be retried."""
-        translator = dep.provider.stream_translator(ctx)
-        chunks = resp.iter_chunks().__aiter__()
-        first: list[Payload] = []
-        ended = False
-        try:
-            async with asyncio.timeout(dep.config.timeouts.first_token):
-                while not first:
-                    try:
-                        data = await anext(chunks)
-                    except StopAsyncIteration:
-                        first = translator.finish()
-                        ended = True
-                        break
-                    first = translator.feed(data)
-        except TimeoutError:
-            resp.close()
-            raise UpstreamTimeoutError(
-                f"deployment {dep.name!r} sent no first token in time", code="first_token_timeout"
-            ) from None
-        except BaseException:
-            resp.close()
-            raise
-        headers["cache-control"] = "no-cache"
-        headers["x-accel-buffering"] = "no"
-        body = self._relay(dep, resp, chunks, translator, first, ended, ctx, caller, started)
-        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-
-    async def _relay(
-        self,
-        dep: Deployment,
-        resp: UpstreamResponse,
-        chunks: AsyncIterator[bytes],
-        translator: StreamTranslator,
-        first: list[Payload],
-        ended: bool,
-        ctx: RequestContext,
-        caller: Caller,
-        started: float,
-    ) -> AsyncIterator[bytes]:
-        status = "200"
-        ttft: float | None = None
-        try:
-            yield b"".join(frame(p) for p in first)
-            ttft = time.perf_counter() - started
-            if not ended:
-                async for data in chunks:
-                    out = translator.feed(data)
-                    if out:
-                        yield b"".join(frame(p) for p in out)
-                tail = translator.finish()
-                if tail:
-                    yield b"".join(frame(p) for p in tail)
-            if translator.error is not None:
-                raise translator.error
-            yield DONE
-        except KubellmError as err:
-            status = str(err.status)
-            metrics.ERRORS.labels(ctx.public_model, err.type).inc()
-            # The stream has begun, so the error travels as an event; no [DONE] follows it.
-            yield frame(err.to_dict())
-        except BaseException:
-            status = "499"
-            raise
-        finally:
-            resp.close()
-            dep.in_flight -= 1
-            self._finish(dep, ctx, caller, started, status, translator.usage, ttft)
-
-    def _finish(
-        self,
-        dep: Deployment,
-        ctx: RequestContext,
-        caller: Caller,
-        started: float,
-        status: str,
-        usage: Usage | None,
-        ttft: float | None,
-    ) -> None:
-        elapsed = time.perf_counter() - started
-        group = ctx.public_model
-        metrics.REQUESTS.labels(group, dep.name, caller.label, status).inc()
-        metrics.LATENCY.labels(group, dep.name).observe(elapsed)
-        if ttft is not None:
-            metrics.TTFT.labels(group, dep.name).observe(ttft)
-        if usage is not None:
-            metrics.TOKENS.labels(group, dep.name, caller.label, "prompt").inc(usage.prompt_tokens)
-            metrics.TOKENS.labels(group, dep.name, caller.label, "completion").inc(usage.completion_tokens)
-        if self.state.config.settings.access_log and access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "request",
-                extra={
-                    "fields": {
-                        "request_id": ctx.request_id,
-                        "operation": ctx.operation.value,
-                        "model_group": group,
-                        "deployment": dep.name,
-                        "key": caller.label,
-                        "status": int(status),
-                        "stream": ctx.stream,
-                        "latency_ms": round(elapsed * 1000, 3),
-                        "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
-                        "prompt_tokens": usage.prompt_tokens if usage else None,
-                        "completion_tokens": usage.completion_tokens if usage else None,
-                    }
-                },
-            )

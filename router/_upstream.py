@@ -27,8 +27,14 @@ class _AiohttpResponse:
     async def read(self) -> bytes:
         try:
             return await self._resp.read()
+        except aiohttp.SocketTimeoutError:
+            raise UpstreamTimeoutError(
+                f"deployment {self._where!r} went silent mid-response", code="idle_timeout"
+            ) from None
         except TimeoutError:
-            raise UpstreamTimeoutError(f"deployment {self._where!r} timed out sending its response") from None
+            raise UpstreamTimeoutError(
+                f"deployment {self._where!r} timed out sending its response", code="total_timeout"
+            ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamProtocolError(
                 f"deployment {self._where!r} broke off its response: {type(exc).__name__}"
@@ -40,9 +46,13 @@ class _AiohttpResponse:
         try:
             async for data in self._resp.content.iter_any():
                 yield data
-        except TimeoutError:
+        except aiohttp.SocketTimeoutError:
             raise UpstreamTimeoutError(
                 f"deployment {self._where!r} went silent mid-stream", code="idle_timeout"
+            ) from None
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                f"deployment {self._where!r} exceeded the total timeout mid-stream", code="total_timeout"
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamProtocolError(
@@ -80,10 +90,8 @@ class UpstreamPool:
         if self._session is None:
             await self.start()
         assert self._session is not None
-        t = ctx.deployment.timeouts
-        timeout = aiohttp.ClientTimeout(
-            total=t.total, sock_connect=t.connect, sock_read=t.idle or t.first_token
-        )
+        t = ctx.effective_timeouts
+        timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle)
         where = ctx.deployment.name
         try:
             resp = await self._session.request(
@@ -94,8 +102,18 @@ class UpstreamPool:
                 timeout=timeout,
                 allow_redirects=False,
             )
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeoutError(
+                f"connecting to deployment {where!r} timed out", code="connect_timeout"
+            ) from None
+        except aiohttp.SocketTimeoutError:
+            raise UpstreamTimeoutError(
+                f"deployment {where!r} went silent before answering", code="idle_timeout"
+            ) from None
         except TimeoutError:
-            raise UpstreamTimeoutError(f"deployment {where!r} did not answer in time") from None
+            raise UpstreamTimeoutError(
+                f"deployment {where!r} did not answer in time", code="total_timeout"
+            ) from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(
                 f"cannot connect to deployment {where!r}: {exc.os_error.strerror or 'refused'}"

@@ -33,7 +33,7 @@ from .._errors import (
 )
 
 if TYPE_CHECKING:
-    from .._config import DeploymentConfig
+    from .._config import DeploymentConfig, Timeouts
 
 
 class Operation(StrEnum):
@@ -94,10 +94,16 @@ class RequestContext:
     created: int = field(default_factory=lambda: int(time.time()))
     #: The credential resolved for this deployment, if any.
     api_key: str | None = None
+    #: Effective timeouts of this attempt (request overrides, bounded by the deadline).
+    timeouts: Timeouts | None = None
 
     @property
     def upstream_model(self) -> str:
         return self.deployment.upstream_model or self.deployment.model
+
+    @property
+    def effective_timeouts(self) -> Timeouts:
+        return self.timeouts or self.deployment.timeouts
 
 
 @dataclass(slots=True)

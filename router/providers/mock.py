@@ -10,39 +10,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
 
 from .._sse import DONE, frame
+from .._tokens import count_tokens, prompt_tokens, text_of
 from ._base import Operation, RequestContext, UpstreamClient, UpstreamResponse
 from ._openai_shaped import OpenAIShapedProvider
-
-_PIECE = re.compile(r"\w{1,6}|[^\w\s]")
-
-
-def count_tokens(text: str) -> int:
-    """Roughly one token per short word piece or punctuation mark."""
-    return len(_PIECE.findall(text))
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-def prompt_tokens(body: dict[str, Any]) -> int:
-    if "messages" in body:
-        # OpenAI's chat format costs about 3 tokens per message plus 3 for the reply primer.
-        return 3 + sum(4 + count_tokens(_text_of(m.get("content"))) for m in body["messages"])
-    prompt = body.get("prompt", body.get("input", ""))
-    items = prompt if isinstance(prompt, list) else [prompt]
-    return sum(count_tokens(p) if isinstance(p, str) else len(p) if isinstance(p, list) else 1 for p in items)
 
 
 def reply_for(body: dict[str, Any], fixed: str | None) -> str:
@@ -50,7 +26,7 @@ def reply_for(body: dict[str, Any], fixed: str | None) -> str:
         return fixed
     if "messages" in body:
         users = [m for m in body["messages"] if m.get("role") == "user"]
-        said = _text_of(users[-1].get("content")) if users else ""
+        said = text_of(users[-1].get("content")) if users else ""
     else:
         prompt = body.get("prompt", "")
         said = prompt if isinstance(prompt, str) else str(prompt)

@@ -1,0 +1,93 @@
+"""The exact-match response cache.
+
+Keyed on the model group, the operation, whether it streams, and the request
+body with its keys sorted (``stream_options`` and ``user`` left out, since
+they do not change the answer). A streamed answer is stored as the list of
+chunk payloads the client received, and replayed as the same stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import orjson
+
+from ._config import CacheSettings
+
+_IGNORED = frozenset({"stream_options", "user", "stream"})
+
+
+def cache_key(group: str, operation: str, stream: bool, body: dict[str, Any]) -> str:
+    normal = {k: v for k, v in body.items() if k not in _IGNORED}
+    digest = hashlib.sha256(orjson.dumps(normal, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"{group}:{operation}:{'s' if stream else 'j'}:{digest}"
+
+
+def wants(headers: Any) -> tuple[bool, bool]:
+    """(may read, may write) according to the request's Cache-Control."""
+    value = (headers.get("cache-control") or "").lower()
+    if "no-store" in value:
+        return False, False
+    if "no-cache" in value:
+        return False, True
+    return True, True
+
+
+class ResponseCache(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes) -> None: ...
+
+
+class MemoryCache:
+    def __init__(self, settings: CacheSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._settings = settings
+        self._clock = clock
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if self._clock() >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes) -> None:
+        if len(value) > self._settings.max_entry_bytes:
+            return
+        self._entries[key] = (self._clock() + self._settings.ttl_seconds, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._settings.max_entries:
+            self._entries.popitem(last=False)
+
+
+class RedisCache:
+    def __init__(self, client: Any, settings: CacheSettings, prefix: str = "kubellm:") -> None:
+        self._redis = client
+        self._settings = settings
+        self._prefix = prefix + "cache:"
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._redis.get(self._prefix + key)
+        return bytes(value) if value is not None else None
+
+    async def set(self, key: str, value: bytes) -> None:
+        if len(value) > self._settings.max_entry_bytes:
+            return
+        await self._redis.set(self._prefix + key, value, px=int(self._settings.ttl_seconds * 1000))
+
+
+def pack_stream(payloads: list[bytes]) -> bytes:
+    return orjson.dumps([p.decode() for p in payloads])
+
+
+def unpack_stream(value: bytes) -> list[bytes]:
+    return [p.encode() for p in orjson.loads(value)]

@@ -1,0 +1,549 @@
+"""Getting one answer for one request: deployment choice, retries, fallbacks, streaming.
+
+For each model group in the chain (the requested group, then its fallbacks),
+deployments are tried in the order the group's strategy gives, skipping those
+whose circuit breaker is open or whose context window is too small. A failed
+deployment is retried only when no other is available, after an exponential
+backoff with jitter that honours ``Retry-After``. Everything is bounded by the
+request's deadline. Once the first streamed byte has been sent, nothing is
+retried: a later failure travels to the client as an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import Response, StreamingResponse
+
+from . import _metrics as metrics
+from ._balancer import Stats, order_tier, tiers
+from ._cache import cache_key, pack_stream, unpack_stream
+from ._config import Timeouts
+from ._errors import (
+    ContentFilterError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    KubellmError,
+    RateLimitError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from ._sse import DONE, frame
+from ._tokens import prompt_tokens
+from .providers import Operation, Payload, RequestContext, StreamTranslator, UpstreamResponse, Usage
+
+if TYPE_CHECKING:
+    from ._cache import ResponseCache
+    from ._health import HealthTracker
+    from ._state import Deployment, ModelGroup, RouterState, VirtualKey
+    from ._upstream import UpstreamPool
+
+access_log = logging.getLogger("kubellm.access")
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class RequestOptions:
+    """What a client may choose per request, through ``x-kubellm-*`` headers."""
+
+    #: None: the group's own chain; an empty list: no fallbacks.
+    fallbacks: list[str] | None = None
+    num_retries: int | None = None
+    timeouts: dict[str, float] = field(default_factory=dict)
+    cache_read: bool = True
+    cache_write: bool = True
+
+
+@dataclass(slots=True)
+class Call:
+    """One client request on its way through the dispatcher."""
+
+    request_id: str
+    operation: Operation
+    body: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    group: ModelGroup
+    caller_label: str
+    key: VirtualKey | None
+    options: RequestOptions
+    state: RouterState
+    started: float
+    deadline: float
+    attempts: int = 0
+    #: The deployment of the latest attempt, named in error responses.
+    last_deployment: str | None = None
+    _prompt_tokens: int | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        if self._prompt_tokens is None:
+            self._prompt_tokens = prompt_tokens(self.body)
+        return self._prompt_tokens
+
+
+class _GroupFailed(Exception):
+    def __init__(self, error: KubellmError) -> None:
+        self.error = error
+
+
+def _retry_after(err: KubellmError) -> float | None:
+    value = err.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _counts_against_deployment(err: KubellmError) -> bool:
+    """Failures that say something about the deployment's health, not about the request."""
+    return err.retryable and (isinstance(err, UpstreamError | RateLimitError) or err.status in (401, 403))
+
+
+class Dispatcher:
+    def __init__(
+        self, upstream: UpstreamPool, health: HealthTracker, stats: Stats, cache: ResponseCache | None
+    ) -> None:
+        self.upstream = upstream
+        self.health = health
+        self.stats = stats
+        self.cache = cache
+        self.rng = random.Random()
+
+    # -- the chain of model groups -------------------------------------------------------------
+
+    async def run(self, call: Call) -> Response:
+        key = self._cache_key(call)
+        if key is not None and call.options.cache_read and self.cache is not None:
+            hit = await self._cache_get(key)
+            if hit is not None:
+                return self._replay(call, hit)
+        chain = [call.group]
+        visited = {call.group.name}
+        last: KubellmError | None = None
+        for index in range(len(chain) + 32):
+            if index >= len(chain):
+                break
+            group = chain[index]
+            if index:
+                metrics.FALLBACKS.labels(call.group.name, group.name).inc()
+            try:
+                return await self._run_group(call, group, key)
+            except _GroupFailed as failed:
+                last = failed.error
+            for name in self._fallbacks_for(call, last):
+                target = call.state.groups.get(name)
+                if target is not None and target.name not in visited:
+                    visited.add(target.name)
+                    chain.append(target)
+        assert last is not None
+        metrics.ERRORS.labels(call.group.name, last.type).inc()
+        self._log(call, None, last.status, None, None)
+        headers = {
+            "x-request-id": call.request_id,
+            "x-kubellm-model-group": call.group.name,
+            "x-kubellm-attempts": str(call.attempts),
+        }
+        if call.last_deployment is not None:
+            headers["x-kubellm-deployment"] = call.last_deployment
+        return Response(
+            last.to_json(), status_code=last.status, media_type=JSON, headers={**last.headers, **headers}
+        )
+
+    def _fallbacks_for(self, call: Call, err: KubellmError) -> list[str]:
+        if call.options.fallbacks == []:
+            return []
+        settings = call.group.settings
+        if isinstance(err, ContextLengthExceededError):
+            return settings.context_window_fallbacks
+        if isinstance(err, ContentFilterError):
+            return settings.content_policy_fallbacks
+        if not err.retryable:
+            return []
+        return call.options.fallbacks if call.options.fallbacks is not None else settings.fallbacks
+
+    # -- one model group ----------------------------------------------------------------------
+
+    async def _run_group(self, call: Call, group: ModelGroup, key: str | None) -> Response:
+        settings = call.state.config.settings
+        retries = call.options.num_retries if call.options.num_retries is not None else settings.num_retries
+        budget = 1 + retries
+        failed: set[str] = set()
+        last: KubellmError | None = None
+        tries = 0
+        backoff = settings.initial_backoff_seconds
+        while tries < budget:
+            dep, why_none = await self._choose(call, group, failed)
+            if dep is None:
+                waited = await self._wait_for_cooldown(call, group, why_none)
+                if waited:
+                    continue
+                raise _GroupFailed(last or why_none)
+            if dep.name in failed:
+                # Only a deployment that already failed is left: back off before trying it again.
+                delay = min(backoff, settings.max_backoff_seconds) * (0.5 + self.rng.random() / 2)
+                if time.monotonic() + delay >= call.deadline:
+                    raise _GroupFailed(last or why_none)
+                await asyncio.sleep(delay)
+                backoff *= 2
+            tries += 1
+            call.attempts += 1
+            if call.attempts > 1:
+                metrics.RETRIES.labels(call.group.name).inc()
+            try:
+                return await self._attempt(call, group, dep, key)
+            except KubellmError as err:
+                last = err
+                retry_after = _retry_after(err) if err.status == 429 else None
+                if _counts_against_deployment(err) and await self.health.failure(dep.name, retry_after):
+                    metrics.COOLDOWNS.labels(dep.name).inc()
+                if not err.retryable:
+                    raise _GroupFailed(err) from None
+                failed.add(dep.name)
+        assert last is not None
+        raise _GroupFailed(last)
+
+    async def _choose(
+        self, call: Call, group: ModelGroup, failed: set[str]
+    ) -> tuple[Deployment | None, KubellmError]:
+        """The next deployment to try, or None and the reason none can serve."""
+        operation = call.operation
+        too_long = 0
+        cooling = 0
+        retry_same: Deployment | None = None
+        for tier in tiers(group.deployments):
+            usable = []
+            for dep in tier:
+                if operation not in dep.provider.operations:
+                    continue
+                window = dep.config.context_window
+                if window is not None and call.prompt_tokens > window:
+                    too_long += 1
+                    continue
+                if self.health.is_open(dep.name):
+                    cooling += 1
+                    continue
+                limit = dep.config.limits.max_parallel_requests
+                if limit is not None and self.stats[dep.name].in_flight >= limit:
+                    cooling += 1
+                    continue
+                usable.append(dep)
+            for dep in order_tier(group, usable, self.stats, self.rng, stream=call.stream):
+                if not await self.health.admit(dep.name):
+                    cooling += 1
+                    continue
+                if dep.name in failed:
+                    retry_same = retry_same or dep
+                    continue
+                return dep, InvalidRequestError("unreachable")
+        if retry_same is not None:
+            return retry_same, InvalidRequestError("unreachable")
+        if too_long and not cooling:
+            return None, ContextLengthExceededError(
+                f"the prompt (about {call.prompt_tokens} tokens) exceeds the context window of every "
+                f"deployment of model {group.name!r}",
+                param="messages",
+            )
+        if cooling:
+            return None, ServiceUnavailableError(
+                f"every deployment of model {group.name!r} is cooling down or at its limits",
+                code="no_deployment_available",
+                headers=self._retry_after_header(group),
+            )
+        return None, InvalidRequestError(
+            f"no deployment of model {group.name!r} supports {operation.value} requests", param="model"
+        )
+
+    def _retry_after_header(self, group: ModelGroup) -> dict[str, str]:
+        cooling = self.health.cooling()
+        ends = [cooling[d.name] for d in group.deployments if d.name in cooling]
+        if not ends:
+            return {"Retry-After": "1"}
+        return {"Retry-After": str(max(1, int(min(ends) - self.health.clock() + 0.999)))}
+
+    async def _wait_for_cooldown(self, call: Call, group: ModelGroup, why: KubellmError) -> bool:
+        """Sleep until the first breaker of the group half-opens, if that is before the deadline."""
+        if not isinstance(why, ServiceUnavailableError):
+            return False
+        cooling = self.health.cooling()
+        ends = [cooling[d.name] for d in group.deployments if d.name in cooling]
+        if not ends:
+            return False
+        delay = min(ends) - self.health.clock() + 0.01
+        settings = call.state.config.settings
+        if delay <= 0 or delay > settings.max_backoff_seconds or time.monotonic() + delay >= call.deadline:
+            return False
+        await asyncio.sleep(delay)
+        return True
+
+    # -- one attempt on one deployment ---------------------------------------------------------
+
+    def _timeouts(self, call: Call, dep: Deployment) -> Timeouts:
+        base = dep.config.timeouts
+        chosen = {**base.model_dump(), **call.options.timeouts}
+        remaining = call.deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeoutError("the request deadline passed before an attempt", code="total_timeout")
+        chosen["total"] = min(chosen["total"], remaining)
+        return Timeouts.model_construct(**chosen)
+
+    async def _attempt(self, call: Call, group: ModelGroup, dep: Deployment, key: str | None) -> Response:
+        call.last_deployment = dep.name
+        timeouts = self._timeouts(call, dep)
+        ctx = RequestContext(
+            call.request_id,
+            call.operation,
+            group.name,
+            dep.config,
+            call.stream,
+            call.include_usage,
+            api_key=dep.api_key,
+            timeouts=timeouts,
+        )
+        headers = {
+            "x-request-id": call.request_id,
+            "x-kubellm-model-group": group.name,
+            "x-kubellm-deployment": dep.name,
+            "x-kubellm-attempts": str(call.attempts),
+        }
+        if key is not None:
+            headers["x-kubellm-cache"] = "miss"
+        stats = self.stats[dep.name]
+        stats.in_flight += 1
+        handed_off = False
+        try:
+            try:
+                async with asyncio.timeout(timeouts.first_token):
+                    resp = await dep.provider.send(self.upstream, call.body, ctx)
+            except TimeoutError:
+                raise self._first_token_timeout(dep) from None
+            if resp.status >= 400:
+                raw = await resp.read()
+                raise dep.provider.map_error(resp.status, resp.headers, raw)
+            if call.stream:
+                response = await self._open_stream(call, dep, resp, ctx, headers, key)
+                handed_off = True
+                await self.health.success(dep.name)
+                return response
+            raw = await resp.read()
+            parsed = dep.provider.parse_response(raw, ctx)
+            await self.health.success(dep.name)
+            latency = time.monotonic() - call.started
+            stats.observe(latency, None)
+            self._record(call, dep, 200, parsed.usage, latency, None)
+            if key is not None and call.options.cache_write and self.cache is not None:
+                await self._cache_set(key, b"j" + parsed.body)
+            return Response(parsed.body, media_type=JSON, headers=headers)
+        finally:
+            if not handed_off:
+                stats.in_flight -= 1
+
+    def _first_token_timeout(self, dep: Deployment) -> UpstreamTimeoutError:
+        return UpstreamTimeoutError(
+            f"deployment {dep.name!r} sent nothing before the first-token timeout", code="first_token_timeout"
+        )
+
+    async def _open_stream(
+        self,
+        call: Call,
+        dep: Deployment,
+        resp: UpstreamResponse,
+        ctx: RequestContext,
+        headers: dict[str, str],
+        key: str | None,
+    ) -> Response:
+        """Read until the first chunk is ready, so that failures before any byte can still be retried."""
+        translator = dep.provider.stream_translator(ctx)
+        chunks = resp.iter_chunks().__aiter__()
+        first: list[Payload] = []
+        ended = False
+        try:
+            try:
+                async with asyncio.timeout(ctx.effective_timeouts.first_token):
+                    while not first:
+                        try:
+                            data = await anext(chunks)
+                        except StopAsyncIteration:
+                            first = translator.finish()
+                            ended = True
+                            break
+                        first = translator.feed(data)
+            except TimeoutError:
+                raise self._first_token_timeout(dep) from None
+            if translator.error is not None and not first:
+                raise translator.error
+        except BaseException:
+            resp.close()
+            raise
+        headers["cache-control"] = "no-cache"
+        headers["x-accel-buffering"] = "no"
+        body = self._relay(call, dep, resp, chunks, translator, first, ended, key)
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+    async def _relay(
+        self,
+        call: Call,
+        dep: Deployment,
+        resp: UpstreamResponse,
+        chunks: AsyncIterator[bytes],
+        translator: StreamTranslator,
+        first: list[Payload],
+        ended: bool,
+        key: str | None,
+    ) -> AsyncIterator[bytes]:
+        status = 200
+        ttft: float | None = None
+        keep: list[bytes] | None = [] if key is not None and call.options.cache_write else None
+        try:
+            yield self._frames(first, keep)
+            ttft = time.monotonic() - call.started
+            if not ended:
+                async for data in chunks:
+                    out = translator.feed(data)
+                    if out:
+                        yield self._frames(out, keep)
+                tail = translator.finish()
+                if tail:
+                    yield self._frames(tail, keep)
+            if translator.error is not None:
+                raise translator.error
+            yield DONE
+            if keep is not None and key is not None and self.cache is not None:
+                await self._cache_set(key, b"s" + pack_stream(keep))
+        except KubellmError as err:
+            status = err.status
+            metrics.ERRORS.labels(call.group.name, err.type).inc()
+            if _counts_against_deployment(err):
+                await self.health.failure(dep.name)
+            # The stream has begun, so the error travels as an event; no [DONE] follows it.
+            yield frame(err.to_dict())
+        except BaseException:
+            status = 499
+            raise
+        finally:
+            resp.close()
+            stats = self.stats[dep.name]
+            stats.in_flight -= 1
+            latency = time.monotonic() - call.started
+            if status == 200:
+                stats.observe(latency, ttft)
+            self._record(call, dep, status, translator.usage, latency, ttft)
+
+    @staticmethod
+    def _frames(payloads: list[Payload], keep: list[bytes] | None) -> bytes:
+        framed = [frame(p) for p in payloads]
+        if keep is not None:
+            keep.extend(f[6:-2] for f in framed)
+        return b"".join(framed)
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def _cache_key(self, call: Call) -> str | None:
+        if self.cache is None or not (call.options.cache_read or call.options.cache_write):
+            return None
+        opted = (call.key is not None and call.key.config.cache) or any(
+            d.config.cache for d in call.group.deployments
+        )
+        if not opted:
+            return None
+        return cache_key(call.group.name, call.operation.value, call.stream, call.body)
+
+    async def _cache_get(self, key: str) -> bytes | None:
+        assert self.cache is not None
+        try:
+            return await self.cache.get(key)
+        except Exception as exc:  # a cache outage must not fail requests
+            logging.getLogger("kubellm.router").warning("cache read failed: %s", type(exc).__name__)
+            return None
+
+    async def _cache_set(self, key: str, value: bytes) -> None:
+        assert self.cache is not None
+        try:
+            await self.cache.set(key, value)
+        except Exception as exc:
+            logging.getLogger("kubellm.router").warning("cache write failed: %s", type(exc).__name__)
+
+    def _replay(self, call: Call, hit: bytes) -> Response:
+        metrics.CACHE_HITS.labels(call.group.name).inc()
+        headers = {
+            "x-request-id": call.request_id,
+            "x-kubellm-model-group": call.group.name,
+            "x-kubellm-deployment": "cache",
+            "x-kubellm-attempts": "0",
+            "x-kubellm-cache": "hit",
+        }
+        self._log(call, None, 200, None, None, cached=True)
+        if hit[:1] == b"j":
+            return Response(hit[1:], media_type=JSON, headers=headers)
+        payloads = unpack_stream(hit[1:])
+
+        async def replay() -> AsyncIterator[bytes]:
+            yield b"".join(frame(p) for p in payloads) + DONE
+
+        return StreamingResponse(replay(), media_type="text/event-stream", headers=headers)
+
+    # -- metering ------------------------------------------------------------------------------
+
+    def _record(
+        self,
+        call: Call,
+        dep: Deployment,
+        status: int,
+        usage: Usage | None,
+        latency: float,
+        ttft: float | None,
+    ) -> None:
+        group = call.group.name
+        metrics.REQUESTS.labels(group, dep.name, call.caller_label, str(status)).inc()
+        metrics.LATENCY.labels(group, dep.name).observe(latency)
+        if ttft is not None:
+            metrics.TTFT.labels(group, dep.name).observe(ttft)
+        if usage is not None:
+            metrics.TOKENS.labels(group, dep.name, call.caller_label, "prompt").inc(usage.prompt_tokens)
+            metrics.TOKENS.labels(group, dep.name, call.caller_label, "completion").inc(
+                usage.completion_tokens
+            )
+        self._log(call, dep, status, usage, ttft)
+
+    def _log(
+        self,
+        call: Call,
+        dep: Deployment | None,
+        status: int,
+        usage: Usage | None,
+        ttft: float | None,
+        *,
+        cached: bool = False,
+    ) -> None:
+        if not call.state.config.settings.access_log or not access_log.isEnabledFor(logging.INFO):
+            return
+        latency = time.monotonic() - call.started
+        access_log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": call.request_id,
+                    "operation": call.operation.value,
+                    "model_group": call.group.name,
+                    "deployment": dep.name if dep is not None else None,
+                    "key": call.caller_label,
+                    "status": status,
+                    "stream": call.stream,
+                    "attempts": call.attempts,
+                    "cached": cached,
+                    "latency_ms": round(latency * 1000, 3),
+                    "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+                    "prompt_tokens": usage.prompt_tokens if usage else None,
+                    "completion_tokens": usage.completion_tokens if usage else None,
+                }
+            },
+        )
