@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,23 @@ class ModelGroupConfig(_Model):
     )
 
 
+class Budget(_Model):
+    """A spend limit that resets each period (aligned to UTC calendar boundaries or the epoch)."""
+
+    amount_usd: Decimal = Field(..., ge=0, description="USD allowed per period.")
+    period: str = Field(
+        "monthly",
+        description="`daily`, `weekly` (ISO weeks), `monthly`, or a duration like `30m`, `12h`, `7d`.",
+    )
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, value: str) -> str:
+        from ._budget import validate_period
+
+        return validate_period(value)
+
+
 class KeyConfig(_Model):
     """A virtual API key. Only its SHA-256 hash is stored."""
 
@@ -164,10 +182,25 @@ class KeyConfig(_Model):
         None, pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key (what the operator renders)."
     )
     key_env: str | None = Field(None, description="Environment variable holding the key itself.")
+    key_prefix: str | None = Field(
+        None,
+        max_length=16,
+        description="Non-secret start of the key (e.g. `sk-Ab12`), shown in logs and status.",
+    )
     models: list[str] = Field(default_factory=list, description="Model groups it may use; empty means all.")
     limits: Limits = Field(default_factory=Limits, description="Per-key limits.")
+    budget: Budget | None = Field(None, description="Spend limit per period.")
+    expires_at: datetime | None = Field(
+        None, description="After this instant (RFC 3339) the key is rejected."
+    )
     disabled: bool = Field(False, description="Reject every request made with this key.")
     cache: bool = Field(False, description="Opt this key's requests into the response cache.")
+    log_payloads: bool = Field(False, description="Log prompts and responses of this key's requests.")
+    owner: str | None = Field(None, description="Who the key belongs to (metadata).")
+    team: str | None = Field(None, description="The owner's team (metadata).")
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="Free-form labels, copied to usage records."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyConfig:

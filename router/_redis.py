@@ -17,7 +17,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
@@ -31,26 +31,31 @@ def connect(
     *,
     timeout: float = 0.75,
     health_check_interval: int = 10,
-    max_connections: int | None = None,
+    max_connections: int = 32,
+    pool_timeout: float = 2.0,
 ) -> Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``) that fails fast.
 
     Connect and socket timeouts are ``timeout`` seconds, idle connections are
     pinged before reuse after ``health_check_interval`` seconds, and nothing
-    is retried: an error reaches the caller within about ``timeout``.
+    is retried: an error reaches the caller within about ``timeout``. At most
+    ``max_connections`` are open; a burst of requests waits up to
+    ``pool_timeout`` for one instead of opening hundreds of connections at once.
     """
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=pool_timeout,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         socket_keepalive=True,
         health_check_interval=health_check_interval,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
-        max_connections=max_connections,
         decode_responses=False,
         client_name="kubellm",
     )
+    return Redis.from_pool(pool)
 
 
 class Script:

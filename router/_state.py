@@ -107,7 +107,11 @@ def build_state(config: RouterConfig) -> RouterState:
     groups: dict[str, ModelGroup] = {}
     settings = {g.name: g for g in config.model_groups}
     for i, dep in enumerate(config.deployments):
-        runtime = Deployment(dep, get_provider(dep.provider), _credential(dep, f"deployments[{i}]"))
+        provider = get_provider(dep.provider)
+        problem = provider.check_deployment(dep)
+        if problem:
+            raise ConfigError(f"deployments[{i}].{problem}")
+        runtime = Deployment(dep, provider, _credential(dep, f"deployments[{i}]"))
         group = groups.get(dep.model)
         if group is None:
             group = groups[dep.model] = ModelGroup(

@@ -8,6 +8,8 @@ import pytest
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.servers import RouterProcess
 
+pytest_plugins = ["tests.support.coverage_matrix"]
+
 UPSTREAM_KEY = "sk-upstream-test"
 MASTER_KEY = "sk-master-test-0123456789"
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from router._anthropic_inbound import AnthropicEventStream, anthropic_request_to_openai
+from kubellm.router._anthropic_inbound import AnthropicEventStream, anthropic_request_to_openai
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY
 from tests.fakes.anthropic_upstream import FakeAnthropic, Reply, error_body
 from tests.fakes.anthropic_upstream import Fault as AnthropicFault
@@ -651,7 +651,7 @@ def test_openai_chunks_become_anthropic_events() -> None:
     ],
 )
 def test_request_translation_names_the_bad_field(body: dict[str, Any], param: str) -> None:
-    from router._errors import InvalidRequestError
+    from kubellm.router._errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError) as info:
         anthropic_request_to_openai(body)

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router._config import DeploymentConfig
-from router._validate import validate
-from router.providers import Operation, RequestContext
-from router.providers.anthropic import AnthropicProvider
+from kubellm.router._config import DeploymentConfig
+from kubellm.router._validate import validate
+from kubellm.router.providers import Operation, RequestContext
+from kubellm.router.providers.anthropic import AnthropicProvider
 from tests.fakes.anthropic_upstream import (
     FakeAnthropic,
     Fault,

@@ -14,8 +14,17 @@ from ._base import (
     UpstreamResponse,
     Usage,
 )
+from .anthropic import AnthropicProvider
+from .azure import AzureOpenAIProvider
+from .bedrock import BedrockProvider
+from .cohere import CohereProvider
+from .gemini import GeminiProvider
+from .huggingface import HuggingFaceEndpointProvider, HuggingFaceProvider
 from .mock import MockProvider
 from .openai import OpenAICompatibleProvider, OpenAIProvider
+from .presets import preset_providers
+from .replicate import ReplicateProvider
+from .vertex import VertexProvider
 
 _REGISTRY: dict[str, Provider] = {}
 
@@ -24,7 +33,22 @@ def register(provider: Provider) -> None:
     _REGISTRY[provider.name] = provider
 
 
-for _provider in (OpenAIProvider(), OpenAICompatibleProvider(), MockProvider()):
+_BUILTIN: tuple[Provider, ...] = (
+    OpenAIProvider(),
+    OpenAICompatibleProvider(),
+    MockProvider(),
+    AnthropicProvider(),
+    ReplicateProvider(),
+    GeminiProvider(),
+    VertexProvider(),
+    BedrockProvider(),
+    AzureOpenAIProvider(),
+    HuggingFaceProvider(),
+    HuggingFaceEndpointProvider(),
+    CohereProvider(),
+    *preset_providers(),
+)
+for _provider in _BUILTIN:
     register(_provider)
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from pydantic.alias_generators import to_snake
+
 from .._errors import (
     AuthenticationError,
     ContentFilterError,
@@ -169,6 +171,16 @@ class Provider(ABC):
 
     @abstractmethod
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator: ...
+
+    #: Deployment fields this provider cannot work without, by their config (camelCase) names.
+    required_fields: ClassVar[tuple[str, ...]] = ()
+
+    def check_deployment(self, deployment: DeploymentConfig) -> str | None:
+        """A problem with a deployment's settings, as ``field: reason``, found when the config loads."""
+        for name in self.required_fields:
+            if getattr(deployment, to_snake(name)) is None:
+                return f"{name}: required by provider {self.name!r}"
+        return None
 
     def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:
         return map_status_error(status, headers, extract_error_message(raw), provider=self.name)

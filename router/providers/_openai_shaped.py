@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import orjson
 
 from .._errors import UpstreamProtocolError
-from .._sse import SSEDecoder
+from .._sse import SSEDecoder, SSEEvent
 from ._base import (
     Operation,
     Payload,
@@ -40,12 +40,13 @@ class OpenAIPassthroughTranslator(StreamTranslator):
         self._include_usage = include_usage
 
     def feed(self, data: bytes) -> list[Payload]:
-        return self._forward(self._decoder.feed(data))
+        return self.forward(self._decoder.feed(data))
 
     def finish(self) -> list[Payload]:
-        return self._forward(self._decoder.close())
+        return self.forward(self._decoder.close())
 
-    def _forward(self, events: list[Any]) -> list[Payload]:
+    def forward(self, events: list[SSEEvent]) -> list[Payload]:
+        """Upstream events to client payloads; subclasses filter vendor-specific events before calling it."""
         out: list[Payload] = []
         for event in events:
             data: bytes = event.data

@@ -16,3 +16,4 @@ class OpenAICompatibleProvider(OpenAIShapedProvider):
 
     name = "openai-compatible"
     default_api_key_env = "OPENAI_COMPATIBLE_API_KEY"
+    required_fields = ("baseUrl",)

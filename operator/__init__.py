@@ -1,1 +1,0 @@
-"""kubellm.operator: reconciles ModelDeployment and ApiKey resources into router config."""

@@ -1,0 +1,390 @@
+"""Spend budgets per scope and period, exact across replicas.
+
+Money is :class:`~decimal.Decimal` in the API and integer pico-USD (1e-12)
+in storage. In Redis the Lua scripts never do arithmetic on money: amounts
+travel as decimal strings into ``HINCRBY`` (exact 64-bit integers, up to
+about 9.2 million USD per bucket) and are compared as digit strings, because
+Lua numbers are doubles and would round above 2^53 pico-USD (~9,007 USD).
+
+Each (scope, period window) has a bucket: ``spent`` (settled actual cost),
+``reserved`` (estimates of requests in flight) and their sum ``committed``.
+
+* :meth:`BudgetStore.reserve` admits iff ``committed < limit`` -- the budget
+  is not yet crossed -- and then adds the estimate to ``reserved``. Reserving
+  the same id twice is a no-op that answers "allowed" (safe to retry).
+* :meth:`BudgetStore.settle` moves the reservation's estimate out of
+  ``reserved`` and the actual cost into ``spent``, exactly once per
+  reservation id (a repeated settle within ``dedupe_ttl`` does nothing).
+  ``settle(actual=0)`` cancels a reservation. A reservation that is never
+  settled (its router died) expires after ``reservation_ttl``.
+
+**The bound.** Let R be the last request admitted in a window. When R was
+admitted, ``spent + reserved < limit``, and every request that will ever be
+charged to the window was either settled by then (in ``spent``) or in flight
+(its estimate in ``reserved``, R included). Hence::
+
+    final spent < limit + (actual cost of the requests in flight when R was admitted)
+
+Spend exceeds the budget by at most the cost of the requests in flight when
+it was crossed. If estimates are upper bounds (``actual <= estimate``), the
+overshoot is below the actual cost of R alone, one request. Replicas change
+nothing: every decision is one atomic step on the shared store.
+
+Periods: ``daily``, ``weekly`` (ISO weeks from Monday 00:00 UTC), ``monthly``
+(calendar months UTC) or a duration ``<n>s|m|h|d`` aligned to the Unix epoch
+(``30m``, ``12h``, ``7d``). Windows are computed from the caller's clock
+(the key names depend on them), so replicas need NTP-synchronized clocks; a
+skew only decides which window a request at the very boundary lands in.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from ._pricing import from_pico, to_pico
+from ._redis import Arg, Script
+
+_DURATION = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Buckets outlive their window by this long, so late settles still land.
+GRACE = 86400.0
+DEFAULT_RESERVATION_TTL = 900.0
+DEFAULT_DEDUPE_TTL = 3600.0
+
+
+def validate_period(period: str) -> str:
+    if period in ("daily", "weekly", "monthly") or _DURATION.match(period):
+        return period
+    raise ValueError(
+        f"invalid budget period {period!r}: expected daily, weekly, monthly or a duration "
+        "like 30m, 12h, 7d (a positive integer and one of s, m, h, d)"
+    )
+
+
+def period_window(period: str, now: float | None = None) -> tuple[float, float, str]:
+    """``(start, end, key_suffix)`` of the window of ``period`` containing ``now`` (Unix seconds)."""
+    validate_period(period)
+    t = time.time() if now is None else now
+    if period in ("daily", "weekly", "monthly"):
+        day = datetime.fromtimestamp(t, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        if period == "daily":
+            start, end = day, day + timedelta(days=1)
+            suffix = f"d:{start:%Y-%m-%d}"
+        elif period == "weekly":
+            start = day - timedelta(days=day.weekday())
+            end = start + timedelta(days=7)
+            year, week, _ = start.isocalendar()
+            suffix = f"w:{year}-W{week:02d}"
+        else:
+            start = day.replace(day=1)
+            end = (
+                start.replace(year=start.year + 1, month=1)
+                if start.month == 12
+                else start.replace(month=start.month + 1)
+            )
+            suffix = f"m:{start:%Y-%m}"
+        return start.timestamp(), end.timestamp(), suffix
+    m = _DURATION.match(period)
+    assert m is not None
+    length = int(m.group(1)) * _UNIT[m.group(2)]
+    begin = int(t // length) * length
+    return float(begin), float(begin + length), f"p{period}:{begin}"
+
+
+@dataclass(slots=True)
+class BudgetDecision:
+    allowed: bool
+    spent: Decimal
+    reserved: Decimal
+    remaining: Decimal
+    resets_at: float
+    #: The window the reservation was made in; pass it to settle.
+    period_key: str = ""
+
+
+class BudgetStore(Protocol):
+    async def reserve(
+        self,
+        scope: str,
+        period: str,
+        limit: Decimal,
+        estimate: Decimal,
+        reservation_id: str,
+        now: float | None = None,
+    ) -> BudgetDecision: ...
+
+    async def settle(
+        self,
+        scope: str,
+        period: str,
+        reservation_id: str,
+        estimate: Decimal,
+        actual: Decimal,
+        *,
+        period_key: str | None = None,
+        now: float | None = None,
+    ) -> bool: ...
+
+    async def spent(self, scope: str, period: str, now: float | None = None) -> Decimal: ...
+
+
+def _decision(allowed: bool, spent: int, reserved: int, limit: int, end: float, key: str) -> BudgetDecision:
+    return BudgetDecision(
+        allowed,
+        from_pico(spent),
+        from_pico(reserved),
+        from_pico(max(0, limit - spent - reserved)),
+        end,
+        key,
+    )
+
+
+def _ttl_ms(end: float, now: float) -> int:
+    return max(1000, round((end - now + GRACE) * 1000))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@dataclass(slots=True)
+class _Bucket:
+    expires: float
+    spent: int = 0
+    reserved: int = 0
+    #: reservation id -> (estimate, expiry)
+    held: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
+class MemoryBudgetStore:
+    """The single-process store; each call is atomic on the event loop."""
+
+    def __init__(
+        self, reservation_ttl: float = DEFAULT_RESERVATION_TTL, dedupe_ttl: float = DEFAULT_DEDUPE_TTL
+    ) -> None:
+        self.reservation_ttl = reservation_ttl
+        self.dedupe_ttl = dedupe_ttl
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._done: dict[tuple[str, str, str], float] = {}
+        self._ops = 0
+
+    def _bucket(self, scope: str, key: str, end: float, now: float) -> _Bucket:
+        self._ops += 1
+        if self._ops % 1024 == 0:
+            self._buckets = {k: b for k, b in self._buckets.items() if b.expires > now}
+            self._done = {k: exp for k, exp in self._done.items() if exp > now}
+        b = self._buckets.get((scope, key))
+        if b is None or b.expires <= now:
+            b = self._buckets[(scope, key)] = _Bucket(end + GRACE)
+        for rid in [rid for rid, (_, exp) in b.held.items() if exp <= now]:
+            b.reserved -= b.held.pop(rid)[0]
+        return b
+
+    async def reserve(
+        self,
+        scope: str,
+        period: str,
+        limit: Decimal,
+        estimate: Decimal,
+        reservation_id: str,
+        now: float | None = None,
+    ) -> BudgetDecision:
+        t = time.time() if now is None else now
+        _, end, key = period_window(period, t)
+        lim, est = to_pico(limit), to_pico(estimate)
+        b = self._bucket(scope, key, end, t)
+        allowed = reservation_id in b.held or b.spent + b.reserved < lim
+        if allowed and reservation_id not in b.held:
+            b.reserved += est
+            b.held[reservation_id] = (est, t + self.reservation_ttl)
+        return _decision(allowed, b.spent, b.reserved, lim, end, key)
+
+    async def settle(
+        self,
+        scope: str,
+        period: str,
+        reservation_id: str,
+        estimate: Decimal,
+        actual: Decimal,
+        *,
+        period_key: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        t = time.time() if now is None else now
+        _, end, key = period_window(period, t)
+        key = period_key or key
+        done = (scope, key, reservation_id)
+        if self._done.get(done, 0.0) > t:
+            return False
+        self._done[done] = t + self.dedupe_ttl
+        b = self._bucket(scope, key, end, t)
+        held = b.held.pop(reservation_id, None)
+        if held is not None:
+            b.reserved -= held[0]
+        b.spent += to_pico(actual)
+        return True
+
+    async def spent(self, scope: str, period: str, now: float | None = None) -> Decimal:
+        t = time.time() if now is None else now
+        _, _, key = period_window(period, t)
+        b = self._buckets.get((scope, key))
+        return from_pico(b.spent if b is not None and b.expires > t else 0)
+
+
+# --------------------------------------------------------------------------- redis
+
+# KEYS[1] bucket hash {s, r, c}; KEYS[2] reservation estimates (hash id -> pico);
+# KEYS[3] reservation expiries (zset id -> ms). Money stays in decimal strings.
+_PRELUDE = """
+local function cmp(a, b)
+  local na, nb = a:sub(1, 1) == '-', b:sub(1, 1) == '-'
+  if na ~= nb then return na and -1 or 1 end
+  if na then a, b = b:sub(2), a:sub(2) end
+  a = (a:gsub('^0+', '')); b = (b:gsub('^0+', ''))
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  return a < b and -1 or 1
+end
+local function neg(x) if x == '0' then return '0' end return '-' .. x end
+local function expire_held(now)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 256)
+  for _, rid in ipairs(gone) do
+    local est = redis.call('HGET', KEYS[2], rid)
+    if est then
+      redis.call('HINCRBY', KEYS[1], 'r', neg(est))
+      redis.call('HINCRBY', KEYS[1], 'c', neg(est))
+      redis.call('HDEL', KEYS[2], rid)
+    end
+    redis.call('ZREM', KEYS[3], rid)
+  end
+end
+local function state()
+  local h = redis.call('HMGET', KEYS[1], 's', 'r')
+  return {h[1] or '0', h[2] or '0'}
+end
+local function keep(ttl)
+  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+"""
+
+# ARGV: now ms, limit, estimate, reservation id, reservation expiry ms, key ttl ms.
+_RESERVE = Script(
+    _PRELUDE
+    + """
+expire_held(ARGV[1])
+local rid = ARGV[4]
+if redis.call('HEXISTS', KEYS[2], rid) == 1 then
+  local s = state(); return {1, s[1], s[2]}
+end
+local c = redis.call('HGET', KEYS[1], 'c') or '0'
+if cmp(c, ARGV[2]) >= 0 then
+  local s = state(); return {0, s[1], s[2]}
+end
+redis.call('HINCRBY', KEYS[1], 'r', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'c', ARGV[3])
+redis.call('HSET', KEYS[2], rid, ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[5], rid)
+keep(ARGV[6])
+local s = state(); return {1, s[1], s[2]}
+"""
+)
+
+# KEYS[4] the settle marker. ARGV: now ms, reservation id, actual, key ttl ms, dedupe ttl ms.
+_SETTLE = Script(
+    _PRELUDE
+    + """
+if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[5]) then return 0 end
+expire_held(ARGV[1])
+local est = redis.call('HGET', KEYS[2], ARGV[2])
+if est then
+  redis.call('HINCRBY', KEYS[1], 'r', neg(est))
+  redis.call('HINCRBY', KEYS[1], 'c', neg(est))
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
+redis.call('HINCRBY', KEYS[1], 's', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'c', ARGV[3])
+keep(ARGV[4])
+return 1
+"""
+)
+
+
+class RedisBudgetStore:
+    """The shared store: reserve and settle are one atomic script each."""
+
+    def __init__(
+        self,
+        client: Redis,
+        prefix: str = "kubellm:",
+        reservation_ttl: float = DEFAULT_RESERVATION_TTL,
+        dedupe_ttl: float = DEFAULT_DEDUPE_TTL,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.reservation_ttl = reservation_ttl
+        self.dedupe_ttl = dedupe_ttl
+
+    def _keys(self, scope: str, key: str) -> list[str]:
+        base = f"{self.prefix}budget:{scope}:{key}"
+        return [base, base + ":held", base + ":exp"]
+
+    async def reserve(
+        self,
+        scope: str,
+        period: str,
+        limit: Decimal,
+        estimate: Decimal,
+        reservation_id: str,
+        now: float | None = None,
+    ) -> BudgetDecision:
+        t = time.time() if now is None else now
+        _, end, key = period_window(period, t)
+        lim, est = to_pico(limit), to_pico(estimate)
+        args: list[Arg] = [
+            round(t * 1000),
+            str(lim),
+            str(est),
+            reservation_id,
+            round((t + self.reservation_ttl) * 1000),
+            _ttl_ms(end, t),
+        ]
+        ok, spent, reserved = await _RESERVE(self.client, self._keys(scope, key), args)
+        return _decision(bool(ok), int(spent), int(reserved), lim, end, key)
+
+    async def settle(
+        self,
+        scope: str,
+        period: str,
+        reservation_id: str,
+        estimate: Decimal,
+        actual: Decimal,
+        *,
+        period_key: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Returns False when this reservation was already settled (nothing changed)."""
+        t = time.time() if now is None else now
+        _, end, key = period_window(period, t)
+        key = period_key or key
+        keys = [*self._keys(scope, key), f"{self.prefix}budget:{scope}:{key}:done:{reservation_id}"]
+        ttl = _ttl_ms(end, t)
+        args: list[Arg] = [
+            round(t * 1000),
+            reservation_id,
+            str(to_pico(actual)),
+            ttl,
+            round(self.dedupe_ttl * 1000),
+        ]
+        return bool(await _SETTLE(self.client, keys, args))
+
+    async def spent(self, scope: str, period: str, now: float | None = None) -> Decimal:
+        _, _, key = period_window(period, now)
+        raw = await self.client.hget(self._keys(scope, key)[0], "s")
+        return from_pico(int(raw or 0))

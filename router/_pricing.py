@@ -1,0 +1,185 @@
+"""Token prices and exact request costs.
+
+Money is :class:`decimal.Decimal` everywhere. Stores that need integers
+(Redis Lua, SQL sums) use pico-USD, 1e-12 USD: a price with up to six decimal
+places per million tokens costs a whole number of pico-USD per token, so
+costs computed from the shipped table convert without rounding.
+
+The shipped table holds list prices in USD per one million tokens, standard
+(not batch) tier, shortest-context tier where a vendor has two, and the cache
+*read* price as the cached-input price. Open-weight models are priced as a
+typical hosted provider lists them. A deployment's ``pricing`` overrides any
+field (see :func:`price_for`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Protocol
+
+#: When the prices in :data:`DEFAULT_PRICES` were taken from the vendors' price pages.
+PRICES_AS_OF = "2025-08-15"
+
+PICO = Decimal("1e-12")
+_MILLION = Decimal(1_000_000)
+
+
+def to_pico(amount: Decimal) -> int:
+    """USD to integer pico-USD, rounding half-even below one pico-USD."""
+    return int(amount.scaleb(12).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def from_pico(amount: int) -> Decimal:
+    """Integer pico-USD to USD, exactly (the result has 12 decimal places)."""
+    return Decimal(amount).scaleb(-12).quantize(PICO)
+
+
+def quantize(amount: Decimal) -> Decimal:
+    """``amount`` rounded to whole pico-USD, as every store keeps it."""
+    return from_pico(to_pico(amount))
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per one million tokens."""
+
+    input_per_million: Decimal
+    output_per_million: Decimal
+    #: Cached prompt tokens; ``None`` bills them at the input price.
+    cached_input_per_million: Decimal | None = None
+
+    @property
+    def cached_rate(self) -> Decimal:
+        cached = self.cached_input_per_million
+        return self.input_per_million if cached is None else cached
+
+
+class PricingLike(Protocol):
+    """What :func:`price_for` reads from an override (``_config.Pricing`` fits)."""
+
+    @property
+    def input_per_million(self) -> Decimal | None: ...
+
+    @property
+    def output_per_million(self) -> Decimal | None: ...
+
+    @property
+    def cached_input_per_million(self) -> Decimal | None: ...
+
+
+def _p(input_: str, output: str, cached: str | None = None) -> Price:
+    return Price(Decimal(input_), Decimal(output), None if cached is None else Decimal(cached))
+
+
+#: Model name prefix -> price. Lookup is by longest prefix on a name boundary.
+DEFAULT_PRICES: dict[str, Price] = {
+    # OpenAI
+    "gpt-4o": _p("2.50", "10.00", "1.25"),
+    "gpt-4o-mini": _p("0.15", "0.60", "0.075"),
+    "gpt-4.1": _p("2.00", "8.00", "0.50"),
+    "gpt-4.1-mini": _p("0.40", "1.60", "0.10"),
+    "gpt-4.1-nano": _p("0.10", "0.40", "0.025"),
+    "o3-mini": _p("1.10", "4.40", "0.55"),
+    "text-embedding-3-small": _p("0.02", "0"),
+    "text-embedding-3-large": _p("0.13", "0"),
+    # Anthropic (cached = cache read; cache writes are not modelled)
+    "claude-3-5-sonnet": _p("3.00", "15.00", "0.30"),
+    "claude-3-7-sonnet": _p("3.00", "15.00", "0.30"),
+    "claude-sonnet-4": _p("3.00", "15.00", "0.30"),
+    "claude-3-haiku": _p("0.25", "1.25", "0.03"),
+    "claude-3-5-haiku": _p("0.80", "4.00", "0.08"),
+    "claude-3-opus": _p("15.00", "75.00", "1.50"),
+    "claude-opus-4": _p("15.00", "75.00", "1.50"),
+    "claude-opus-4-1": _p("15.00", "75.00", "1.50"),
+    # Google (prompts up to 128k tokens for 1.5, up to 200k for 2.5 Pro)
+    "gemini-1.5-flash": _p("0.075", "0.30", "0.01875"),
+    "gemini-1.5-flash-8b": _p("0.0375", "0.15", "0.01"),
+    "gemini-1.5-pro": _p("1.25", "5.00", "0.3125"),
+    "gemini-2.0-flash": _p("0.10", "0.40", "0.025"),
+    "gemini-2.0-flash-lite": _p("0.075", "0.30"),
+    "gemini-2.5-flash": _p("0.30", "2.50", "0.075"),
+    "gemini-2.5-pro": _p("1.25", "10.00", "0.31"),
+    # Mistral, Cohere, DeepSeek
+    "mistral-large": _p("2.00", "6.00"),
+    "command-r": _p("0.15", "0.60"),
+    "command-r-plus": _p("2.50", "10.00"),
+    "deepseek-chat": _p("0.27", "1.10", "0.07"),
+    # Open weights, as typical hosted endpoints list them
+    "llama-3.1-8b": _p("0.18", "0.18"),
+    "llama-3.1-70b": _p("0.88", "0.88"),
+}
+
+_MINOR = re.compile(r"^-[0-9](-|$)")
+_ALIASES = {"claude-4-sonnet": "claude-sonnet-4", "claude-4-opus": "claude-opus-4"}
+
+
+def _normalize(model: str) -> str:
+    name = model.strip().lower().rsplit("/", 1)[-1]
+    for vendor in ("anthropic.", "meta.", "meta-", "mistral.", "cohere."):
+        name = name.removeprefix(vendor)
+    name = name.split(":", 1)[0]  # Bedrock "...-v1:0"
+    for alias, target in _ALIASES.items():
+        if name.startswith(alias):
+            name = target + name[len(alias) :]
+    return name
+
+
+def lookup(model: str) -> Price | None:
+    """The shipped price of ``model``: exact name, else the longest table prefix before ``-``/``@``.
+
+    A single-digit segment right after the prefix is a newer minor version
+    (``claude-opus-4-5`` is not ``claude-opus-4``) and matches only if listed;
+    dates and revisions (``-20250514``, ``-002``, ``-08-2024``) match.
+    """
+    name = _normalize(model)
+    best: str | None = None
+    for prefix in DEFAULT_PRICES:
+        if name != prefix:
+            rest = name[len(prefix) :]
+            if not name.startswith(prefix) or rest[0] not in "-@" or _MINOR.match(rest):
+                continue
+        if best is None or len(prefix) > len(best):
+            best = prefix
+    return None if best is None else DEFAULT_PRICES[best]
+
+
+def price_for(upstream_model: str, override: PricingLike | None = None) -> Price | None:
+    """The price of a deployment: ``override`` fields win one by one over the table.
+
+    An unknown model is priced only if the override sets at least the input
+    price; its output price then defaults to 0 (embeddings). ``None`` means
+    the cost is unknown, which callers should log rather than guess.
+    """
+    base = lookup(upstream_model)
+    if override is None:
+        return base
+    inp, out = override.input_per_million, override.output_per_million
+    cached = override.cached_input_per_million
+    if base is None:
+        if inp is None:
+            return None
+        return Price(inp, out if out is not None else Decimal(0), cached)
+    return Price(
+        base.input_per_million if inp is None else inp,
+        base.output_per_million if out is None else out,
+        base.cached_input_per_million if cached is None else cached,
+    )
+
+
+def cost(prompt_tokens: int, completion_tokens: int, cached_tokens: int, price: Price) -> Decimal:
+    """The exact USD cost: cached prompt tokens at the cached rate, the rest at the input rate.
+
+    ``cached_tokens`` is part of ``prompt_tokens`` (OpenAI's convention) and is
+    clamped to it.
+    """
+    if min(prompt_tokens, completion_tokens, cached_tokens) < 0:
+        raise ValueError("token counts must not be negative")
+    cached = min(cached_tokens, prompt_tokens)
+    total = (
+        (prompt_tokens - cached) * price.input_per_million
+        + cached * price.cached_rate
+        + completion_tokens * price.output_per_million
+    )
+    return total / _MILLION

@@ -1,0 +1,264 @@
+"""Amazon Bedrock: chat through Converse / ConverseStream, embeddings through InvokeModel.
+
+``POST https://bedrock-runtime.{region}.amazonaws.com/model/{modelId}/converse`` (or
+``/converse-stream``, answered in AWS event-stream framing), SigV4-signed for the
+``bedrock`` service by botocore's signer over the exact bytes sent. The request
+URL is signed in the form aiohttp puts on the wire (yarl normalizes ``%3A`` in
+an ARN model id to ``:``), so inference-profile and provisioned-model ARNs work.
+
+Credentials, in order:
+
+* the deployment's credential (``apiKeyEnv``/``apiKeyFile``/``apiKey``, e.g. a Secret) holding
+  ``ACCESS_KEY_ID:SECRET_ACCESS_KEY`` or ``ACCESS_KEY_ID:SECRET_ACCESS_KEY:SESSION_TOKEN``, or JSON
+  ``{"accessKeyId", "secretAccessKey", "sessionToken"}`` (the ``aws_access_key_id`` / STS
+  ``AccessKeyId`` spellings work too), or a Bedrock API key (``ABSK...``, sent as a bearer token);
+* otherwise botocore's standard chain: environment, shared config and credentials files,
+  web identity (IRSA / EKS Pod Identity), container and instance metadata; refreshed by botocore.
+
+``region`` falls back to ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. Embeddings: Amazon Titan text
+embeddings (one input per InvokeModel call, sent concurrently) and Cohere embed (96 inputs a call,
+``input_type`` from the request, default ``search_document``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from .._errors import InvalidRequestError, KubellmError, UpstreamProtocolError
+from ._base import (
+    Operation,
+    Provider,
+    ProviderResponse,
+    RequestContext,
+    StreamTranslator,
+    UpstreamClient,
+    UpstreamRequest,
+    UpstreamResponse,
+)
+from ._bedrock_converse import (
+    ConverseStreamTranslator,
+    bedrock_error,
+    converse_response_to_openai,
+    openai_to_converse_request,
+)
+from ._embeddings import LocalResponse, embedding_inputs, estimate_tokens, openai_embedding_response, pack
+
+COHERE_BATCH = 96
+_API_KEY_PREFIXES = ("ABSK", "bedrock-api-key-")
+
+
+@dataclass(frozen=True, slots=True)
+class StaticCredentials:
+    access_key: str
+    secret_key: str
+    token: str | None = None
+
+
+def parse_aws_credential(text: str) -> StaticCredentials | str:
+    """Keys from the deployment's credential, or a Bedrock API key (returned as the bare string)."""
+    text = text.strip()
+    if text.startswith(_API_KEY_PREFIXES):
+        return text
+    if text.startswith("{"):
+        try:
+            doc = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict):
+
+            def pick(*names: str) -> str | None:
+                for name in names:
+                    if isinstance(doc.get(name), str) and doc[name]:
+                        return str(doc[name])
+                return None
+
+            key = pick("accessKeyId", "AccessKeyId", "aws_access_key_id")
+            secret = pick("secretAccessKey", "SecretAccessKey", "aws_secret_access_key")
+            if key and secret:
+                return StaticCredentials(
+                    key, secret, pick("sessionToken", "SessionToken", "aws_session_token")
+                )
+    else:
+        parts = text.split(":", 2)
+        if len(parts) >= 2 and parts[0] and parts[1]:
+            return StaticCredentials(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
+    raise InvalidRequestError(
+        "bedrock: the deployment's credential is neither ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN], "
+        "the same as JSON, nor a Bedrock API key",
+        code="invalid_credential",
+    )
+
+
+class _DefaultChain:
+    """botocore's credential chain, resolved once per process; botocore refreshes what expires."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._source: Any = None
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._source is None:
+                import botocore.session  # type: ignore[import-untyped]
+
+                self._source = botocore.session.Session().get_credentials()
+            if self._source is None:
+                raise InvalidRequestError(
+                    "bedrock: no AWS credentials: set the deployment's credential or configure the standard "
+                    "AWS chain (environment, profile, web identity, instance role)",
+                    code="missing_credential",
+                )
+            return self._source.get_frozen_credentials()
+
+
+class BedrockProvider(Provider):
+    name = "bedrock"
+    operations = frozenset({Operation.CHAT, Operation.EMBEDDING})
+
+    def __init__(self) -> None:
+        self._chain = _DefaultChain()
+
+    def region(self, ctx: RequestContext) -> str:
+        region = ctx.deployment.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region:
+            raise InvalidRequestError(
+                f"bedrock: deployment {ctx.deployment.name!r} has no region", param="region"
+            )
+        return region
+
+    def base_url(self, ctx: RequestContext) -> str:
+        if ctx.deployment.base_url:
+            return ctx.deployment.base_url.rstrip("/")
+        return f"https://bedrock-runtime.{self.region(ctx)}.amazonaws.com"
+
+    def url(self, ctx: RequestContext, operation: str) -> str:
+        return f"{self.base_url(ctx)}/model/{quote(ctx.upstream_model, safe='')}/{operation}"
+
+    def signed(self, ctx: RequestContext, url: str, payload: bytes, accept: str) -> UpstreamRequest:
+        """A request signed over exactly the URL, headers and body bytes that will be sent."""
+        import yarl
+
+        url = str(yarl.URL(url))  # what aiohttp will put on the wire
+        headers = {"Content-Type": "application/json", "Accept": accept, **ctx.deployment.headers}
+        credential = parse_aws_credential(ctx.api_key) if ctx.api_key else self._chain.get()
+        if isinstance(credential, str):
+            return UpstreamRequest("POST", url, {**headers, "Authorization": f"Bearer {credential}"}, payload)
+        from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
+        from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+
+        request = AWSRequest(method="POST", url=url, data=payload, headers=headers)
+        SigV4Auth(credential, "bedrock", self.region(ctx)).add_auth(request)
+        return UpstreamRequest("POST", url, dict(request.headers.items()), payload)
+
+    def build_request(self, body: dict[str, Any], ctx: RequestContext) -> UpstreamRequest:
+        if ctx.operation is Operation.EMBEDDING:
+            return self.embedding_requests(body, ctx)[0]
+        if ctx.operation is not Operation.CHAT:
+            raise InvalidRequestError("bedrock serves chat and embeddings only")
+        payload = orjson.dumps(openai_to_converse_request(body, ctx, self.name))
+        if ctx.stream:
+            return self.signed(
+                ctx, self.url(ctx, "converse-stream"), payload, "application/vnd.amazon.eventstream"
+            )
+        return self.signed(ctx, self.url(ctx, "converse"), payload, "application/json")
+
+    # ---------------------------------------------------------- embeddings
+
+    def _embedding_kind(self, ctx: RequestContext) -> str:
+        model = ctx.upstream_model
+        if "cohere.embed" in model:
+            return "cohere"
+        if "titan-embed" in model or "nova" in model:
+            return "titan"
+        raise InvalidRequestError(
+            f"bedrock: embeddings support Amazon Titan and Cohere embed models, not {model!r}", param="model"
+        )
+
+    def embedding_requests(self, body: dict[str, Any], ctx: RequestContext) -> list[UpstreamRequest]:
+        texts = embedding_inputs(body, self.name)
+        dims = body.get("dimensions")
+        if self._embedding_kind(ctx) == "titan":
+            payloads: list[dict[str, Any]] = [
+                {"inputText": t, **({"dimensions": dims} if dims is not None else {})} for t in texts
+            ]
+        else:
+            extra: dict[str, Any] = {"input_type": body.get("input_type") or "search_document"}
+            if dims is not None:
+                extra["output_dimension"] = dims
+            if isinstance(body.get("truncate"), str):
+                extra["truncate"] = body["truncate"]
+            payloads = [
+                {"texts": texts[i : i + COHERE_BATCH], **extra} for i in range(0, len(texts), COHERE_BATCH)
+            ]
+        url = self.url(ctx, "invoke")
+        return [self.signed(ctx, url, orjson.dumps(p), "application/json") for p in payloads]
+
+    async def send(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> UpstreamResponse:
+        if ctx.operation is not Operation.EMBEDDING:
+            return await client.send(self.build_request(body, ctx), ctx)
+        kind = self._embedding_kind(ctx)
+
+        async def call(request: UpstreamRequest) -> tuple[UpstreamResponse, bytes]:
+            resp = await client.send(request, ctx)
+            return resp, await resp.read()
+
+        answers = await asyncio.gather(*(call(r) for r in self.embedding_requests(body, ctx)))
+        vectors: list[list[float]] = []
+        tokens: int | None = 0
+        for resp, raw in answers:
+            if resp.status >= 400:
+                return LocalResponse(resp.status, resp.headers, raw)
+            try:
+                doc = orjson.loads(raw)
+                if kind == "titan":
+                    vectors.append(doc["embedding"])
+                    counted = doc.get("inputTextTokenCount")
+                else:
+                    found = doc["embeddings"]
+                    vectors.extend(found["float"] if isinstance(found, dict) else found)
+                    counted = None
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                raise UpstreamProtocolError(
+                    "bedrock: the embedding answer is not in the documented shape"
+                ) from None
+            header = resp.headers.get("X-Amzn-Bedrock-Input-Token-Count")
+            counted = (
+                counted if counted is not None else (int(header) if header and header.isdigit() else None)
+            )
+            tokens = None if tokens is None or counted is None else tokens + int(counted)
+        if tokens is None:
+            return pack(
+                vectors, estimate_tokens(embedding_inputs(body, self.name)), estimated=True, body=body
+            )
+        return pack(vectors, tokens, estimated=False, body=body)
+
+    # ------------------------------------------------------------ answers
+
+    def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
+        if ctx.operation is Operation.EMBEDDING:
+            return openai_embedding_response(raw, ctx)
+        return converse_response_to_openai(raw, ctx, self.name)
+
+    def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        return ConverseStreamTranslator(ctx, self.name)
+
+    def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            doc = {}
+        message = doc.get("message") or doc.get("Message") or raw[:300].decode("utf-8", "replace").strip()
+        kind = headers.get("x-amzn-ErrorType") or str(doc.get("__type") or "").rsplit("#", 1)[-1]
+        return bedrock_error(status, kind, str(message or "upstream error"), headers, self.name)

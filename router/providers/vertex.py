@@ -1,0 +1,118 @@
+"""Gemini on Google Cloud Vertex AI.
+
+Chat: ``projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent``
+(and ``:streamGenerateContent?alt=sse``); embeddings: the same path with ``:predict``
+(``text-embedding-*`` / ``gemini-embedding-*`` models, which report token counts).
+
+Credentials: the deployment's credential (``apiKeyFile`` pointing at the key file
+is the usual choice) is a service-account key JSON; without one, the file named
+by ``GOOGLE_APPLICATION_CREDENTIALS`` is used. Access tokens come from the
+JWT-bearer flow in :mod:`._google_auth` and are cached per service account.
+``project`` defaults to the key's ``project_id`` (then ``GOOGLE_CLOUD_PROJECT``),
+``location`` to ``GOOGLE_CLOUD_LOCATION`` or ``us-central1``; ``upstreamModel`` may
+also be a full ``projects/.../endpoints/...`` resource name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .._errors import AuthenticationError, InvalidRequestError
+from ._base import RequestContext, UpstreamClient, UpstreamResponse
+from ._google_auth import ServiceAccount, TokenCache, load_service_account
+from .gemini import GoogleGenAIProvider
+
+
+class VertexProvider(GoogleGenAIProvider):
+    name = "vertex"
+
+    def __init__(self) -> None:
+        self.tokens = TokenCache()
+
+    def account(self, ctx: RequestContext) -> ServiceAccount:
+        credential = ctx.api_key
+        if credential is None:
+            path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+            if not path:
+                raise InvalidRequestError(
+                    f"vertex: deployment {ctx.deployment.name!r} has no credential: set apiKeyFile to a "
+                    "service-account key file, or GOOGLE_APPLICATION_CREDENTIALS",
+                    code="missing_credential",
+                )
+            try:
+                credential = Path(path).read_text()
+            except OSError as exc:
+                raise InvalidRequestError(
+                    f"vertex: cannot read GOOGLE_APPLICATION_CREDENTIALS: {exc.strerror}",
+                    code="missing_credential",
+                ) from None
+        return load_service_account(credential, self.name)
+
+    def _location(self, ctx: RequestContext) -> str:
+        return ctx.deployment.location or os.environ.get("GOOGLE_CLOUD_LOCATION") or "us-central1"
+
+    def _project(self, ctx: RequestContext) -> str:
+        project = (
+            ctx.deployment.project or self.account(ctx).project_id or os.environ.get("GOOGLE_CLOUD_PROJECT")
+        )
+        if not project:
+            raise InvalidRequestError(
+                f"vertex: deployment {ctx.deployment.name!r} has no project", param="project"
+            )
+        return project
+
+    def base_url(self, ctx: RequestContext) -> str:
+        if ctx.deployment.base_url:
+            return ctx.deployment.base_url.rstrip("/")
+        location = self._location(ctx)
+        host = (
+            "aiplatform.googleapis.com" if location == "global" else f"{location}-aiplatform.googleapis.com"
+        )
+        return f"https://{host}/v1"
+
+    def model_url(self, ctx: RequestContext, method: str) -> str:
+        model = ctx.upstream_model
+        if not model.startswith("projects/"):
+            parent = f"projects/{self._project(ctx)}/locations/{self._location(ctx)}"
+            model = (
+                f"{parent}/{model}"
+                if model.startswith("publishers/")
+                else f"{parent}/publishers/google/models/{model}"
+            )
+        return f"{self.base_url(ctx)}/{model}:{method}"
+
+    def auth_headers(self, ctx: RequestContext) -> dict[str, str]:
+        """Headers with the cached token; :meth:`send` fetches one first when there is none."""
+        token = self.tokens.peek(self.account(ctx))
+        if token is None:
+            raise AuthenticationError(
+                "vertex: no access token was fetched for this request", code="no_access_token"
+            )
+        return {"Authorization": f"Bearer {token}"}
+
+    async def send(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> UpstreamResponse:
+        token = await self.tokens.get(client, self.account(ctx), ctx, self.name)
+        request = self.make_request(body, ctx, {"Authorization": f"Bearer {token}"})
+        return await self.send_request(client, request, body, ctx)
+
+    def embedding_request(
+        self, texts: list[str], body: dict[str, Any], ctx: RequestContext
+    ) -> tuple[str, Any]:
+        task = {"task_type": body["task_type"]} if isinstance(body.get("task_type"), str) else {}
+        payload: dict[str, Any] = {"instances": [{"content": t, **task} for t in texts]}
+        if body.get("dimensions") is not None:
+            payload["parameters"] = {"outputDimensionality": body["dimensions"]}
+        return self.model_url(ctx, "predict"), payload
+
+    def embedding_vectors(self, doc: Any) -> tuple[list[list[float]], int | None]:
+        vectors: list[list[float]] = []
+        tokens = 0
+        for prediction in doc["predictions"]:
+            embedding = prediction["embeddings"]
+            vectors.append(embedding["values"])
+            tokens += int((embedding.get("statistics") or {}).get("token_count") or 0)
+        return vectors, tokens
