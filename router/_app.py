@@ -22,11 +22,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import _metrics as metrics
+from ._admin import register_admin_routes
 from ._anthropic_inbound import handle_messages
-from ._cache import RedisCache
+from ._budget import RedisBudgetStore
+from ._cache import MemoryCache, RedisCache
 from ._config import ConfigError, RedisSettings, RouterConfig, load_config
 from ._errors import KubellmError, ModelNotFoundError, error_body
 from ._health import RedisHealthStore
+from ._ledger import RedisLedger
+from ._limits import RedisLimiter
 from ._proxy import JSON, Router, authenticate, error_response
 from ._redis import connect as connect_redis
 from ._state import build_state
@@ -34,17 +38,29 @@ from .providers import Operation
 
 log = logging.getLogger("kubellm.router")
 
+#: Set by ``kubellm router --kube-secret`` for every worker process.
+ENV_KUBE_SECRET = "KUBELLM_KUBE_SECRET"
+ENV_KUBECONFIG = "KUBELLM_KUBECONFIG"
+ENV_REQUIRE_AUTH = "KUBELLM_REQUIRE_AUTH"
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigSource:
-    """Where the config comes from: a file that is watched, or a fixed document."""
+    """Where the config comes from: a file that is watched, a fixed document, or a Kubernetes
+    Secret (``namespace/name``) that is watched through the API."""
 
     path: Path | None = None
     config: RouterConfig | None = None
+    kube_secret: str | None = None
+    kubeconfig: str | None = None
+    #: Kubernetes source on a non-loopback address: refuse configs that configure no key.
+    require_auth: bool = False
 
     def load(self) -> RouterConfig:
         if self.path is not None:
             return load_config(self.path)
+        if self.kube_secret is not None:
+            return RouterConfig()  # serves nothing; readiness stays false until the Secret loads
         assert self.config is not None
         return self.config
 
@@ -85,6 +101,37 @@ async def _watch_config(router: Router, source: ConfigSource) -> None:
         log.info("config reloaded: version %s -> %s", old, state.version)
 
 
+async def _watch_kube(router: Router, source: ConfigSource, loaded: asyncio.Event) -> None:
+    """Follow the config Secret; sets ``loaded`` once the first config is serving."""
+    from ._kube import watch_config_secret
+
+    assert source.kube_secret is not None
+    namespace, _, name = source.kube_secret.partition("/")
+
+    def on_config(config: RouterConfig) -> None:
+        try:
+            state = build_state(config)
+            if source.require_auth and not state.auth_required:
+                raise ConfigError("no master key and no API keys, and the router listens beyond loopback")
+        except ConfigError as err:
+            metrics.CONFIG_RELOADS.labels("invalid").inc()
+            log.error("config from Secret %s rejected: %s", source.kube_secret, err.message)
+            return
+        old = router.state.version if loaded.is_set() else None
+        if old == state.version:
+            return
+        router.state = state
+        metrics.set_config_version(old, state.version)
+        metrics.CONFIG_RELOADS.labels("applied").inc()
+        log.info("config from Secret %s: version %s -> %s", source.kube_secret, old, state.version)
+        loaded.set()
+
+    def on_error(err: Exception) -> None:
+        log.warning("config Secret %s: %s", source.kube_secret, err)
+
+    await watch_config_secret(namespace, name, source.kubeconfig, on_config, on_error)
+
+
 def redis_url(settings: RedisSettings) -> str | None:
     url = settings.url or (os.environ.get(settings.url_env) if settings.url_env else None)
     if not url:
@@ -103,10 +150,12 @@ def _connect_shared_state(router: Router) -> Redis | None:
     if url is None:
         return None
     client = connect_redis(url)
-    router.health.store = RedisHealthStore(client, settings.key_prefix)
-    router.cache = router.dispatcher.cache = RedisCache(
-        client, router.state.config.settings.cache, settings.key_prefix
-    )
+    prefix = settings.key_prefix
+    router.health.store = RedisHealthStore(client, prefix)
+    router.cache = router.dispatcher.cache = RedisCache(client, router.state.config.settings.cache, prefix)
+    router.meter.limiter = RedisLimiter(client, prefix)
+    router.meter.budgets = RedisBudgetStore(client, prefix)
+    router.meter.ledger.store = RedisLedger(client, f"{prefix}ledger", prefix=prefix)
     return client
 
 
@@ -140,17 +189,37 @@ _REQUEST_SCHEMA = {"type": "object", "required": ["model"], "additionalPropertie
 def create_app(source: ConfigSource) -> FastAPI:
     """Build the router app. Raises :class:`ConfigError` if the initial config is invalid."""
     router = Router(build_state(source.load()))
+    loaded = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.upstream.start()
-        metrics.set_config_version(None, router.state.version)
         tasks: list[asyncio.Task[None]] = []
+        redis: list[Redis] = []
+
+        async def connect_shared_state() -> None:
+            client = _connect_shared_state(router)
+            if client is not None:
+                redis.append(client)
+                tasks.append(asyncio.create_task(router.health.run_refresh(router.deployment_names)))
+            await router.meter.ledger.start()
+
+        async def connect_after_first_config() -> None:
+            await loaded.wait()  # settings (cooldown, cache, Redis) come with the first config
+            settings = router.state.config.settings
+            router.health.policy = settings.cooldown
+            router.cache = router.dispatcher.cache = MemoryCache(settings.cache)
+            await connect_shared_state()
+
+        if source.kube_secret is not None:
+            tasks.append(asyncio.create_task(_watch_kube(router, source, loaded)))
+            tasks.append(asyncio.create_task(connect_after_first_config()))
+        else:
+            loaded.set()
+            metrics.set_config_version(None, router.state.version)
+            await connect_shared_state()
         if source.path is not None:
             tasks.append(asyncio.create_task(_watch_config(router, source)))
-        redis = _connect_shared_state(router)
-        if redis is not None:
-            tasks.append(asyncio.create_task(router.health.run_refresh(router.deployment_names)))
         _drain_on_sigterm(router)
         try:
             yield
@@ -159,8 +228,9 @@ def create_app(source: ConfigSource) -> FastAPI:
             for task in tasks:
                 task.cancel()
             await router.upstream.stop()
-            if redis is not None:
-                await redis.aclose()
+            await router.meter.drain()
+            for client in redis:
+                await client.aclose()
 
     app = FastAPI(
         title="kubellm router",
@@ -170,6 +240,7 @@ def create_app(source: ConfigSource) -> FastAPI:
         redoc_url=None,
     )
     app.state.router = router
+    register_admin_routes(app, router)
 
     def openai_route(path: str, operation: Operation, summary: str) -> None:
         async def endpoint(request: Request) -> Response:
@@ -257,11 +328,14 @@ def create_app(source: ConfigSource) -> FastAPI:
     @app.get("/health/readiness", summary="Readiness probe")
     async def readiness() -> Response:
         state = router.state
-        ready = not router.draining
+        ready = not router.draining and loaded.is_set()
         doc = {
-            "status": "ready" if ready else "draining",
-            "configVersion": state.version,
+            "status": "ready" if ready else ("draining" if router.draining else "waiting-for-config"),
+            "configVersion": state.version if loaded.is_set() else None,
             "modelGroups": len(state.groups),
+            # Shared state unreachable: limits fail open or closed as configured and usage records
+            # wait in the local journal; the router keeps serving.
+            "degraded": router.meter.degraded,
         }
         return _json(doc, 200 if ready else 503)
 
@@ -304,4 +378,12 @@ def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` and worker processes; the CLI passes its choices by environment."""
     from ._quickstart import source_from_env
 
+    if os.environ.get(ENV_KUBE_SECRET):
+        return create_app(
+            ConfigSource(
+                kube_secret=os.environ[ENV_KUBE_SECRET],
+                kubeconfig=os.environ.get(ENV_KUBECONFIG) or None,
+                require_auth=os.environ.get(ENV_REQUIRE_AUTH) == "1",
+            )
+        )
     return create_app(source_from_env(os.environ))

@@ -289,6 +289,11 @@ class RouterSettings(_Model):
         description="Shared state between replicas; unset: in memory.",
     )
     access_log: bool = Field(True, description="Write one JSON access log line per request.")
+    state_dir: str | None = Field(
+        None,
+        description="Local state (embedded ledger, ledger journal). Default: `$KUBELLM_STATE_DIR` or "
+        "`~/.local/state/kubellm`.",
+    )
 
 
 class RouterConfig(_Model):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import Response, StreamingResponse
 
 from . import _metrics as metrics
-from ._balancer import Stats, order_tier, tiers
+from ._balancer import Headroom, Stats, order_tier, tiers
 from ._cache import cache_key, pack_stream, unpack_stream
 from ._config import Timeouts
 from ._errors import (
@@ -35,6 +35,9 @@ from ._errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from ._limits import rule
+from ._metering import Meter, Ticket
+from ._observe import finish_request
 from ._sse import DONE, frame
 from ._tokens import prompt_tokens
 from .providers import Operation, Payload, RequestContext, StreamTranslator, UpstreamResponse, Usage
@@ -45,8 +48,9 @@ if TYPE_CHECKING:
     from ._state import Deployment, ModelGroup, RouterState, VirtualKey
     from ._upstream import UpstreamPool
 
-access_log = logging.getLogger("kubellm.access")
 JSON = "application/json"
+#: Streams renew their concurrency leases this often (leases expire after 30 s without renewal).
+LEASE_RENEW_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -80,6 +84,7 @@ class Call:
     attempts: int = 0
     #: The deployment of the latest attempt, named in error responses.
     last_deployment: str | None = None
+    ticket: Ticket | None = None
     _prompt_tokens: int | None = None
 
     @property
@@ -92,6 +97,13 @@ class Call:
 class _GroupFailed(Exception):
     def __init__(self, error: KubellmError) -> None:
         self.error = error
+
+
+class _Saturated(Exception):
+    """A deployment's own limits refused the request; it is skipped, not counted as a failure."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
 
 
 def _retry_after(err: KubellmError) -> float | None:
@@ -111,8 +123,14 @@ def _counts_against_deployment(err: KubellmError) -> bool:
 
 class Dispatcher:
     def __init__(
-        self, upstream: UpstreamPool, health: HealthTracker, stats: Stats, cache: ResponseCache | None
+        self,
+        upstream: UpstreamPool,
+        health: HealthTracker,
+        stats: Stats,
+        cache: ResponseCache | None,
+        meter: Meter,
     ) -> None:
+        self.meter = meter
         self.upstream = upstream
         self.health = health
         self.stats = stats
@@ -147,7 +165,7 @@ class Dispatcher:
                     chain.append(target)
         assert last is not None
         metrics.ERRORS.labels(call.group.name, last.type).inc()
-        self._log(call, None, last.status, None, None)
+        self.finish(call, None, last.status, None, None)
         headers = {
             "x-request-id": call.request_id,
             "x-kubellm-model-group": call.group.name,
@@ -155,9 +173,24 @@ class Dispatcher:
         }
         if call.last_deployment is not None:
             headers["x-kubellm-deployment"] = call.last_deployment
+        if call.ticket is not None:
+            headers.update(call.ticket.headers)
         return Response(
-            last.to_json(), status_code=last.status, media_type=JSON, headers={**last.headers, **headers}
+            last.to_json(), status_code=last.status, media_type=JSON, headers={**headers, **last.headers}
         )
+
+    def finish(
+        self,
+        call: Call,
+        dep: Deployment | None,
+        status: int,
+        usage: Usage | None,
+        ttft: float | None,
+        payloads: list[bytes] | None = None,
+        *,
+        cached: bool = False,
+    ) -> None:
+        finish_request(self.meter, call, dep, status, usage, ttft, payloads, cached=cached)
 
     def _fallbacks_for(self, call: Call, err: KubellmError) -> list[str]:
         if call.options.fallbacks == []:
@@ -178,14 +211,22 @@ class Dispatcher:
         retries = call.options.num_retries if call.options.num_retries is not None else settings.num_retries
         budget = 1 + retries
         failed: set[str] = set()
+        saturated: dict[str, float] = {}
+        queue_until = time.monotonic() + settings.queue_wait_seconds
         last: KubellmError | None = None
         tries = 0
         backoff = settings.initial_backoff_seconds
         while tries < budget:
-            dep, why_none = await self._choose(call, group, failed)
+            dep, why_none = await self._choose(call, group, failed, saturated)
             if dep is None:
-                waited = await self._wait_for_cooldown(call, group, why_none)
-                if waited:
+                if saturated and not isinstance(why_none, ContextLengthExceededError):
+                    wait = min(saturated.values())
+                    if time.monotonic() + wait <= min(queue_until, call.deadline):
+                        await asyncio.sleep(wait)  # queue for a free slot, as configured
+                        saturated.clear()
+                        continue
+                    raise _GroupFailed(last or self._saturated(group, wait))
+                if await self._wait_for_cooldown(call, group, why_none):
                     continue
                 raise _GroupFailed(last or why_none)
             if dep.name in failed:
@@ -195,13 +236,13 @@ class Dispatcher:
                     raise _GroupFailed(last or why_none)
                 await asyncio.sleep(delay)
                 backoff *= 2
-            tries += 1
-            call.attempts += 1
-            if call.attempts > 1:
-                metrics.RETRIES.labels(call.group.name).inc()
             try:
                 return await self._attempt(call, group, dep, key)
+            except _Saturated as full:
+                saturated[dep.name] = full.retry_after
+                continue
             except KubellmError as err:
+                tries += 1
                 last = err
                 retry_after = _retry_after(err) if err.status == 429 else None
                 if _counts_against_deployment(err) and await self.health.failure(dep.name, retry_after):
@@ -212,8 +253,16 @@ class Dispatcher:
         assert last is not None
         raise _GroupFailed(last)
 
+    @staticmethod
+    def _saturated(group: ModelGroup, retry_after: float) -> RateLimitError:
+        return RateLimitError(
+            f"every deployment of model {group.name!r} is at its rate or concurrency limit",
+            code="deployments_saturated",
+            headers={"Retry-After": str(max(1, int(retry_after + 0.999)))},
+        )
+
     async def _choose(
-        self, call: Call, group: ModelGroup, failed: set[str]
+        self, call: Call, group: ModelGroup, failed: set[str], saturated: dict[str, float]
     ) -> tuple[Deployment | None, KubellmError]:
         """The next deployment to try, or None and the reason none can serve."""
         operation = call.operation
@@ -223,7 +272,7 @@ class Dispatcher:
         for tier in tiers(group.deployments):
             usable = []
             for dep in tier:
-                if operation not in dep.provider.operations:
+                if operation not in dep.provider.operations or dep.name in saturated:
                     continue
                 window = dep.config.context_window
                 if window is not None and call.prompt_tokens > window:
@@ -232,12 +281,9 @@ class Dispatcher:
                 if self.health.is_open(dep.name):
                     cooling += 1
                     continue
-                limit = dep.config.limits.max_parallel_requests
-                if limit is not None and self.stats[dep.name].in_flight >= limit:
-                    cooling += 1
-                    continue
                 usable.append(dep)
-            for dep in order_tier(group, usable, self.stats, self.rng, stream=call.stream):
+            headroom = await self._headroom(group, usable)
+            for dep in order_tier(group, usable, self.stats, self.rng, stream=call.stream, headroom=headroom):
                 if not await self.health.admit(dep.name):
                     cooling += 1
                     continue
@@ -247,7 +293,7 @@ class Dispatcher:
                 return dep, InvalidRequestError("unreachable")
         if retry_same is not None:
             return retry_same, InvalidRequestError("unreachable")
-        if too_long and not cooling:
+        if too_long and not cooling and not saturated:
             return None, ContextLengthExceededError(
                 f"the prompt (about {call.prompt_tokens} tokens) exceeds the context window of every "
                 f"deployment of model {group.name!r}",
@@ -255,13 +301,37 @@ class Dispatcher:
             )
         if cooling:
             return None, ServiceUnavailableError(
-                f"every deployment of model {group.name!r} is cooling down or at its limits",
+                f"every deployment of model {group.name!r} is cooling down",
                 code="no_deployment_available",
                 headers=self._retry_after_header(group),
             )
         return None, InvalidRequestError(
             f"no deployment of model {group.name!r} supports {operation.value} requests", param="model"
         )
+
+    async def _headroom(self, group: ModelGroup, deps: list[Deployment]) -> Headroom | None:
+        """Share of limits left per deployment, read only for the usage-based strategy."""
+        if group.settings.strategy != "usage-based" or not deps:
+            return None
+        rules = {d.name: r for d in deps if (r := rule(f"deployment:{d.name}", d.config.limits)) is not None}
+        try:
+            room = await self.meter.limiter.headroom(list(rules.values())) if rules else {}
+        except Exception:
+            return None
+        share: dict[str, float] = {}
+        for name, r in rules.items():
+            left = room.get(r.scope)
+            if left is None:
+                continue
+            parts = [
+                left.rpm_left / r.rpm if r.rpm and left.rpm_left is not None else 1.0,
+                left.tpm_left / r.tpm if r.tpm and left.tpm_left is not None else 1.0,
+                left.parallel_left / r.max_parallel
+                if r.max_parallel and left.parallel_left is not None
+                else 1.0,
+            ]
+            share[name] = min(parts)
+        return lambda dep: share.get(dep.name, 1.0)
 
     def _retry_after_header(self, group: ModelGroup) -> dict[str, str]:
         cooling = self.health.cooling()
@@ -297,6 +367,13 @@ class Dispatcher:
         return Timeouts.model_construct(**chosen)
 
     async def _attempt(self, call: Call, group: ModelGroup, dep: Deployment, key: str | None) -> Response:
+        if call.ticket is not None:
+            admission = await self.meter.admit_deployment(call, call.ticket, dep)
+            if admission is not None and not admission.allowed:
+                raise _Saturated(admission.retry_after or 1.0)
+        call.attempts += 1
+        if call.attempts > 1:
+            metrics.RETRIES.labels(call.group.name).inc()
         call.last_deployment = dep.name
         timeouts = self._timeouts(call, dep)
         ctx = RequestContext(
@@ -315,6 +392,8 @@ class Dispatcher:
             "x-kubellm-deployment": dep.name,
             "x-kubellm-attempts": str(call.attempts),
         }
+        if call.ticket is not None:
+            headers.update(call.ticket.headers)
         if key is not None:
             headers["x-kubellm-cache"] = "miss"
         stats = self.stats[dep.name]
@@ -337,9 +416,8 @@ class Dispatcher:
             raw = await resp.read()
             parsed = dep.provider.parse_response(raw, ctx)
             await self.health.success(dep.name)
-            latency = time.monotonic() - call.started
-            stats.observe(latency, None)
-            self._record(call, dep, 200, parsed.usage, latency, None)
+            stats.observe(time.monotonic() - call.started, None)
+            self.finish(call, dep, 200, parsed.usage, None, [parsed.body])
             if key is not None and call.options.cache_write and self.cache is not None:
                 await self._cache_set(key, b"j" + parsed.body)
             return Response(parsed.body, media_type=JSON, headers=headers)
@@ -402,7 +480,10 @@ class Dispatcher:
     ) -> AsyncIterator[bytes]:
         status = 200
         ttft: float | None = None
-        keep: list[bytes] | None = [] if key is not None and call.options.cache_write else None
+        # Payload references are cheap to keep; they feed the cache and, if the provider reports no
+        # usage, the tokenizer.
+        keep: list[bytes] = []
+        renew_at = time.monotonic() + LEASE_RENEW_SECONDS
         try:
             yield self._frames(first, keep)
             ttft = time.monotonic() - call.started
@@ -411,13 +492,16 @@ class Dispatcher:
                     out = translator.feed(data)
                     if out:
                         yield self._frames(out, keep)
+                    if call.ticket is not None and call.ticket.leases and time.monotonic() > renew_at:
+                        renew_at = time.monotonic() + LEASE_RENEW_SECONDS
+                        await self.meter.renew(call.ticket)
                 tail = translator.finish()
                 if tail:
                     yield self._frames(tail, keep)
             if translator.error is not None:
                 raise translator.error
             yield DONE
-            if keep is not None and key is not None and self.cache is not None:
+            if key is not None and call.options.cache_write and self.cache is not None:
                 await self._cache_set(key, b"s" + pack_stream(keep))
         except KubellmError as err:
             status = err.status
@@ -433,16 +517,14 @@ class Dispatcher:
             resp.close()
             stats = self.stats[dep.name]
             stats.in_flight -= 1
-            latency = time.monotonic() - call.started
             if status == 200:
-                stats.observe(latency, ttft)
-            self._record(call, dep, status, translator.usage, latency, ttft)
+                stats.observe(time.monotonic() - call.started, ttft)
+            self.finish(call, dep, status, translator.usage, ttft, keep)
 
     @staticmethod
-    def _frames(payloads: list[Payload], keep: list[bytes] | None) -> bytes:
+    def _frames(payloads: list[Payload], keep: list[bytes]) -> bytes:
         framed = [frame(p) for p in payloads]
-        if keep is not None:
-            keep.extend(f[6:-2] for f in framed)
+        keep.extend(f[6:-2] for f in framed)
         return b"".join(framed)
 
     # -- cache ---------------------------------------------------------------------------------
@@ -481,7 +563,7 @@ class Dispatcher:
             "x-kubellm-attempts": "0",
             "x-kubellm-cache": "hit",
         }
-        self._log(call, None, 200, None, None, cached=True)
+        self.finish(call, None, 200, None, None, cached=True)
         if hit[:1] == b"j":
             return Response(hit[1:], media_type=JSON, headers=headers)
         payloads = unpack_stream(hit[1:])
@@ -490,60 +572,3 @@ class Dispatcher:
             yield b"".join(frame(p) for p in payloads) + DONE
 
         return StreamingResponse(replay(), media_type="text/event-stream", headers=headers)
-
-    # -- metering ------------------------------------------------------------------------------
-
-    def _record(
-        self,
-        call: Call,
-        dep: Deployment,
-        status: int,
-        usage: Usage | None,
-        latency: float,
-        ttft: float | None,
-    ) -> None:
-        group = call.group.name
-        metrics.REQUESTS.labels(group, dep.name, call.caller_label, str(status)).inc()
-        metrics.LATENCY.labels(group, dep.name).observe(latency)
-        if ttft is not None:
-            metrics.TTFT.labels(group, dep.name).observe(ttft)
-        if usage is not None:
-            metrics.TOKENS.labels(group, dep.name, call.caller_label, "prompt").inc(usage.prompt_tokens)
-            metrics.TOKENS.labels(group, dep.name, call.caller_label, "completion").inc(
-                usage.completion_tokens
-            )
-        self._log(call, dep, status, usage, ttft)
-
-    def _log(
-        self,
-        call: Call,
-        dep: Deployment | None,
-        status: int,
-        usage: Usage | None,
-        ttft: float | None,
-        *,
-        cached: bool = False,
-    ) -> None:
-        if not call.state.config.settings.access_log or not access_log.isEnabledFor(logging.INFO):
-            return
-        latency = time.monotonic() - call.started
-        access_log.info(
-            "request",
-            extra={
-                "fields": {
-                    "request_id": call.request_id,
-                    "operation": call.operation.value,
-                    "model_group": call.group.name,
-                    "deployment": dep.name if dep is not None else None,
-                    "key": call.caller_label,
-                    "status": status,
-                    "stream": call.stream,
-                    "attempts": call.attempts,
-                    "cached": cached,
-                    "latency_ms": round(latency * 1000, 3),
-                    "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
-                    "prompt_tokens": usage.prompt_tokens if usage else None,
-                    "completion_tokens": usage.completion_tokens if usage else None,
-                }
-            },
-        )

@@ -205,6 +205,8 @@ class HealthTracker:
         self._fallback = MemoryHealthStore()
         #: Called with (deployment, open) whenever this replica sees a breaker change.
         self.on_change: Callable[[str, bool], None] = lambda name, is_open: None
+        #: Called when the shared store fails, so readiness can report the degradation.
+        self.on_store_error: Callable[[str, Exception], None] = lambda what, exc: None
 
     def is_open(self, name: str) -> bool:
         breaker = self._breakers.get(name)
@@ -281,5 +283,5 @@ class HealthTracker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("health refresh failed: %s", type(exc).__name__)
+                self.on_store_error("health refresh", exc)
             await asyncio.sleep(interval)

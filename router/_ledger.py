@@ -1,12 +1,13 @@
 """The usage ledger: one record per request, none lost, none counted twice.
 
-The request path calls :meth:`LedgerWriter.submit`, which only appends to an
-in-memory queue. A background task writes batches to a :class:`LedgerStore`.
-When a write fails the batch goes to a local spill file (JSON lines, fsync'ed
-per batch) at once, and the file is replayed with exponential backoff until
-the store takes it; a spill file left by a previous process is replayed at
-start. Delivery is therefore at-least-once, and every store ignores a record
-id it already holds, so the ledger holds each record exactly once.
+The request path calls :meth:`LedgerWriter.submit`, which appends the record
+to a local journal (JSON lines, one ``write`` each, so it survives the
+process being killed) and queues it. A background task writes batches to a
+:class:`LedgerStore` and checkpoints the journal offset the store confirmed;
+a writer started on a journal resends everything past the checkpoint, and
+records the store refuses stay in the journal and are retried with backoff.
+Delivery is therefore at-least-once, and every store ignores a record id it
+already holds, so the ledger holds each record exactly once.
 
 Stores:
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
+import itertools
 import logging
 import os
 import random
@@ -80,7 +83,7 @@ class UsageRecord:
         return d
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict())
+        return orjson.dumps(self, default=_decimal)  # the same bytes as dumps(to_dict()), 10x faster
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UsageRecord:
@@ -359,68 +362,127 @@ class RedisLedger:
 
 
 class LedgerWriter:
-    """Moves records from the request path to a store without losing any.
+    """Moves records from the request path to a store, losing none even if the process is killed.
 
-    ``submit`` is O(1) and never awaits. Call ``await start()`` once on the
-    event loop and ``await close()`` at shutdown; records the store cannot
-    take by then stay in the spill file and are replayed by the next start.
-    One writer per spill file.
+    ``submit`` (O(1), never awaits; call it on the event loop's thread) appends the record's line
+    to the journal with one ``write``, so it is in the OS page cache when ``submit`` returns, and
+    queues it. The background task writes batches in journal order and, as the store confirms
+    them, saves the confirmed offset in ``<journal>.confirmed``; a writer started on the journal
+    resends whatever lies past it. A fully confirmed journal is truncated. While the store fails,
+    and past ``max_queued``, queued records are dropped from memory ("spilled") and read back from
+    the journal later. ``fsync_interval`` (seconds) also fsyncs the journal, against machine
+    crashes. The journal is locked: one writer per journal, at a time.
     """
 
     def __init__(
         self,
         store: LedgerStore,
-        spill_path: str | os.PathLike[str],
+        journal_path: str | os.PathLike[str],
         *,
         batch_size: int = 100,
         flush_interval: float = 0.25,
         backoff_base: float = 0.05,
         backoff_max: float = 5.0,
+        max_queued: int = 10_000,
+        fsync_interval: float | None = None,
     ) -> None:
         self.store = store
-        self.spill_path = Path(spill_path)
+        self.journal_path = Path(journal_path)
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self._queue: collections.deque[UsageRecord] = collections.deque()
+        self.max_queued = max_queued
+        self.fsync_interval = fsync_interval
+        self._confirmed_path = self.journal_path.with_name(self.journal_path.name + ".confirmed")
+        # Journal offsets: the store holds every record before _sent; those in [_sent, _mem) are
+        # read back from the file; _queue holds those in [_mem, _end), each with its end offset.
+        self._queue: collections.deque[tuple[UsageRecord, int]] = collections.deque()
+        self._sent = self._mem = self._end = 0
+        self._prefix = b""  # goes before the next line: a new journal's header, or a torn line's end
+        self._gen = ""  # the journal's generation, named in its header and in each checkpoint
+        self._unjournaled = False  # the queue holds records the journal failed to take: never spill
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._backoff = 0.0
-        self._retry_at = 0.0
-        self._replayed_to = 0  # bytes of the spill file already replayed
+        self._backoff = self._retry_at = self._fsync_at = 0.0
         #: Counters, for metrics.
-        self.submitted = 0
-        self.written = 0
-        self.spilled = 0
-        self.failures = 0
+        self.submitted = self.written = self.spilled = self.failures = self.journal_errors = 0
+        self._journal = open(self.journal_path, "a+b", buffering=0)  # noqa: SIM115 - closed in close()
+        try:
+            self._recover(self._journal.fileno())
+        except BaseException:
+            self._journal.close()
+            raise
+
+    def _recover(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"ledger journal {self.journal_path} is used by another writer") from None
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            size += os.write(fd, b"\n")  # end a line torn by a crash mid-write (it is skipped)
+        try:
+            self._gen = orjson.loads(os.pread(fd, 64, 0).partition(b"\n")[0])["journal"]
+        except (ValueError, TypeError, KeyError):
+            self._gen = "" if size else self._new_generation()
+        try:
+            gen, _, raw = self._confirmed_path.read_text().rpartition(" ")
+            if gen == self._gen and 0 < int(raw) <= size and os.pread(fd, 1, int(raw) - 1) == b"\n":
+                self._sent = int(raw)
+        except (OSError, ValueError):
+            pass  # no usable checkpoint: resend the whole journal
+        self._mem = self._end = size
+
+    def _new_generation(self) -> str:
+        self._gen = os.urandom(8).hex()
+        self._prefix = b'{"journal":"%s"}\n' % self._gen.encode()
+        return self._gen
 
     @property
     def pending(self) -> int:
+        """Records held in memory for the store (the journal may hold more)."""
         return len(self._queue)
-
-    def _spill_size(self) -> int:
-        try:
-            return self.spill_path.stat().st_size
-        except FileNotFoundError:
-            return 0
 
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="kubellm-ledger")
+            self._wake.set()  # at once: resend what a previous process left unconfirmed
 
     def submit(self, record: UsageRecord) -> None:
-        self._queue.append(record)
+        line = self._prefix + orjson.dumps(record, default=_decimal, option=orjson.OPT_APPEND_NEWLINE)
+        n = 0
+        try:
+            n = self._journal.write(line)
+            self._prefix = b"" if n == len(line) else b"\n"
+            if n != len(line):
+                raise OSError(f"short write, {n} of {len(line)} bytes")
+        except (OSError, ValueError) as exc:  # ValueError: submitted after close()
+            self.journal_errors += 1
+            if not self._unjournaled:
+                self._unjournaled = True
+                log.error("cannot write the ledger journal (%s): records kept in memory only", exc)
+        self._end += n
+        self._queue.append((record, self._end))
         self.submitted += 1
-        if len(self._queue) >= self.batch_size:
+        if len(self._queue) == self.batch_size:
             self._wake.set()
+        elif len(self._queue) > self.max_queued:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Drop the queued records from memory: they are read back from the journal."""
+        if not self._unjournaled:
+            self.spilled += len(self._queue)
+            self._queue.clear()
+            self._mem = self._end
 
     async def flush(self) -> bool:
-        """Write everything queued, trying the store even while backing off.
+        """Write everything unconfirmed, trying the store even while backing off.
 
-        True when the store holds every record (nothing left in the spill file)."""
+        True when the store holds every record (and the journal is empty)."""
         async with self._lock:
             return await self._drain(force=True)
 
@@ -431,9 +493,14 @@ class LedgerWriter:
             await self._task
             self._task = None
         if not await self.flush():
-            log.warning("ledger store unreachable at shutdown; records kept in %s", self.spill_path)
+            log.warning("ledger store unreachable at shutdown; records kept in %s", self.journal_path)
+        if self.fsync_interval is not None:
+            await asyncio.to_thread(os.fsync, self._journal.fileno())
+        self._queue.clear()
+        self._journal.close()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closing:
             try:
                 async with asyncio.timeout(self.flush_interval):
@@ -444,6 +511,9 @@ class LedgerWriter:
             try:
                 async with self._lock:
                     await self._drain(force=False)
+                if self.fsync_interval is not None and loop.time() >= self._fsync_at:
+                    self._fsync_at = loop.time() + self.fsync_interval
+                    await asyncio.to_thread(os.fsync, self._journal.fileno())
             except Exception:  # never let the writer die
                 log.exception("ledger writer error")
 
@@ -454,75 +524,76 @@ class LedgerWriter:
         log.warning("ledger store write failed (%s); retrying in %.2fs", exc, self._backoff)
 
     async def _drain(self, force: bool) -> bool:
-        loop = asyncio.get_running_loop()
-        store_ok = force or loop.time() >= self._retry_at
-        if store_ok and self._spill_size() > self._replayed_to:
-            store_ok = await self._replay()
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-            if store_ok:
-                try:
+        if not force and asyncio.get_running_loop().time() < self._retry_at:
+            return False
+        while self._sent < self._mem or self._queue:
+            start, mem = self._sent, self._mem
+            try:
+                if start < mem:
+                    batch, end = await asyncio.to_thread(self._read, start, mem)
+                else:
+                    batch = [r for r, _ in itertools.islice(self._queue, self.batch_size)]
+                    end = self._queue[len(batch) - 1][1]
+                if batch:
                     self.written += await self.store.write(batch)
-                    self._backoff = 0.0
-                    continue
-                except Exception as exc:
-                    self._failed(exc)
-                    store_ok = False
-                except BaseException:  # cancelled mid-write: keep the batch for close()
-                    self._queue.extendleft(reversed(batch))
-                    raise
-            try:
-                await asyncio.to_thread(self._append_spill, batch)
-                self.spilled += len(batch)
-            except OSError:
-                log.exception(
-                    "cannot write the ledger spill file %s; keeping records in memory", self.spill_path
-                )
-                self._queue.extendleft(reversed(batch))
-                return False
-        return store_ok and self._spill_size() == 0
-
-    def _append_spill(self, batch: Sequence[UsageRecord]) -> None:
-        data = b"".join(r.to_json() + b"\n" for r in batch)
-        with open(self.spill_path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _read_spill(self, offset: int, max_records: int) -> tuple[list[UsageRecord], int]:
-        """Up to ``max_records`` whole lines from ``offset``; returns them and the next offset."""
-        out: list[UsageRecord] = []
-        with open(self.spill_path, "rb") as f:
-            f.seek(offset)
-            while len(out) < max_records:
-                line = f.readline()
-                if not line.endswith(b"\n"):
-                    break  # end of file, or a line torn by a crash mid-write: never complete
-                offset += len(line)
-                try:
-                    out.append(UsageRecord.from_json(line))
-                except (ValueError, TypeError):
-                    log.error("skipping an unreadable ledger spill line: %r", line[:200])
-        return out, offset
-
-    def _truncate_spill(self) -> None:
-        with open(self.spill_path, "r+b") as f:
-            f.truncate(0)
-            os.fsync(f.fileno())
-
-    async def _replay(self) -> bool:
-        """Send the spill file to the store; True once all of it is in (and the file emptied)."""
-        while True:
-            batch, nxt = await asyncio.to_thread(self._read_spill, self._replayed_to, self.batch_size)
-            if nxt == self._replayed_to:
-                break
-            try:
-                self.written += await self.store.write(batch)
             except Exception as exc:
                 self._failed(exc)
+                self._spill()
                 return False
-            self._replayed_to = nxt
+            if start == mem == self._mem:  # sent from the queue, and not spilled meanwhile
+                for _ in batch:
+                    self._queue.popleft()
+                self._mem = end
+            self._sent = end
+            if end < self._end:
+                self._checkpoint()
         self._backoff = 0.0
-        await asyncio.to_thread(self._truncate_spill)
-        self._replayed_to = 0
+        self._unjournaled = False
+        if self._end:
+            self._truncate()
         return True
+
+    def _read(self, offset: int, stop: int) -> tuple[list[UsageRecord], int]:
+        """Up to ``batch_size`` records from the lines in [offset, stop), and where they end."""
+        out: list[UsageRecord] = []
+        with open(self.journal_path, "rb") as f:
+            f.seek(offset)
+            while offset < stop and len(out) < self.batch_size:
+                line = f.readline(stop - offset)
+                if not line:
+                    log.error("the ledger journal %s is shorter than written", self.journal_path)
+                    return out, stop
+                offset += len(line)
+                try:
+                    d = orjson.loads(line)
+                    if "journal" not in d:  # the header
+                        out.append(UsageRecord.from_dict(d))
+                except (ValueError, TypeError):
+                    log.error("skipping an unreadable ledger journal line: %r", line[:200])
+        return out, offset
+
+    def _checkpoint(self) -> None:
+        """Save the confirmed offset, atomically. A stale one only means resending more."""
+        tmp = self._confirmed_path.with_name(self._confirmed_path.name + ".tmp")
+        try:
+            tmp.write_text(f"{self._gen} {self._sent}")
+            os.replace(tmp, self._confirmed_path)
+        except OSError as exc:
+            log.warning("cannot save the ledger checkpoint %s: %s", self._confirmed_path, exc)
+
+    def _truncate(self) -> None:
+        """Empty the confirmed journal. No await since the check, so no submit comes in between."""
+        try:
+            self._confirmed_path.unlink(missing_ok=True)  # first: a crash in between resends, never skips
+            os.ftruncate(self._journal.fileno(), 0)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot truncate the ledger journal %s: %s", self.journal_path, exc)
+            return
+        self._sent = self._mem = self._end = 0
+        self._new_generation()
+
+
+def _decimal(obj: object) -> str:
+    if isinstance(obj, Decimal):
+        return str(obj)
+    raise TypeError

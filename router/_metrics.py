@@ -4,6 +4,7 @@ mode (``PROMETHEUS_MULTIPROC_DIR``, set by the CLI) aggregates all processes."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -64,6 +65,24 @@ CONFIG_INFO = Gauge(
     multiprocess_mode="liveall",
 )
 CONFIG_RELOADS = Counter("kubellm_config_reloads_total", "Config reload attempts, by result.", ["result"])
+
+
+SPEND = Counter("kubellm_spend_usd_total", "Metered spend in USD.", ["model_group", "key"])
+RATE_LIMITED = Counter(
+    "kubellm_rate_limited_total", "Requests refused or deployments skipped by a limit.", ["scope", "limit"]
+)
+STORE_ERRORS = Counter("kubellm_redis_errors_total", "Failed calls to the shared state store.", ["operation"])
+
+_REQUEST_CHILDREN: dict[tuple[str, str, str, int], Any] = {}
+
+
+def requests(group: str, deployment: str, key: str, status: int) -> Any:
+    """The request counter for these labels, cached: ``labels()`` takes a lock and builds a tuple."""
+    labels = (group, deployment, key, status)
+    child = _REQUEST_CHILDREN.get(labels)
+    if child is None:
+        child = _REQUEST_CHILDREN[labels] = REQUESTS.labels(group, deployment, key, str(status))
+    return child
 
 
 def render() -> tuple[bytes, str]:

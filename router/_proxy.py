@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from . import _metrics as metrics
 from ._balancer import Stats
+from ._budget import MemoryBudgetStore
 from ._cache import MemoryCache, ResponseCache
 from ._cache import wants as cache_wants
 from ._dispatch import JSON, Call, Dispatcher, RequestOptions
@@ -30,6 +31,8 @@ from ._errors import (
     PermissionDeniedError,
 )
 from ._health import HealthTracker, MemoryHealthStore
+from ._limits import MemoryLimiter
+from ._metering import Meter, Ticket, local_ledger
 from ._state import RouterState, VirtualKey
 from ._upstream import UpstreamPool
 from ._validate import parse_body, validate
@@ -80,6 +83,11 @@ def authenticate(state: RouterState, request: Request) -> Caller:
         raise AuthenticationError("invalid API key")
     if key is not None and key.config.disabled:
         raise AuthenticationError(f"API key {key.config.name!r} is disabled", code="key_disabled")
+    expires = key.config.expires_at if key is not None else None
+    if key is not None and expires is not None and expires.timestamp() <= time.time():
+        raise AuthenticationError(
+            f"API key {key.config.name!r} expired at {expires.isoformat()}", code="key_expired"
+        )
     return Caller(is_master, key)
 
 
@@ -163,7 +171,14 @@ class Router:
             1 if is_open else 0
         )
         self.cache: ResponseCache = MemoryCache(state.config.settings.cache)
-        self.dispatcher = Dispatcher(self.upstream, self.health, self.stats, self.cache)
+        self.meter = Meter(
+            MemoryLimiter(),
+            MemoryBudgetStore(),
+            local_ledger(state.config.settings),
+            fail_open=state.config.settings.redis.fail_open,
+        )
+        self.health.on_store_error = self.meter.store_failed
+        self.dispatcher = Dispatcher(self.upstream, self.health, self.stats, self.cache, self.meter)
         self.draining = False
 
     def deployment_names(self) -> list[str]:
@@ -204,6 +219,13 @@ class Router:
             started,
             deadline,
         )
+        try:
+            call.ticket = await self.meter.admit_caller(call)
+        except KubellmError as err:
+            call.ticket = Ticket(0)
+            metrics.ERRORS.labels(group.name, err.type).inc()
+            self.dispatcher.finish(call, None, err.status, None, None)
+            return error_response(err, {"x-request-id": request_id})
         current = asyncio.current_task()
         assert current is not None
         watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, current))
@@ -214,7 +236,7 @@ class Router:
             if not watcher.done() or current.cancelling() == 0:
                 raise
             current.uncancel()
-            metrics.REQUESTS.labels(group.name, "", caller.label, "499").inc()
+            self.dispatcher.finish(call, None, 499, None, None)
             return Response(status_code=499)
         finally:
             watcher.cancel()

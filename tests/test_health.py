@@ -13,7 +13,9 @@ from kubellm.router._health import HealthTracker, MemoryHealthStore, RedisHealth
 from kubellm.router._redis import connect
 from tests.support.redis_server import RedisServer
 
-POLICY = CooldownSettings(failure_threshold=3, window_seconds=10, cooldown_seconds=30, probe_timeout_seconds=5)
+POLICY = CooldownSettings(
+    failure_threshold=3, window_seconds=10, cooldown_seconds=30, probe_timeout_seconds=5
+)
 
 
 class Clock:

@@ -23,7 +23,9 @@ def test_tests_import_the_package_not_the_folders() -> None:
     offenders = [
         str(path.relative_to(ROOT))
         for path in (ROOT / "tests").rglob("*.py")
-        if any(line.lstrip().startswith(("from router", "import router", "from operator.", "import operator."))
-               for line in path.read_text().splitlines())
+        if any(
+            line.lstrip().startswith(("from router", "import router", "from operator.", "import operator."))
+            for line in path.read_text().splitlines()
+        )
     ]
     assert offenders == [], "import kubellm.router / kubellm.operator instead"

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests.conftest import UPSTREAM_KEY, openai_deployment
-from tests.fakes.openai_upstream import Fault, FakeOpenAI
+from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.support.redis_server import RedisServer
 from tests.support.servers import RouterProcess, http_get
 
@@ -22,7 +22,11 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI]]:
-    with FakeOpenAI(UPSTREAM_KEY, "a") as a, FakeOpenAI(UPSTREAM_KEY, "b") as b, FakeOpenAI(UPSTREAM_KEY, "c") as c:
+    with (
+        FakeOpenAI(UPSTREAM_KEY, "a") as a,
+        FakeOpenAI(UPSTREAM_KEY, "b") as b,
+        FakeOpenAI(UPSTREAM_KEY, "c") as c,
+    ):
         yield a, b, c
 
 
@@ -37,12 +41,20 @@ def _chat(router: RouterProcess, model: str = "gpt-test", **kwargs: Any) -> Any:
 FAST = {"initialBackoffSeconds": 0.01, "maxBackoffSeconds": 2.0, "reloadIntervalSeconds": 0.2}
 
 
-def test_failover_to_next_tier_counts_attempts(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
+def test_failover_to_next_tier_counts_attempts(
+    start_router: Callable[..., RouterProcess], fakes: Any
+) -> None:
     a, b, _ = fakes
     a.always = Fault(status=500)
-    router = start_router({"deployments": [openai_deployment(a, name="a", priority=0),
-                                           openai_deployment(b, name="b", priority=1)],
-                           "settings": FAST})
+    router = start_router(
+        {
+            "deployments": [
+                openai_deployment(a, name="a", priority=0),
+                openai_deployment(b, name="b", priority=1),
+            ],
+            "settings": FAST,
+        }
+    )
     raw = _chat(router)
     assert raw.headers["x-kubellm-deployment"] == "b"
     assert raw.headers["x-kubellm-attempts"] == "2"
@@ -53,8 +65,14 @@ def test_priority_tier_gets_no_traffic_while_the_higher_tier_is_healthy(
     start_router: Callable[..., RouterProcess], fakes: Any
 ) -> None:
     a, b, _ = fakes
-    router = start_router({"deployments": [openai_deployment(a, name="a", priority=0),
-                                           openai_deployment(b, name="b", priority=1)]})
+    router = start_router(
+        {
+            "deployments": [
+                openai_deployment(a, name="a", priority=0),
+                openai_deployment(b, name="b", priority=1),
+            ]
+        }
+    )
     for _ in range(20):
         _chat(router)
     assert (a.calls, b.calls) == (20, 0)
@@ -63,8 +81,12 @@ def test_priority_tier_gets_no_traffic_while_the_higher_tier_is_healthy(
 def test_retries_same_deployment_with_backoff(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
     a, _, _ = fakes
     a.queue(Fault(status=502), Fault(status=503))
-    router = start_router({"deployments": [openai_deployment(a, name="a")],
-                           "settings": {**FAST, "numRetries": 2, "cooldown": {"failureThreshold": 5}}})
+    router = start_router(
+        {
+            "deployments": [openai_deployment(a, name="a")],
+            "settings": {**FAST, "numRetries": 2, "cooldown": {"failureThreshold": 5}},
+        }
+    )
     raw = _chat(router)
     assert raw.headers["x-kubellm-attempts"] == "3"
     assert a.calls == 3
@@ -75,8 +97,12 @@ def test_retries_same_deployment_with_backoff(start_router: Callable[..., Router
 def test_retry_budget_is_exact(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
     a, _, _ = fakes
     a.always = Fault(status=500)
-    router = start_router({"deployments": [openai_deployment(a, name="a")],
-                           "settings": {**FAST, "numRetries": 3, "cooldown": {"failureThreshold": 10}}})
+    router = start_router(
+        {
+            "deployments": [openai_deployment(a, name="a")],
+            "settings": {**FAST, "numRetries": 3, "cooldown": {"failureThreshold": 10}},
+        }
+    )
     with pytest.raises(openai.InternalServerError) as info:
         _chat(router)
     assert info.value.response.headers["x-kubellm-attempts"] == "4"
@@ -107,8 +133,15 @@ def test_breaker_opens_after_threshold_and_probe_closes_it(
     a, b, _ = fakes
     a.always = Fault(status=500)
     settings = {**FAST, "numRetries": 1, "cooldown": {"failureThreshold": 2, "cooldownSeconds": 1.0}}
-    router = start_router({"deployments": [openai_deployment(a, name="a", priority=0),
-                                           openai_deployment(b, name="b", priority=1)], "settings": settings})
+    router = start_router(
+        {
+            "deployments": [
+                openai_deployment(a, name="a", priority=0),
+                openai_deployment(b, name="b", priority=1),
+            ],
+            "settings": settings,
+        }
+    )
     for _ in range(2):
         assert _chat(router).headers["x-kubellm-deployment"] == "b"
     assert a.calls == 2
@@ -129,9 +162,15 @@ def test_breaker_opens_after_threshold_and_probe_closes_it(
 def test_first_token_timeout_then_failover(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
     a, b, _ = fakes
     a.always = Fault(hang=3)
-    router = start_router({"deployments": [
-        openai_deployment(a, name="a", priority=0, timeouts={"firstToken": 0.3}),
-        openai_deployment(b, name="b", priority=1)], "settings": FAST})
+    router = start_router(
+        {
+            "deployments": [
+                openai_deployment(a, name="a", priority=0, timeouts={"firstToken": 0.3}),
+                openai_deployment(b, name="b", priority=1),
+            ],
+            "settings": FAST,
+        }
+    )
     started = time.monotonic()
     raw = _chat(router)
     assert raw.headers["x-kubellm-deployment"] == "b"
@@ -151,15 +190,19 @@ def test_each_timeout_has_its_error(
 ) -> None:
     a, _, _ = fakes
     a.always = fault
-    router = start_router({"deployments": [openai_deployment(a, name="a")],
-                           "settings": {**FAST, "numRetries": 0}})
+    router = start_router(
+        {"deployments": [openai_deployment(a, name="a")], "settings": {**FAST, "numRetries": 0}}
+    )
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=10)
     stream = code == "idle_timeout"
-    conn.request("POST", "/v1/chat/completions",
-                  body=orjson.dumps({"model": "gpt-test", "messages": MESSAGES, "stream": stream}),
-                  headers={"Content-Type": "application/json", header: "0.3"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=orjson.dumps({"model": "gpt-test", "messages": MESSAGES, "stream": stream}),
+        headers={"Content-Type": "application/json", header: "0.3"},
+    )
     resp = conn.getresponse()
     body = resp.read()
     if stream:  # the idle gap happens before the first chunk: still a clean 504
@@ -172,16 +215,30 @@ def test_each_timeout_has_its_error(
 def test_connection_reset_fails_over(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
     a, b, _ = fakes
     a.always = Fault(reset=True)
-    router = start_router({"deployments": [openai_deployment(a, name="a", priority=0),
-                                           openai_deployment(b, name="b", priority=1)], "settings": FAST})
+    router = start_router(
+        {
+            "deployments": [
+                openai_deployment(a, name="a", priority=0),
+                openai_deployment(b, name="b", priority=1),
+            ],
+            "settings": FAST,
+        }
+    )
     assert _chat(router).headers["x-kubellm-deployment"] == "b"
 
 
 def test_no_retry_after_first_streamed_byte(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
     a, b, _ = fakes
     a.queue(Fault(drop_after=2))
-    router = start_router({"deployments": [openai_deployment(a, name="a", priority=0),
-                                           openai_deployment(b, name="b", priority=1)], "settings": FAST})
+    router = start_router(
+        {
+            "deployments": [
+                openai_deployment(a, name="a", priority=0),
+                openai_deployment(b, name="b", priority=1),
+            ],
+            "settings": FAST,
+        }
+    )
     stream = _client(router).chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
     with pytest.raises(openai.APIError):
         list(stream)
@@ -190,15 +247,19 @@ def test_no_retry_after_first_streamed_byte(start_router: Callable[..., RouterPr
 
 def _groups_config(a: FakeOpenAI, b: FakeOpenAI, c: FakeOpenAI, **group: Any) -> dict[str, Any]:
     return {
-        "deployments": [openai_deployment(a, name="primary-a", model="primary"),
-                        openai_deployment(b, name="backup-b", model="backup"),
-                        openai_deployment(c, name="big-c", model="big")],
+        "deployments": [
+            openai_deployment(a, name="primary-a", model="primary"),
+            openai_deployment(b, name="backup-b", model="backup"),
+            openai_deployment(c, name="big-c", model="big"),
+        ],
         "modelGroups": [{"name": "primary", **group}],
         "settings": {**FAST, "numRetries": 1},
     }
 
 
-def test_generic_fallback_and_request_overrides(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
+def test_generic_fallback_and_request_overrides(
+    start_router: Callable[..., RouterProcess], fakes: Any
+) -> None:
     a, b, c = fakes
     a.always = Fault(status=503)
     router = start_router(_groups_config(a, b, c, fallbacks=["backup"]))
@@ -218,15 +279,19 @@ def test_generic_fallback_and_request_overrides(start_router: Callable[..., Rout
 
 def test_client_errors_do_not_fall_back(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
     a, b, c = fakes
-    a.always = Fault(status=400, body={"error": {"message": "bad", "type": "invalid_request_error",
-                                                 "param": None, "code": None}})
+    a.always = Fault(
+        status=400,
+        body={"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}},
+    )
     router = start_router(_groups_config(a, b, c, fallbacks=["backup"]))
     with pytest.raises(openai.BadRequestError):
         _chat(router, model="primary")
     assert (a.calls, b.calls) == (1, 0)
 
 
-def test_context_window_fallback_before_the_call(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
+def test_context_window_fallback_before_the_call(
+    start_router: Callable[..., RouterProcess], fakes: Any
+) -> None:
     a, b, c = fakes
     config = _groups_config(a, b, c, contextWindowFallbacks=["big"])
     config["deployments"][0]["contextWindow"] = 50
@@ -238,11 +303,21 @@ def test_context_window_fallback_before_the_call(start_router: Callable[..., Rou
     assert a.calls == 1  # the too-long prompt never reached the small deployment
 
 
-def test_context_window_fallback_on_upstream_error(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
+def test_context_window_fallback_on_upstream_error(
+    start_router: Callable[..., RouterProcess], fakes: Any
+) -> None:
     a, b, c = fakes
-    a.always = Fault(status=400, body={"error": {"message": "This model's maximum context length is 10 tokens",
-                                                 "type": "invalid_request_error", "param": "messages",
-                                                 "code": "context_length_exceeded"}})
+    a.always = Fault(
+        status=400,
+        body={
+            "error": {
+                "message": "This model's maximum context length is 10 tokens",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    )
     router = start_router(_groups_config(a, b, c, contextWindowFallbacks=["big"], fallbacks=["backup"]))
     raw = _chat(router, model="primary")
     assert raw.headers["x-kubellm-model-group"] == "big"
@@ -251,20 +326,32 @@ def test_context_window_fallback_on_upstream_error(start_router: Callable[..., R
 
 def test_content_policy_fallback(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
     a, b, c = fakes
-    a.always = Fault(status=400, body={"error": {"message": "flagged by the content management policy",
-                                                 "type": "invalid_request_error", "param": None,
-                                                 "code": "content_filter"}})
+    a.always = Fault(
+        status=400,
+        body={
+            "error": {
+                "message": "flagged by the content management policy",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "content_filter",
+            }
+        },
+    )
     router = start_router(_groups_config(a, b, c, contentPolicyFallbacks=["backup"]))
     raw = _chat(router, model="primary")
     assert raw.headers["x-kubellm-model-group"] == "backup"
 
 
 def test_weighted_distribution_chi_square(start_router: Callable[..., RouterProcess]) -> None:
-    router = start_router({"deployments": [
-        {"name": "w1", "model": "m", "provider": "mock", "weight": 1},
-        {"name": "w3", "model": "m", "provider": "mock", "weight": 3},
-        {"name": "w6", "model": "m", "provider": "mock", "weight": 6},
-    ]})
+    router = start_router(
+        {
+            "deployments": [
+                {"name": "w1", "model": "m", "provider": "mock", "weight": 1},
+                {"name": "w3", "model": "m", "provider": "mock", "weight": 3},
+                {"name": "w6", "model": "m", "provider": "mock", "weight": 6},
+            ]
+        }
+    )
     client = _client(router)
     counts = {"w1": 0, "w3": 0, "w6": 0}
     n = 600
@@ -286,30 +373,44 @@ def test_response_cache(start_router: Callable[..., RouterProcess], fakes: Any) 
     assert second.headers["x-kubellm-cache"] == "hit"
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
     assert a.calls == 1
-    assert _chat(router, temperature=0, extra_headers={"Cache-Control": "no-cache"}).headers["x-kubellm-cache"] == "miss"
+    assert (
+        _chat(router, temperature=0, extra_headers={"Cache-Control": "no-cache"}).headers["x-kubellm-cache"]
+        == "miss"
+    )
     assert a.calls == 2
     assert _chat(router, temperature=1).headers["x-kubellm-cache"] == "miss"
     # A streamed request is cached as its stream, and replayed as one.
     streams = []
     for _ in range(2):
         with _client(router).chat.completions.with_streaming_response.create(
-                model="gpt-test", messages=MESSAGES, stream=True) as resp:
-            streams.append((resp.headers["x-kubellm-cache"],
-                            "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)))
+            model="gpt-test", messages=MESSAGES, stream=True
+        ) as resp:
+            streams.append(
+                (
+                    resp.headers["x-kubellm-cache"],
+                    "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices),
+                )
+            )
     assert streams == [("miss", "a says hi to upstream-model"), ("hit", "a says hi to upstream-model")]
     assert a.calls == 4
 
 
 def test_graceful_drain_finishes_stream(start_router: Callable[..., RouterProcess]) -> None:
-    router = start_router({
-        "deployments": [{"name": "slow", "model": "m", "provider": "mock", "mock": {"chunkDelayMs": 150}}],
-        "settings": {"drainDelaySeconds": 0.5},
-    })
+    router = start_router(
+        {
+            "deployments": [
+                {"name": "slow", "model": "m", "provider": "mock", "mock": {"chunkDelayMs": 150}}
+            ],
+            "settings": {"drainDelaySeconds": 0.5},
+        }
+    )
     stream = _client(router).chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "one two three four five six"}], stream=True)
+        model="m", messages=[{"role": "user", "content": "one two three four five six"}], stream=True
+    )
     pieces: list[str] = []
-    reader = threading.Thread(target=lambda: pieces.extend(c.choices[0].delta.content or "" for c in stream
-                                                          if c.choices))
+    reader = threading.Thread(
+        target=lambda: pieces.extend(c.choices[0].delta.content or "" for c in stream if c.choices)
+    )
     reader.start()
     time.sleep(0.4)
     router.signal(signal.SIGTERM)
@@ -328,10 +429,18 @@ def test_breaker_is_shared_across_replicas_through_redis(fakes: Any) -> None:
     a, b, _ = fakes
     a.always = Fault(status=500)
     with RedisServer() as redis:
-        config = {"deployments": [openai_deployment(a, name="a", priority=0),
-                                  openai_deployment(b, name="b", priority=1)],
-                  "settings": {**FAST, "numRetries": 1, "redis": {"url": redis.url},
-                               "cooldown": {"failureThreshold": 2, "cooldownSeconds": 30}}}
+        config = {
+            "deployments": [
+                openai_deployment(a, name="a", priority=0),
+                openai_deployment(b, name="b", priority=1),
+            ],
+            "settings": {
+                **FAST,
+                "numRetries": 1,
+                "redis": {"url": redis.url},
+                "cooldown": {"failureThreshold": 2, "cooldownSeconds": 30},
+            },
+        }
         env = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}
         with RouterProcess(config, env=env) as one, RouterProcess(config, env=env) as two:
             _chat(one)

@@ -60,6 +60,8 @@ class FakeOpenAI:
         self.name = name
         self.reply = reply
         self.chunks = chunks
+        #: Like some OpenAI-compatible servers, leave usage out of responses and streams.
+        self.report_usage = True
         self.seen: list[Seen] = []
         self.faults: list[Fault] = []
         self.always: Fault | None = None
@@ -205,7 +207,7 @@ class FakeOpenAI:
                         "finish_reason": "stop",
                     }
                 ],
-                "usage": usage,
+                **({"usage": usage} if self.report_usage else {}),
             },
             dumps=lambda d: orjson.dumps(d).decode(),
         )
@@ -244,7 +246,7 @@ class FakeOpenAI:
         ]
         events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         options = body.get("stream_options") or {}
-        if options.get("include_usage"):
+        if options.get("include_usage") and self.report_usage:
             events.append({**base, "choices": [], "usage": usage})
         for i, event in enumerate(events):
             if fault is not None and fault.drop_after is not None and i >= fault.drop_after:

@@ -57,7 +57,7 @@ class RouterProcess:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.dir / "router.log"
-        self._env = {**os.environ, **(env or {})}
+        self._env = {**os.environ, "KUBELLM_STATE_DIR": str(self.dir / "state"), **(env or {})}
         self._args = list(args or [])
         self._workers = workers
         self.proc: subprocess.Popen[bytes] | None = None

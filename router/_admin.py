@@ -1,0 +1,148 @@
+"""Key self-service and admin reporting endpoints.
+
+``GET /v1/key/info`` tells a key holder its own limits, usage and remaining
+budget. ``GET /admin/spend`` (master key only) aggregates the usage ledger by
+key, model group or deployment over a time range.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ._budget import period_window
+from ._errors import InvalidRequestError, KubellmError, PermissionDeniedError
+from ._ledger import Totals
+from ._proxy import JSON, authenticate, error_response
+
+if TYPE_CHECKING:
+    from ._proxy import Router
+
+
+def _json(doc: Any) -> Response:
+    return Response(orjson.dumps(doc, default=str), media_type=JSON)
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts is not None else None
+
+
+def _totals(t: Totals) -> dict[str, Any]:
+    return {
+        "requests": t.requests,
+        "promptTokens": t.prompt_tokens,
+        "completionTokens": t.completion_tokens,
+        "spendUsd": str(t.cost),
+    }
+
+
+def _time_param(request: Request, name: str, default: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise InvalidRequestError(
+            f"'{name}' must be Unix seconds or an RFC 3339 time", param=name, code="invalid_value"
+        ) from None
+
+
+def register_admin_routes(app: FastAPI, router: Router) -> None:
+    async def key_info(request: Request) -> Response:
+        try:
+            caller = authenticate(router.state, request)
+        except KubellmError as err:
+            return error_response(err)
+        key = caller.key
+        if key is None:
+            doc: dict[str, Any] = {"key": caller.label, "master": caller.is_master}
+            return _json(doc)
+        cfg = key.config
+        doc = {
+            "key": cfg.name,
+            "keyPrefix": cfg.key_prefix,
+            "owner": cfg.owner,
+            "team": cfg.team,
+            "models": cfg.models,
+            "limits": cfg.limits.model_dump(by_alias=True, exclude_none=True),
+            "expiresAt": cfg.expires_at.isoformat() if cfg.expires_at else None,
+            "disabled": cfg.disabled,
+        }
+        now = time.time()
+        since = now - 86400
+        if cfg.budget is not None:
+            start, end, _ = period_window(cfg.budget.period, now)
+            since = start
+            spent = await router.meter.budgets.spent(f"key:{cfg.name}", cfg.budget.period, now)
+            doc["budget"] = {
+                "amountUsd": str(cfg.budget.amount_usd),
+                "period": cfg.budget.period,
+                "periodStart": _iso(start),
+                "resetsAt": _iso(end),
+                "spentUsd": str(spent),
+                "remainingUsd": str(max(Decimal(0), cfg.budget.amount_usd - spent)),
+            }
+        await router.meter.ledger.flush()
+        usage = await router.meter.ledger.store.aggregate(since, now + 1, "key")
+        doc["usage"] = {"since": _iso(since), **_totals(usage.get(cfg.name, Totals()))}
+        return _json(doc)
+
+    async def spend(request: Request) -> Response:
+        try:
+            caller = authenticate(router.state, request)
+            if not caller.is_master:
+                raise PermissionDeniedError("this endpoint needs the master key")
+            now = time.time()
+            since = _time_param(request, "since", now - 86400)
+            until = _time_param(request, "until", now + 1)
+            by = request.query_params.get("by", "key")
+            if by not in ("key", "model_group", "deployment"):
+                raise InvalidRequestError(
+                    "'by' must be key, model_group or deployment", param="by", code="invalid_value"
+                )
+        except KubellmError as err:
+            return error_response(err)
+        await router.meter.ledger.flush()
+        rows = await router.meter.ledger.store.aggregate(since, until, by)  # type: ignore[arg-type]
+        total = Totals()
+        for t in rows.values():
+            total.requests += t.requests
+            total.prompt_tokens += t.prompt_tokens
+            total.completion_tokens += t.completion_tokens
+            total.cost += t.cost
+        return _json(
+            {
+                "since": _iso(since),
+                "until": _iso(until),
+                "by": by,
+                "groups": {name: _totals(t) for name, t in sorted(rows.items())},
+                "total": _totals(total),
+            }
+        )
+
+    for prefix in ("/v1", ""):
+        app.add_api_route(
+            prefix + "/key/info",
+            key_info,
+            methods=["GET"],
+            include_in_schema=prefix == "/v1",
+            summary="The calling key's limits, usage and remaining budget",
+        )
+    app.add_api_route(
+        "/admin/spend",
+        spend,
+        methods=["GET"],
+        summary="Spend and usage by key, model group or deployment (master key)",
+    )

@@ -1,0 +1,103 @@
+"""What happens once per finished request: metrics, the access log, and the usage record.
+
+When a provider reported no usage, the record's token counts come from a real
+tokenizer (cl100k_base) over the prompt and the answer, and are marked estimated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import _metrics as metrics
+from ._tokens import real_count, real_prompt_tokens
+from .providers import Operation, Usage
+
+if TYPE_CHECKING:
+    from ._dispatch import Call
+    from ._metering import Meter
+    from ._state import Deployment
+
+access_log = logging.getLogger("kubellm.access")
+
+
+def _answer_text(payloads: list[bytes]) -> str:
+    """The generated text in OpenAI response or chunk payloads."""
+    parts: list[str] = []
+    for raw in payloads:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        for choice in doc.get("choices") or [] if isinstance(doc, dict) else []:
+            body: Any = choice.get("message") or choice.get("delta") or {}
+            text = body.get("content") if isinstance(body, dict) else None
+            parts.append(text if isinstance(text, str) else choice.get("text") or "")
+            for call in (body.get("tool_calls") or []) if isinstance(body, dict) else []:
+                parts.append(str((call.get("function") or {}).get("arguments") or ""))
+    return "".join(parts)
+
+
+def estimate_usage(call: Call, payloads: list[bytes]) -> Usage:
+    prompt = real_prompt_tokens(call.body)
+    completion = 0 if call.operation is Operation.EMBEDDING else real_count(_answer_text(payloads))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
+
+
+def finish_request(
+    meter: Meter,
+    call: Call,
+    dep: Deployment | None,
+    status: int,
+    usage: Usage | None,
+    ttft: float | None,
+    payloads: list[bytes] | None = None,
+    *,
+    cached: bool = False,
+) -> None:
+    """Count, log and meter a finished request; ``payloads`` are the OpenAI bodies or chunks it returned."""
+    latency = time.monotonic() - call.started
+    if usage is None and status == 200 and payloads and not cached:
+        usage = estimate_usage(call, payloads)
+    group = call.group.name
+    deployment = "cache" if cached else dep.name if dep is not None else ""
+    metrics.requests(group, deployment, call.caller_label, status).inc()
+    if dep is not None:
+        metrics.LATENCY.labels(group, dep.name).observe(latency)
+        if ttft is not None:
+            metrics.TTFT.labels(group, dep.name).observe(ttft)
+        if usage is not None:
+            metrics.TOKENS.labels(group, dep.name, call.caller_label, "prompt").inc(usage.prompt_tokens)
+            metrics.TOKENS.labels(group, dep.name, call.caller_label, "completion").inc(
+                usage.completion_tokens
+            )
+    if call.ticket is not None:
+        meter.finish(call, call.ticket, None if cached else dep, status, usage, latency, ttft)
+    if not call.state.config.settings.access_log or not access_log.isEnabledFor(logging.INFO):
+        return
+    fields: dict[str, Any] = {
+        "request_id": call.request_id,
+        "operation": call.operation.value,
+        "model_group": group,
+        "deployment": deployment or None,
+        "key": call.caller_label,
+        "status": status,
+        "stream": call.stream,
+        "attempts": call.attempts,
+        "cached": cached,
+        "latency_ms": round(latency * 1000, 3),
+        "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "usage_estimated": bool(usage and usage.estimated),
+    }
+    opted_in = (call.key is not None and call.key.config.log_payloads) or (
+        dep is not None and dep.config.log_payloads
+    )
+    if opted_in:
+        fields["request"] = call.body
+        fields["response"] = _answer_text(payloads or [])
+    access_log.info("request", extra={"fields": fields})
