@@ -62,7 +62,7 @@ def _time_param(request: Request, name: str, default: float) -> float:
 def register_admin_routes(app: FastAPI, router: Router) -> None:
     async def key_info(request: Request) -> Response:
         try:
-            caller = authenticate(router.state, request)
+            caller = authenticate(router.state, request.headers)
         except KubellmError as err:
             return error_response(err)
         key = caller.key
@@ -101,7 +101,7 @@ def register_admin_routes(app: FastAPI, router: Router) -> None:
 
     async def spend(request: Request) -> Response:
         try:
-            caller = authenticate(router.state, request)
+            caller = authenticate(router.state, request.headers)
             if not caller.is_master:
                 raise PermissionDeniedError("this endpoint needs the master key")
             now = time.time()

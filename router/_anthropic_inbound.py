@@ -453,7 +453,7 @@ async def handle_messages(router: Router, request: Request) -> Response:
     """Serve ``POST /v1/messages`` on top of the router's OpenAI chat path."""
     state = router.state
     try:
-        authenticate(state, request)
+        authenticate(state, request.headers)
         raw = await read_body(request, state.config.settings.max_request_body_bytes)
         translated = anthropic_request_to_openai(parse_body(raw))
     except KubellmError as err:

@@ -39,7 +39,7 @@ from ._limits import rule
 from ._metering import Meter, Ticket
 from ._observe import finish_request
 from ._sse import DONE, frame
-from ._tokens import prompt_tokens
+from ._tokens import prompt_tokens, requested_completion_tokens
 from .providers import Operation, Payload, RequestContext, StreamTranslator, UpstreamResponse, Usage
 
 if TYPE_CHECKING:
@@ -89,9 +89,15 @@ class Call:
 
     @property
     def prompt_tokens(self) -> int:
+        """A cheap estimate, computed only when a context window or a limit needs it."""
         if self._prompt_tokens is None:
             self._prompt_tokens = prompt_tokens(self.body)
         return self._prompt_tokens
+
+    @property
+    def estimated_tokens(self) -> int:
+        """Prompt plus requested completion: what a tpm limit reserves before the call."""
+        return self.prompt_tokens + requested_completion_tokens(self.body)
 
 
 class _GroupFailed(Exception):
@@ -359,10 +365,12 @@ class Dispatcher:
 
     def _timeouts(self, call: Call, dep: Deployment) -> Timeouts:
         base = dep.config.timeouts
-        chosen = {**base.model_dump(), **call.options.timeouts}
         remaining = call.deadline - time.monotonic()
         if remaining <= 0:
             raise UpstreamTimeoutError("the request deadline passed before an attempt", code="total_timeout")
+        if not call.options.timeouts and base.total <= remaining:
+            return base  # the common case: no per-request override, and the deadline is further away
+        chosen = {**base.model_dump(), **call.options.timeouts}
         chosen["total"] = min(chosen["total"], remaining)
         return Timeouts.model_construct(**chosen)
 

@@ -54,7 +54,6 @@ class Lease:
 class Ticket:
     """What one request holds from admission until it is settled."""
 
-    estimated_tokens: int
     estimated_cost: Decimal = Decimal(0)
     leases: list[Lease] = field(default_factory=list)
     budget: BudgetDecision | None = None
@@ -142,14 +141,13 @@ class Meter:
     # -- admission ---------------------------------------------------------------------------
 
     async def admit_caller(self, call: Call) -> Ticket:
-        estimate = call.prompt_tokens + requested_completion_tokens(call.body)
-        ticket = Ticket(estimate)
+        ticket = Ticket()
         key = call.key
         if key is None:
             return ticket
         key_rule = rule(f"key:{key.config.name}", key.config.limits)
         if key_rule is not None:
-            admission = await self._acquire([key_rule], estimate, call.request_id, "key limits")
+            admission = await self._acquire([key_rule], call.estimated_tokens, call.request_id, "key limits")
             if admission is not None:
                 if not admission.allowed:
                     raise self._limited(admission, f"API key {key.config.name!r}")
@@ -200,7 +198,7 @@ class Meter:
         if dep_rule is None:
             return None
         lease_id = f"{call.request_id}:{dep.name}"
-        admission = await self._acquire([dep_rule], ticket.estimated_tokens, lease_id, "deployment limits")
+        admission = await self._acquire([dep_rule], call.estimated_tokens, lease_id, "deployment limits")
         if admission is None:
             return None
         if admission.allowed:
@@ -284,7 +282,7 @@ class Meter:
                 await self.limiter.settle(
                     lease.rules,
                     lease.admission.lease_id,
-                    ticket.estimated_tokens,
+                    call.estimated_tokens,
                     actual_tokens,
                     lease.admission.window_start,
                 )

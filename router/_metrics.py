@@ -73,16 +73,16 @@ RATE_LIMITED = Counter(
 )
 STORE_ERRORS = Counter("kubellm_redis_errors_total", "Failed calls to the shared state store.", ["operation"])
 
-_REQUEST_CHILDREN: dict[tuple[str, str, str, int], Any] = {}
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 
-def requests(group: str, deployment: str, key: str, status: int) -> Any:
-    """The request counter for these labels, cached: ``labels()`` takes a lock and builds a tuple."""
-    labels = (group, deployment, key, status)
-    child = _REQUEST_CHILDREN.get(labels)
-    if child is None:
-        child = _REQUEST_CHILDREN[labels] = REQUESTS.labels(group, deployment, key, str(status))
-    return child
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, cached: ``labels()`` takes a lock and validates on every call."""
+    key = (id(metric), labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
 
 
 def render() -> tuple[bytes, str]:

@@ -6,13 +6,13 @@ tokenizer (cl100k_base) over the prompt and the answer, and are marked estimated
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import _metrics as metrics
+from ._logging import access_log
 from ._tokens import real_count, real_prompt_tokens
 from .providers import Operation, Usage
 
@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from ._dispatch import Call
     from ._metering import Meter
     from ._state import Deployment
-
-access_log = logging.getLogger("kubellm.access")
 
 
 def _answer_text(payloads: list[bytes]) -> str:
@@ -64,19 +62,18 @@ def finish_request(
         usage = estimate_usage(call, payloads)
     group = call.group.name
     deployment = "cache" if cached else dep.name if dep is not None else ""
-    metrics.requests(group, deployment, call.caller_label, status).inc()
+    metrics.child(metrics.REQUESTS, group, deployment, call.caller_label, str(status)).inc()
     if dep is not None:
-        metrics.LATENCY.labels(group, dep.name).observe(latency)
+        metrics.child(metrics.LATENCY, group, dep.name).observe(latency)
         if ttft is not None:
-            metrics.TTFT.labels(group, dep.name).observe(ttft)
+            metrics.child(metrics.TTFT, group, dep.name).observe(ttft)
         if usage is not None:
-            metrics.TOKENS.labels(group, dep.name, call.caller_label, "prompt").inc(usage.prompt_tokens)
-            metrics.TOKENS.labels(group, dep.name, call.caller_label, "completion").inc(
-                usage.completion_tokens
-            )
+            key = call.caller_label
+            metrics.child(metrics.TOKENS, group, dep.name, key, "prompt").inc(usage.prompt_tokens)
+            metrics.child(metrics.TOKENS, group, dep.name, key, "completion").inc(usage.completion_tokens)
     if call.ticket is not None:
         meter.finish(call, call.ticket, None if cached else dep, status, usage, latency, ttft)
-    if not call.state.config.settings.access_log or not access_log.isEnabledFor(logging.INFO):
+    if not call.state.config.settings.access_log or not access_log.enabled:
         return
     fields: dict[str, Any] = {
         "request_id": call.request_id,
@@ -100,4 +97,4 @@ def finish_request(
     if opted_in:
         fields["request"] = call.body
         fields["response"] = _answer_text(payloads or [])
-    access_log.info("request", extra={"fields": fields})
+    access_log.emit(fields)

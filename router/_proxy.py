@@ -8,8 +8,10 @@ logging happens through a queue off the event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import time
-import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +65,12 @@ def error_response(err: KubellmError, headers: dict[str, str] | None = None) -> 
     )
 
 
-def authenticate(state: RouterState, request: Request) -> Caller:
+def authenticate(state: RouterState, headers: Mapping[str, str]) -> Caller:
     if not state.auth_required:
         return Caller(False, None)
-    header = request.headers.get("authorization")
+    header = headers.get("authorization")
     if header is None:
-        presented = request.headers.get("api-key") or request.headers.get("x-api-key")
+        presented = headers.get("api-key") or headers.get("x-api-key")
         if presented is None:
             raise AuthenticationError(
                 "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
@@ -91,8 +93,8 @@ def authenticate(state: RouterState, request: Request) -> Caller:
     return Caller(is_master, key)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_body(request: Request, limit: int, headers: Mapping[str, str] | None = None) -> bytes:
+    declared = (headers if headers is not None else request.headers).get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise InvalidRequestError("invalid Content-Length header", code="invalid_header")
@@ -117,9 +119,16 @@ async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any]) -> No
             return
 
 
-def request_options(request: Request) -> RequestOptions:
+def header_map(request: Request) -> dict[str, str]:
+    """The request's headers as a plain dict (ASGI names are lower-case), read once per request.
+
+    Starlette's ``Headers.get`` scans the raw list on every call; the hot path asks a dozen times.
+    """
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
+
+
+def request_options(headers: Mapping[str, str]) -> RequestOptions:
     """Per-request choices from ``x-kubellm-*`` and ``Cache-Control`` headers."""
-    headers = request.headers
     options = RequestOptions()
     fallbacks = headers.get("x-kubellm-fallbacks")
     if fallbacks is not None:
@@ -159,6 +168,15 @@ _TIMEOUT_HEADERS = (
 )
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+
+
+def next_request_id() -> str:
+    """Unique across processes and restarts: a random per-process prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
 class Router:
     """Serves requests against the current :class:`RouterState`."""
 
@@ -187,11 +205,12 @@ class Router:
     async def handle(self, operation: Operation, request: Request) -> Response:
         started = time.monotonic()
         state = self.state  # one snapshot for the whole request, even across a reload
-        request_id = uuid.uuid4().hex
+        request_id = next_request_id()
         try:
-            caller = authenticate(state, request)
-            options = request_options(request)
-            raw = await read_body(request, state.config.settings.max_request_body_bytes)
+            headers = header_map(request)
+            caller = authenticate(state, headers)
+            options = request_options(headers)
+            raw = await read_body(request, state.config.settings.max_request_body_bytes, headers)
             body = parse_body(raw)
             model, stream, include_usage = validate(operation, body)
             group = state.groups.get(model)
@@ -222,14 +241,14 @@ class Router:
         try:
             call.ticket = await self.meter.admit_caller(call)
         except KubellmError as err:
-            call.ticket = Ticket(0)
+            call.ticket = Ticket()
             metrics.ERRORS.labels(group.name, err.type).inc()
             self.dispatcher.finish(call, None, err.status, None, None)
             return error_response(err, {"x-request-id": request_id})
         current = asyncio.current_task()
         assert current is not None
         watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, current))
-        metrics.IN_FLIGHT.labels(group.name).inc()
+        metrics.child(metrics.IN_FLIGHT, group.name).inc()
         try:
             return await self.dispatcher.run(call)
         except asyncio.CancelledError:
@@ -240,4 +259,4 @@ class Router:
             return Response(status_code=499)
         finally:
             watcher.cancel()
-            metrics.IN_FLIGHT.labels(group.name).dec()
+            metrics.child(metrics.IN_FLIGHT, group.name).dec()
