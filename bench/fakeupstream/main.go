@@ -56,34 +56,87 @@ func sse(v any) []byte {
 	return []byte("data: " + string(b) + "\n\n")
 }
 
-func chunk(delta map[string]any, finish any) map[string]any {
-	return map[string]any{
-		"id":                 completionID,
-		"object":             "chat.completion.chunk",
-		"created":            created,
-		"model":              modelName,
-		"system_fingerprint": "fp_bench",
-		"choices": []any{map[string]any{
-			"index":         0,
-			"delta":         delta,
-			"logprobs":      nil,
-			"finish_reason": finish,
-		}},
+type promptDetails struct {
+	CachedTokens int `json:"cached_tokens"`
+	AudioTokens  int `json:"audio_tokens"`
+}
+
+type completionDetails struct {
+	ReasoningTokens          int `json:"reasoning_tokens"`
+	AudioTokens              int `json:"audio_tokens"`
+	AcceptedPredictionTokens int `json:"accepted_prediction_tokens"`
+	RejectedPredictionTokens int `json:"rejected_prediction_tokens"`
+}
+
+type usageBlock struct {
+	PromptTokens            int               `json:"prompt_tokens"`
+	CompletionTokens        int               `json:"completion_tokens"`
+	TotalTokens             int               `json:"total_tokens"`
+	PromptTokensDetails     promptDetails     `json:"prompt_tokens_details"`
+	CompletionTokensDetails completionDetails `json:"completion_tokens_details"`
+}
+
+type delta struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+	Refusal *string `json:"refusal,omitempty"`
+}
+
+type chunkChoice struct {
+	Index        int     `json:"index"`
+	Delta        delta   `json:"delta"`
+	Logprobs     *string `json:"logprobs"`
+	FinishReason *string `json:"finish_reason"`
+}
+
+type chunkBody struct {
+	ID                string        `json:"id"`
+	Object            string        `json:"object"`
+	Created           int           `json:"created"`
+	Model             string        `json:"model"`
+	ServiceTier       string        `json:"service_tier"`
+	SystemFingerprint string        `json:"system_fingerprint"`
+	Choices           []chunkChoice `json:"choices"`
+	Usage             *usageBlock   `json:"usage,omitempty"`
+}
+
+type message struct {
+	Role    string  `json:"role"`
+	Content string  `json:"content"`
+	Refusal *string `json:"refusal"`
+}
+
+type choice struct {
+	Index        int     `json:"index"`
+	Message      message `json:"message"`
+	Logprobs     *string `json:"logprobs"`
+	FinishReason string  `json:"finish_reason"`
+}
+
+type completionBody struct {
+	ID                string     `json:"id"`
+	Object            string     `json:"object"`
+	Created           int        `json:"created"`
+	Model             string     `json:"model"`
+	Choices           []choice   `json:"choices"`
+	Usage             usageBlock `json:"usage"`
+	ServiceTier       string     `json:"service_tier"`
+	SystemFingerprint string     `json:"system_fingerprint"`
+}
+
+func chunk(d delta, finish *string) chunkBody {
+	return chunkBody{
+		ID: completionID, Object: "chat.completion.chunk", Created: created, Model: modelName,
+		ServiceTier: "default", SystemFingerprint: "fp_bench",
+		Choices: []chunkChoice{{Index: 0, Delta: d, FinishReason: finish}},
 	}
 }
 
-func usage(completionTokens int) map[string]any {
-	return map[string]any{
-		"prompt_tokens":     promptTokens,
-		"completion_tokens": completionTokens,
-		"total_tokens":      promptTokens + completionTokens,
-		"prompt_tokens_details": map[string]any{
-			"cached_tokens": 0, "audio_tokens": 0,
-		},
-		"completion_tokens_details": map[string]any{
-			"reasoning_tokens": 0, "audio_tokens": 0,
-			"accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
-		},
+func usage(completionTokens int) usageBlock {
+	return usageBlock{
+		PromptTokens:     promptTokens,
+		CompletionTokens: completionTokens,
+		TotalTokens:      promptTokens + completionTokens,
 	}
 }
 
@@ -92,7 +145,8 @@ var words = strings.Fields("Hello ! I am a fake upstream model that streams a fi
 
 func newServer(chunks int, delay time.Duration) *server {
 	s := &server{delay: delay, doneEvent: []byte("data: [DONE]\n\n")}
-	s.roleEvent = sse(chunk(map[string]any{"role": "assistant", "content": "", "refusal": nil}, nil))
+	empty := ""
+	s.roleEvent = sse(chunk(delta{Role: "assistant", Content: &empty}, nil))
 	var text strings.Builder
 	for i := 0; i < chunks; i++ {
 		tok := words[i%len(words)]
@@ -100,29 +154,25 @@ func newServer(chunks int, delay time.Duration) *server {
 			tok = " " + tok
 		}
 		text.WriteString(tok)
-		s.tokenEvents = append(s.tokenEvents, sse(chunk(map[string]any{"content": tok}, nil)))
+		s.tokenEvents = append(s.tokenEvents, sse(chunk(delta{Content: &tok}, nil)))
 	}
-	s.finishEvent = sse(chunk(map[string]any{}, "stop"))
-	u := chunk(nil, nil)
-	u["choices"] = []any{}
-	u["usage"] = usage(chunks)
+	stop := "stop"
+	s.finishEvent = sse(chunk(delta{}, &stop))
+	u := chunk(delta{}, nil)
+	u.Choices = []chunkChoice{}
+	ub := usage(chunks)
+	u.Usage = &ub
 	s.usageEvent = sse(u)
-	body, err := json.Marshal(map[string]any{
-		"id":      completionID,
-		"object":  "chat.completion",
-		"created": created,
-		"model":   modelName,
-		"choices": []any{map[string]any{
-			"index": 0,
-			"message": map[string]any{
-				"role": "assistant", "content": text.String(), "refusal": nil,
-			},
-			"logprobs":      nil,
-			"finish_reason": "stop",
+	body, err := json.Marshal(completionBody{
+		ID: completionID, Object: "chat.completion", Created: created, Model: modelName,
+		Choices: []choice{{
+			Index:        0,
+			Message:      message{Role: "assistant", Content: text.String()},
+			FinishReason: "stop",
 		}},
-		"usage":              usage(chunks),
-		"service_tier":       "default",
-		"system_fingerprint": "fp_bench",
+		Usage:             usage(chunks),
+		ServiceTier:       "default",
+		SystemFingerprint: "fp_bench",
 	})
 	if err != nil {
 		panic(err)

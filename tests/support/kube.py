@@ -356,6 +356,7 @@ class KubeControlPlane:
             "namespace-controller",
             "serviceaccount-controller",
             "serviceaccount-token-controller",
+            "clusterrole-aggregation-controller",
         ),
         users: Sequence[StaticTokenUser] = (),
         apiserver_args: Sequence[str] = (),
@@ -621,6 +622,15 @@ class KubeControlPlane:
                 return status == 200
 
             self._wait(proc, ready, "kube-controller-manager (default ServiceAccount)")
+        if {"clusterroleaggregation", "clusterrole-aggregation-controller"} & set(self._controllers):
+            # admin/edit/view are aggregated ClusterRoles: empty until this controller fills them.
+            def aggregated() -> bool:
+                status, body = self.request(
+                    "GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles/view", timeout=3
+                )
+                return status == 200 and bool(body.get("rules"))
+
+            self._wait(proc, aggregated, "kube-controller-manager (aggregated 'view' ClusterRole)")
 
     # ---- clients --------------------------------------------------------------
 
