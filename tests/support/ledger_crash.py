@@ -3,8 +3,9 @@
 ``python -m tests.support.ledger_crash sqlite DB JOURNAL SEED N`` (or ``redis URL PREFIX JOURNAL
 SEED N``) starts a :class:`LedgerWriter` on the journal, submits ``make_records(N, SEED)`` as fast
 as it can while the writer flushes to the store, and prints how many it has submitted (a line
-``K`` after every :data:`REPORT_EVERY` submits returned, then ``done``). It never closes the
-writer: it waits to be killed, like a router process that dies between answering and recording.
+``K`` as each submit returns, then ``done``), so a kill can land between a submit and its report
+(``REPORT_WINDOW``) but never hide more. It never closes the writer: it waits to be killed, like
+a router process that dies between answering a request and recording its usage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kubellm.router._pricing import DEFAULT_PRICES, cost
 from kubellm.router._redis import connect
 
 DAY0 = datetime(2025, 3, 10, tzinfo=UTC).timestamp()
-REPORT_EVERY = 20
+REPORT_WINDOW = 1  # submits that may have returned unreported when the process is killed
 
 
 def make_records(n: int, seed: int = 0) -> list[UsageRecord]:
@@ -63,11 +64,11 @@ async def submit_until_killed(store: LedgerStore, journal: str, seed: int, n: in
     out = sys.stdout
     for i, record in enumerate(records, 1):
         writer.submit(record)
-        if i % REPORT_EVERY == 0:
-            out.write(f"{i}\n")
-            out.flush()
+        out.write(f"{i}\n")
+        out.flush()
+        if i % 20 == 0:
             await asyncio.sleep(0)  # let the writer send batches meanwhile, as a busy router would
-    out.write(f"{n}\ndone\n")
+    out.write("done\n")
     out.flush()
     await asyncio.Event().wait()
 
