@@ -33,6 +33,7 @@ from ._errors import (
     RateLimitError,
     ServiceUnavailableError,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeoutError,
 )
 from ._limits import rule
@@ -120,6 +121,14 @@ def _retry_after(err: KubellmError) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+def _unreadable(dep: Deployment, exc: Exception) -> UpstreamProtocolError:
+    """A provider adapter choked on what the upstream sent: a bad upstream answer, so retryable."""
+    logging.getLogger("kubellm.router").warning(
+        "deployment %r sent a response its adapter cannot read (%s)", dep.name, type(exc).__name__
+    )
+    return UpstreamProtocolError(f"deployment {dep.name!r} sent a response the router cannot read")
 
 
 def _counts_against_deployment(err: KubellmError) -> bool:
@@ -415,14 +424,22 @@ class Dispatcher:
                 raise self._first_token_timeout(dep) from None
             if resp.status >= 400:
                 raw = await resp.read()
-                raise dep.provider.map_error(resp.status, resp.headers, raw)
+                err = dep.provider.map_error(resp.status, resp.headers, raw)
+                if dep.api_key and dep.api_key in err.message:  # an upstream that quotes the credential
+                    err.message = err.message.replace(dep.api_key, "[redacted]")
+                raise err
             if call.stream:
                 response = await self._open_stream(call, dep, resp, ctx, headers, key)
                 handed_off = True
                 await self.health.success(dep.name)
                 return response
             raw = await resp.read()
-            parsed = dep.provider.parse_response(raw, ctx)
+            try:
+                parsed = dep.provider.parse_response(raw, ctx)
+            except KubellmError:
+                raise
+            except Exception as exc:
+                raise _unreadable(dep, exc) from None
             await self.health.success(dep.name)
             stats.observe(time.monotonic() - call.started, None)
             self.finish(call, dep, 200, parsed.usage, None, [parsed.body])
@@ -465,6 +482,10 @@ class Dispatcher:
                         first = translator.feed(data)
             except TimeoutError:
                 raise self._first_token_timeout(dep) from None
+            except KubellmError:
+                raise
+            except Exception as exc:
+                raise _unreadable(dep, exc) from None
             if translator.error is not None and not first:
                 raise translator.error
         except BaseException:
@@ -487,6 +508,7 @@ class Dispatcher:
         key: str | None,
     ) -> AsyncIterator[bytes]:
         status = 200
+        finished = False
         ttft: float | None = None
         # Payload references are cheap to keep; they feed the cache and, if the provider reports no
         # usage, the tokenizer.
@@ -508,10 +530,14 @@ class Dispatcher:
                     yield self._frames(tail, keep)
             if translator.error is not None:
                 raise translator.error
+            # Record before the client can see the end of the stream, so a crash cannot lose it.
+            finished = True
+            self._finish_stream(call, dep, 200, translator, ttft, keep)
             yield DONE
             if key is not None and call.options.cache_write and self.cache is not None:
                 await self._cache_set(key, b"s" + pack_stream(keep))
-        except KubellmError as err:
+        except Exception as exc:
+            err = exc if isinstance(exc, KubellmError) else _unreadable(dep, exc)
             status = err.status
             metrics.ERRORS.labels(call.group.name, err.type).inc()
             if _counts_against_deployment(err):
@@ -523,11 +549,23 @@ class Dispatcher:
             raise
         finally:
             resp.close()
-            stats = self.stats[dep.name]
-            stats.in_flight -= 1
-            if status == 200:
-                stats.observe(time.monotonic() - call.started, ttft)
-            self.finish(call, dep, status, translator.usage, ttft, keep)
+            if not finished:
+                self._finish_stream(call, dep, status, translator, ttft, keep)
+
+    def _finish_stream(
+        self,
+        call: Call,
+        dep: Deployment,
+        status: int,
+        translator: StreamTranslator,
+        ttft: float | None,
+        payloads: list[bytes],
+    ) -> None:
+        stats = self.stats[dep.name]
+        stats.in_flight -= 1
+        if status == 200:
+            stats.observe(time.monotonic() - call.started, ttft)
+        self.finish(call, dep, status, translator.usage, ttft, payloads)
 
     @staticmethod
     def _frames(payloads: list[Payload], keep: list[bytes]) -> bytes:
