@@ -103,14 +103,18 @@ def _router_from_kube(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kubellm.router._http import ENV_HEADER_TIMEOUT, ENV_MAX_HEADER_BYTES, GuardedHttpToolsProtocol
     from kubellm.router._logging import configure
 
     configure(args.log_level)
+    # Read by each worker's protocol: slow or oversized request heads are cut off (slowloris).
+    os.environ[ENV_HEADER_TIMEOUT] = str(args.header_timeout)
+    os.environ[ENV_MAX_HEADER_BYTES] = str(args.max_header_bytes)
     common = {
         "host": args.host,
         "port": args.port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": GuardedHttpToolsProtocol,
         "access_log": False,
         "log_level": args.log_level,
         "timeout_graceful_shutdown": args.grace_period,
@@ -223,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds in-flight requests get to finish on shutdown",
+    )
+    router.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client gets to send a request's head, and the longest pause within its body (408)",
+    )
+    router.add_argument(
+        "--max-header-bytes", type=int, default=64 * 1024, help="largest request head accepted (431)"
     )
     router.add_argument("--ssl-certfile")
     router.add_argument("--ssl-keyfile")

@@ -193,6 +193,8 @@ def anthropic_request_to_openai(body: dict[str, Any]) -> dict[str, Any]:
         raise _bad("messages", "Field required (a non-empty list)")
     out: list[dict[str, Any]] = []
     system = body.get("system")
+    if system is not None and not isinstance(system, str | list):
+        raise _bad("system", "Input should be a string or a list of text blocks")
     if system is not None:
         out.append({"role": "system", "content": system if isinstance(system, str) else content_text(system)})
     for i, message in enumerate(messages):

@@ -18,7 +18,7 @@ import orjson
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -34,6 +34,7 @@ from ._ledger import RedisLedger
 from ._limits import RedisLimiter
 from ._proxy import JSON, Router, authenticate, error_response
 from ._redis import connect as connect_redis
+from ._sinks import hub as sink_hub
 from ._state import build_state
 from .providers import Operation
 
@@ -210,6 +211,8 @@ class RouterApp(FastAPI):
                 request = Request(scope, receive)
                 try:
                     response = await endpoint(request)
+                except ClientDisconnect:
+                    return  # the client left while sending its body: no one to answer
                 except Exception:
                     log.exception("unhandled error on POST %s", scope["path"])
                     response = Response(_INTERNAL_ERROR, status_code=500, media_type=JSON)
@@ -240,6 +243,7 @@ def create_app(source: ConfigSource) -> RouterApp:
                 redis.append(client)
                 tasks.append(asyncio.create_task(router.health.run_refresh(router.deployment_names)))
             await router.meter.ledger.start()
+            sink_hub.start(router.state.config.settings)  # settings.otel and settings.sinks
 
         async def connect_after_first_config() -> None:
             await loaded.wait()  # settings (cooldown, cache, Redis) come with the first config
@@ -266,6 +270,7 @@ def create_app(source: ConfigSource) -> RouterApp:
                 task.cancel()
             await router.upstream.stop()
             await router.meter.drain()
+            await asyncio.to_thread(sink_hub.close)  # flush what the sinks still hold
             for client in redis:
                 await client.aclose()
 
@@ -275,6 +280,8 @@ def create_app(source: ConfigSource) -> RouterApp:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # No 307 to the slash-less path: its Location would echo the client's Host header.
+        redirect_slashes=False,
     )
     app.state.router = router
     register_admin_routes(app, router)

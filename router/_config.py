@@ -244,6 +244,94 @@ class RedisSettings(_Model):
     )
 
 
+class OtelSettings(_Model):
+    """OpenTelemetry traces (GenAI semantic conventions) over OTLP/HTTP; needs the `otel` extra.
+
+    Read once at start. Unset: no span is ever created and the SDK is not imported.
+    """
+
+    endpoint: str = Field(
+        ..., min_length=1, description="OTLP/HTTP base URL; spans go to `{endpoint}/v1/traces`."
+    )
+    headers_env: str | None = Field(
+        None,
+        description="Environment variable holding export headers as a JSON object (e.g. `Authorization`).",
+    )
+    service_name: str = Field("kubellm", description="`service.name` of the exported spans.")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of requests traced, decided by trace id.")
+    batch_size: int = Field(512, ge=1, le=10_000, description="Requests per export.")
+    flush_interval_seconds: float = Field(
+        5.0, gt=0, description="Longest wait before a partial batch is exported."
+    )
+    max_queue: int = Field(10_000, ge=1, description="Requests waiting for export; beyond, they are dropped.")
+    timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one export request.")
+
+
+#: Sink types; `otlp` is the OpenTelemetry exporter, the others POST JSON (see docs/observability.md).
+SinkType = Literal["webhook", "otlp", "langfuse", "posthog", "mixpanel", "lunary", "helicone"]
+
+
+class SinkConfig(_Model):
+    """A destination for one event per finished request, fed off the request path in batches.
+
+    Read once at start. Credentials come from environment variables, never from the config.
+    """
+
+    type: SinkType = Field(
+        ..., description="`webhook`, `otlp`, `langfuse`, `posthog`, `mixpanel`, `lunary` or `helicone`."
+    )
+    name: str | None = Field(None, description="Label in `kubellm_sink_*` metrics. Default: the type.")
+    url: str | None = Field(
+        None,
+        description="Webhook URL, OTLP base URL, or the service's base URL (default: its cloud endpoint).",
+    )
+    headers_env: str | None = Field(
+        None, description="Environment variable holding extra request headers as a JSON object."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable holding the PostHog project API key, Mixpanel project token, "
+        "Lunary public key or Helicone API key.",
+    )
+    public_key_env: str | None = Field(
+        None, description="Langfuse: environment variable with the public key."
+    )
+    secret_key_env: str | None = Field(
+        None, description="Langfuse: environment variable with the secret key."
+    )
+    batch_size: int = Field(100, ge=1, le=10_000, description="Requests per POST (per export for `otlp`).")
+    flush_interval_seconds: float = Field(
+        2.0, gt=0, description="Longest wait before a partial batch is sent."
+    )
+    max_queue: int = Field(10_000, ge=1, description="Requests waiting to be sent; beyond, they are dropped.")
+    max_retries: int = Field(
+        5, ge=0, le=20, description="Retries of a failed batch, with exponential backoff."
+    )
+    timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one delivery request.")
+    include_payloads: bool = Field(
+        False,
+        description="Send prompts and answers, for requests whose key or deployment has `logPayloads`.",
+    )
+    service_name: str = Field("kubellm", description="`otlp`: `service.name` of the exported spans.")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="`otlp`: share of requests traced.")
+
+    @model_validator(mode="after")
+    def _required(self) -> SinkConfig:
+        needs = {
+            "webhook": ("url",),
+            "otlp": ("url",),
+            "langfuse": ("public_key_env", "secret_key_env"),
+            "posthog": ("api_key_env",),
+            "mixpanel": ("api_key_env",),
+            "lunary": ("api_key_env",),
+            "helicone": ("api_key_env",),
+        }[self.type]
+        missing = [to_camel(f) for f in needs if not getattr(self, f)]
+        if missing:
+            raise ValueError(f"a {self.type} sink needs {', '.join(missing)}")
+        return self
+
+
 class RouterSettings(_Model):
     """Process-wide router settings."""
 
@@ -289,6 +377,12 @@ class RouterSettings(_Model):
         description="Shared state between replicas; unset: in memory.",
     )
     access_log: bool = Field(True, description="Write one JSON access log line per request.")
+    otel: OtelSettings | None = Field(
+        None, description="OpenTelemetry traces over OTLP; unset: no tracing at all."
+    )
+    sinks: list[SinkConfig] = Field(
+        default_factory=list, description="Where per-request usage and log events are sent."
+    )
     state_dir: str | None = Field(
         None,
         description="Local state (embedded ledger, ledger journal). Default: `$KUBELLM_STATE_DIR` or "

@@ -418,6 +418,7 @@ async def watch_config_secret(
                 rv = str((listed.get("metadata") or {}).get("resourceVersion", ""))
                 backoff.reset()
                 while True:  # one watch per server timeout; resume from the last version seen
+                    started = time.monotonic()
                     async for event in client.watch(path, rv, params=params):
                         rv = str((event.object.get("metadata") or {}).get("resourceVersion", rv))
                         if event.type in ("ADDED", "MODIFIED"):
@@ -425,6 +426,10 @@ async def watch_config_secret(
                         elif event.type == "DELETED":
                             seen = None
                             on_error(KubeError(f"Secret {namespace}/{name} was deleted", 404, "NotFound"))
+                    if time.monotonic() - started < 1.0:
+                        await backoff.sleep()  # a proxy cutting watches short: do not spin
+                    else:
+                        backoff.reset()
             except KubeError as err:
                 if err.status == 410:
                     log.info("config watch: %s; relisting", err)

@@ -13,6 +13,7 @@ import orjson
 
 from . import _metrics as metrics
 from ._logging import access_log
+from ._sinks import hub as sinks
 from ._tokens import real_count, real_prompt_tokens
 from .providers import Operation, Usage
 
@@ -73,6 +74,8 @@ def finish_request(
             metrics.child(metrics.TOKENS, group, dep.name, key, "completion").inc(usage.completion_tokens)
     if call.ticket is not None:
         meter.finish(call, call.ticket, None if cached else dep, status, usage, latency, ttft)
+    if sinks.active:  # observability sinks (OTel, webhook, vendors): an O(1) hand-off, off the loop
+        sinks.submit(call, dep, status, usage, ttft, payloads, latency, cached)
     if not call.state.config.settings.access_log or not access_log.enabled:
         return
     fields: dict[str, Any] = {

@@ -31,7 +31,28 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequestError(
             f"the request body must be a JSON object, got {_kind(doc)}", code="invalid_json"
         )
+    # Counting brackets is C-fast and rules out deep nesting for nearly every request.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(doc, MAX_DEPTH):
+        raise InvalidRequestError(
+            f"the request body is nested more than {MAX_DEPTH} levels deep", code="invalid_json"
+        )
     return doc
+
+
+#: orjson reads 1024 levels of nesting but writes only 254, and the router writes the body again
+#: (upstream request, cache key, payload log): deeper documents are refused up front.
+MAX_DEPTH = 128
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _kind(value: Any) -> str:
@@ -142,6 +163,7 @@ def _messages(body: dict[str, Any]) -> None:
         if role not in _ROLES:
             shown = role if isinstance(role, str) else _kind(role)
             raise _bad(f"{where}.role", f"{shown!s} is not one of {', '.join(sorted(_ROLES))}")
+        _tool_calls(message, where)
         content = message.get("content")
         if content is None:
             if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
@@ -155,6 +177,8 @@ def _messages(body: dict[str, Any]) -> None:
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                     raise _bad(f"{where}.content[{j}]", "expected an object with a string 'type'")
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise _bad(f"{where}.content[{j}].text", "expected a string")
         elif not isinstance(content, str):
             raise _bad(f"{where}.content", f"expected a string or an array of parts, got {_kind(content)}")
         if role == "tool" and not isinstance(message.get("tool_call_id"), str):
@@ -175,6 +199,22 @@ def _messages(body: dict[str, Any]) -> None:
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str)):
         raise _bad("response_format", "expected an object with a string 'type'")
+
+
+def _tool_calls(message: dict[str, Any], where: str) -> None:
+    """Translating providers read these: a wrong shape must be a 400, not an exception."""
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise _bad(f"{where}.tool_calls", f"expected an array, got {_kind(calls)}")
+        for j, call in enumerate(calls):
+            if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+                raise _bad(f"{where}.tool_calls[{j}]", "expected an object with a 'function' object")
+            if not isinstance(call["function"].get("name"), str):
+                raise _bad(f"{where}.tool_calls[{j}].function.name", "expected a string")
+    legacy = message.get("function_call")
+    if legacy is not None and (not isinstance(legacy, dict) or not isinstance(legacy.get("name"), str)):
+        raise _bad(f"{where}.function_call", "expected an object with a string 'name'")
 
 
 def _token_input(body: dict[str, Any], name: str) -> None:

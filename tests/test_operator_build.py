@@ -246,7 +246,7 @@ def test_expired_key_is_left_out_and_the_next_expiry_is_reported() -> None:
     assert result.next_change == (NOW + timedelta(hours=1)).timestamp()
 
 
-def test_disabled_and_budget_exceeded_keys_are_rendered_disabled() -> None:
+def test_disabled_and_budget_exceeded_keys() -> None:
     keys = [
         ak("off", disabled=True),
         ak("spent", budget={"amountUsd": "1.50", "period": "daily"}),
@@ -256,8 +256,11 @@ def test_disabled_and_budget_exceeded_keys_are_rendered_disabled() -> None:
     result = build_config(api_keys=keys, secrets=key_secrets("off", "spent", "fine"), now=NOW, spend=spend)
     states = {r.name: v.state for r, v in result.verdicts.items()}
     assert states == {"off": "Disabled", "spent": "BudgetExceeded", "fine": "Active"}
+    # The routers enforce budgets themselves: a spent key stays enabled (spend never changes the config).
     disabled = {k.name: k.disabled for k in result.config.keys}
-    assert disabled == {"team/off": True, "team/spent": True, "team/fine": False}
+    assert disabled == {"team/off": True, "team/spent": False, "team/fine": False}
+    unspent = build_config(api_keys=keys, secrets=key_secrets("off", "spent", "fine"), now=NOW)
+    assert unspent.version == result.version
 
 
 def test_key_problems() -> None:

@@ -508,6 +508,15 @@ def test_spend_appears_in_api_key_status(env: Env) -> None:
     assert status["spendSummary"].endswith("/$100.00 daily") and status["nextReset"]
     assert status["remainingBudget"] != "100.00"
 
+    # A budget smaller than one request: spent after the first; the routers refuse the next one
+    # themselves, and the status says why.
+    env.create("ApiKey", "tiny", {"models": ["priced"], "budget": {"amountUsd": "0.005", "period": "daily"}})
+    tiny = env.wait_key("tiny")
+    wait(lambda: chat_status(env.routers[0], tiny, "priced")[0] == 200, 10, "tiny key served")
+    wait(lambda: env.get("ApiKey", "tiny")["status"].get("state") == "BudgetExceeded", 20, "BudgetExceeded")
+    assert chat_status(env.routers[1], tiny, "priced")[0] in (402, 403, 429)
+    assert env.get("ApiKey", "tiny")["status"]["remainingBudget"] == "0.00"
+
 
 def test_router_waits_for_its_first_config(env: Env) -> None:
     admin_kc = env.kube.kubeconfig_path
@@ -604,7 +613,7 @@ def test_config_watch_relists_after_410_and_keeps_the_last_good_config(tmp_path:
             for event in events:
                 await resp.write(json.dumps(event).encode() + b"\n")
             return resp
-        await asyncio.sleep(30)  # a quiet watch
+        await asyncio.sleep(0.3)  # a quiet (short) watch
         return resp
 
     app = web.Application()

@@ -48,12 +48,23 @@ class Operation(StrEnum):
 Payload = bytes | dict[str, Any]
 
 
+#: The largest token count one request may report; larger counts are clamped to it.
+MAX_TOKENS = 2**31 - 1
+
+
 @dataclass(slots=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     estimated: bool = False
+
+    def __post_init__(self) -> None:
+        # Counts come from upstreams: negative or absurd ones would corrupt metering (a negative
+        # cost refunds a budget; a count past 64 bits jams the ledger's batch forever), so clamp.
+        self.prompt_tokens = min(max(self.prompt_tokens, 0), MAX_TOKENS)
+        self.completion_tokens = min(max(self.completion_tokens, 0), MAX_TOKENS)
+        self.cached_tokens = min(max(self.cached_tokens, 0), self.prompt_tokens)
 
     @property
     def total_tokens(self) -> int:

@@ -47,7 +47,10 @@ def content_text(content: Any) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if not isinstance(content, list):
+        return ""
+    texts = (p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return "".join(t for t in texts if isinstance(t, str))
 
 
 def split_system(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:

@@ -151,6 +151,7 @@ class HuggingFaceProvider(HuggingFaceEndpointProvider):
     """The Inference Providers router; embeddings through HF Inference feature-extraction."""
 
     name = "huggingface"
+    required_fields = ()
     default_base_url = ROUTER_BASE_URL
     tgi = False  # the router speaks OpenAI's request format to every provider
 

@@ -1,0 +1,66 @@
+"""Facts the operator reads from the routers' shared Redis: key spend (the usage ledger's
+aggregates) and deployment circuit breakers. One pipeline per poll for all resources."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from decimal import Decimal
+
+from redis.asyncio import Redis
+
+from kubellm.router._budget import period_window
+from kubellm.router._config import RedisSettings
+from kubellm.router._health import RedisHealthStore
+from kubellm.router._ledger import RedisLedger, Totals
+
+from ._status import Health, KeyUsage
+
+log = logging.getLogger("kubellm.operator")
+
+#: Keys without a budget report their usage over this period.
+DEFAULT_PERIOD = "monthly"
+
+
+class UsageReader:
+    """Reads the ledger and breakers the routers write (same prefix, same Redis)."""
+
+    def __init__(self, client: Redis, prefix: str = "kubellm:") -> None:
+        self.client = client
+        self.ledger = RedisLedger(client, stream=f"{prefix}ledger", prefix=prefix)
+        self.health = RedisHealthStore(client, prefix)
+
+    @classmethod
+    def from_settings(cls, settings: RedisSettings) -> UsageReader | None:
+        from kubellm.router._app import redis_url
+        from kubellm.router._redis import connect
+
+        url = redis_url(settings)
+        return cls(connect(url, timeout=2.0), settings.key_prefix) if url else None
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def key_usage(
+        self, keys: Iterable[tuple[str, str]], now: float | None = None
+    ) -> dict[str, KeyUsage]:
+        """``keys``: (key name, budget period); every key gets an entry (zero when unused)."""
+        t = time.time() if now is None else now
+        by_window: dict[tuple[float, float], list[str]] = {}
+        for name, period in keys:
+            start, end, _ = period_window(period, t)
+            by_window.setdefault((start, end), []).append(name)
+        out: dict[str, KeyUsage] = {}
+        for (start, end), names in by_window.items():
+            totals = await self.ledger.aggregate(start, end, by="key")
+            for name in names:
+                got = totals.get(name) or Totals()
+                out[name] = KeyUsage(
+                    Decimal(got.cost), got.requests, got.prompt_tokens, got.completion_tokens, start, end
+                )
+        return out
+
+    async def breakers(self, names: Iterable[str]) -> dict[str, Health]:
+        snapshot = await self.health.snapshot(names)
+        return {name: Health(b.open_until, b.probe_until) for name, b in snapshot.items()}

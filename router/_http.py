@@ -1,0 +1,131 @@
+"""The router's HTTP/1.1 protocol: uvicorn's httptools protocol, with limits on slow and huge requests.
+
+uvicorn bounds neither how long a client may take to send its request nor how large the request
+head may be (``h11_max_incomplete_event_size`` applies to the h11 protocol only, and
+``--timeout-keep-alive`` only to the gap *between* requests). So a few clients trickling bytes
+(slowloris) or sending endless headers could hold sockets, tasks and memory for ever. This
+protocol adds two limits:
+
+* **time**: the request head (request line and headers) must be complete within
+  ``header_timeout`` seconds of the connection opening, or of the first byte of a later request on
+  a kept-alive connection; after it, the body may pause at most ``header_timeout`` seconds between
+  two reads. Otherwise the client gets ``408`` and the connection is closed.
+* **size**: a request head larger than ``max_header_bytes`` gets ``431`` and the connection is closed.
+
+Both answers are OpenAI-style JSON errors. ``kubellm router --header-timeout --max-header-bytes``
+set the limits (passed to worker processes through the environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from ._errors import error_body
+
+ENV_HEADER_TIMEOUT = "KUBELLM_HEADER_TIMEOUT"
+ENV_MAX_HEADER_BYTES = "KUBELLM_MAX_HEADER_BYTES"
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.header_timeout = float(os.environ.get(ENV_HEADER_TIMEOUT) or DEFAULT_HEADER_TIMEOUT)
+        self.max_header_bytes = int(os.environ.get(ENV_MAX_HEADER_BYTES) or DEFAULT_MAX_HEADER_BYTES)
+        self._in_head = True  # a new connection owes its first request head
+        self._in_body = False
+        self._head_bytes = 0
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- the deadline ---------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self._in_head or self._in_body:
+            self._refuse(408, "the request was not received in time", "request_timeout")
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        self._disarm()
+        self._in_head = self._in_body = False
+        if self.transport.is_closing():
+            return
+        body = error_body(status, message, type="invalid_request_error", code=code)
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
+            status,
+            _REASONS[status],
+            len(body),
+        )
+        self.transport.write(head + b"connection: close\r\n\r\n" + body)
+        self.transport.close()
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self._in_head and self._deadline is not None and self._head_bytes:
+            # The head is still incomplete after this chunk (its bytes are counted from the
+            # message's first byte on: a little of a previous message may be counted too).
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse(431, "the request head is too large", "request_header_fields_too_large")
+        elif self._in_body:
+            self._arm()  # the body keeps arriving: the gap allowed runs from here
+
+    # -- parser callbacks -----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._in_body, self._head_bytes = True, False, 1
+        if self._deadline is None:
+            self._arm()  # a kept-alive connection's next request: the head deadline starts now
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._in_body = False, True
+        self._arm()
+        super().on_headers_complete()
+        if self.flow.read_paused:
+            self._disarm()  # pipelined behind a request in progress: its body is not read yet
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._in_body and self._deadline is None and not self.transport.is_closing():
+            self._arm()  # a pipelined request's body, whose reading was paused, may arrive now
