@@ -118,7 +118,7 @@ class HuggingFaceEndpointProvider(OpenAIShapedProvider):
     """A dedicated Inference Endpoint or self-hosted TGI/TEI server; ``baseUrl`` is its root."""
 
     name = "huggingface-endpoint"
-    required_fields = ("baseUrl",)
+    required_fields: ClassVar[tuple[str, ...]] = ("baseUrl",)
     default_api_key_env = "HF_TOKEN"
     #: The upstream is TGI: JSON modes become a guidance grammar and ``developer`` turns are
     #: ``system`` turns (TGI hands roles to the model's chat template, which knows no ``developer``).
