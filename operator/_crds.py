@@ -123,12 +123,33 @@ CONDITIONS: Schema = {
         "type": "object",
         "required": ["type", "status"],
         "properties": {
-            "type": {"type": "string", "maxLength": 64},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string", "maxLength": 1024},
-            "message": {"type": "string", "maxLength": 32768},
-            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "type": {
+                "type": "string",
+                "maxLength": 64,
+                "description": "Ready, or Healthy (ModelDeployment).",
+            },
+            "status": {
+                "type": "string",
+                "enum": ["True", "False", "Unknown"],
+                "description": "The condition's state.",
+            },
+            "reason": {
+                "type": "string",
+                "maxLength": 1024,
+                "description": "A CamelCase reason, e.g. SecretNotFound.",
+            },
+            "message": {"type": "string", "maxLength": 32768, "description": "What happened, for people."},
+            "observedGeneration": {
+                "type": "integer",
+                "format": "int64",
+                "minimum": 0,
+                "description": "The metadata.generation this condition describes.",
+            },
+            "lastTransitionTime": {
+                "type": "string",
+                "format": "date-time",
+                "description": "When status last changed.",
+            },
         },
     },
 }
@@ -138,7 +159,11 @@ def _status(extra: Schema) -> Schema:
     return {
         "type": "object",
         "properties": {
-            "observedGeneration": {"type": "integer", "format": "int64"},
+            "observedGeneration": {
+                "type": "integer",
+                "format": "int64",
+                "description": "The metadata.generation last reconciled.",
+            },
             "conditions": CONDITIONS,
             **extra,
         },
@@ -182,8 +207,18 @@ def model_deployment_spec() -> Schema:
                 "the router config Secret.",
                 "required": ["name", "key"],
                 "properties": {
-                    "name": {"type": "string", "minLength": 1, "maxLength": 253},
-                    "key": {"type": "string", "minLength": 1, "maxLength": 253},
+                    "name": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 253,
+                        "description": "The Secret's name.",
+                    },
+                    "key": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 253,
+                        "description": "The data key.",
+                    },
                 },
             },
             "env": _str("An environment variable of the router pods that holds the credential."),
@@ -268,9 +303,13 @@ def model_deployment_spec() -> Schema:
                 "type": "object",
                 "description": "Options of the built-in mock provider.",
                 "properties": {
-                    "latencyMs": {"type": "number", "minimum": 0},
-                    "chunkDelayMs": {"type": "number", "minimum": 0},
-                    "reply": {"type": "string", "maxLength": 65536},
+                    "latencyMs": {"type": "number", "minimum": 0, "description": "Delay before answering."},
+                    "chunkDelayMs": {
+                        "type": "number",
+                        "minimum": 0,
+                        "description": "Delay between stream chunks.",
+                    },
+                    "reply": {"type": "string", "maxLength": 65536, "description": "Fixed reply text."},
                 },
             },
         },
@@ -326,22 +365,38 @@ def api_key_spec() -> Schema:
 def api_key_status() -> Schema:
     return _status(
         {
-            "state": {"type": "string", "enum": list(KEY_STATES)},
+            "state": {
+                "type": "string",
+                "enum": list(KEY_STATES),
+                "description": "Whether the key works, and why not.",
+            },
             "keyPrefix": {"type": "string", "description": "The first characters of the key (not secret)."},
-            "secretName": {"type": "string"},
-            "rotatedAt": {"type": "string", "format": "date-time"},
+            "secretName": {"type": "string", "description": "The Secret that holds the key."},
+            "rotatedAt": {
+                "type": "string",
+                "format": "date-time",
+                "description": "When the key last changed.",
+            },
             "spend": {"type": "string", "description": "USD spent in the current period."},
             "remainingBudget": {"type": "string", "description": "USD left in the current period."},
             "spendSummary": {"type": "string", "description": "spend / budget, for kubectl get."},
-            "periodStart": {"type": "string", "format": "date-time"},
-            "nextReset": {"type": "string", "format": "date-time"},
+            "periodStart": {
+                "type": "string",
+                "format": "date-time",
+                "description": "Start of the budget period.",
+            },
+            "nextReset": {
+                "type": "string",
+                "format": "date-time",
+                "description": "When the budget period resets.",
+            },
             "usage": {
                 "type": "object",
                 "description": "Usage in the current period.",
                 "properties": {
-                    "requests": {"type": "integer"},
-                    "promptTokens": {"type": "integer"},
-                    "completionTokens": {"type": "integer"},
+                    "requests": {"type": "integer", "description": "Requests this period."},
+                    "promptTokens": {"type": "integer", "description": "Prompt tokens this period."},
+                    "completionTokens": {"type": "integer", "description": "Completion tokens this period."},
                 },
             },
         }

@@ -20,3 +20,14 @@ def test_every_config_field_is_documented() -> None:
     for line in text.splitlines():
         if line.startswith("| `"):
             assert not line.rstrip().endswith("|  |"), f"undocumented field: {line}"
+
+
+def test_crd_reference_is_current_and_complete() -> None:
+    from kubellm.operator._crd_docs import crd_reference
+
+    text = crd_reference()
+    assert (ROOT / "docs" / "crds.md").read_text() == text, (
+        "docs/crds.md is stale: run `python -m kubellm.operator._crd_docs > docs/crds.md`"
+    )
+    undocumented = [line for line in text.splitlines() if line.startswith("| `") and line.endswith("|  |")]
+    assert undocumented == []
