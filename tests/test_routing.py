@@ -452,3 +452,51 @@ def test_breaker_is_shared_across_replicas_through_redis(fakes: Any) -> None:
             assert a.calls == 2
             metrics = http_get(two.base_url + "/metrics")[1].decode()
             assert 'kubellm_deployment_cooldown{deployment="a"} 1.0' in metrics
+
+
+def test_saturated_deployment_is_skipped(start_router: Callable[..., RouterProcess], fakes: Any) -> None:
+    a, b, _ = fakes
+    router = start_router(
+        {
+            "deployments": [
+                openai_deployment(a, name="a", priority=0, limits={"rpm": 2}),
+                openai_deployment(b, name="b", priority=1),
+            ]
+        }
+    )
+    served = [_chat(router).headers["x-kubellm-deployment"] for _ in range(4)]
+    assert served == ["a", "a", "b", "b"]
+    assert (a.calls, b.calls) == (2, 2)
+
+
+def _concurrent(router: RouterProcess, n: int) -> list[int]:
+    results: list[int] = []
+
+    def one() -> None:
+        try:
+            _chat(router)
+            results.append(200)
+        except openai.APIStatusError as exc:
+            results.append(exc.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_whole_group_saturated_is_429_or_queued(
+    start_router: Callable[..., RouterProcess], fakes: Any
+) -> None:
+    a, _, _ = fakes
+    a.always = Fault(hang=0.4)
+    limits = {"maxParallelRequests": 1}
+    router = start_router({"deployments": [openai_deployment(a, name="a", limits=limits)]})
+    statuses = _concurrent(router, 3)
+    assert sorted(statuses) == [200, 429, 429]
+    queued = start_router(
+        {"deployments": [openai_deployment(a, name="a", limits=limits)], "settings": {"queueWaitSeconds": 5}}
+    )
+    assert _concurrent(queued, 3) == [200, 200, 200]
