@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 
-from ._errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeoutError
+from ._errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeoutError
 from .providers import RequestContext, UpstreamRequest, UpstreamResponse
 
 
@@ -24,21 +24,23 @@ class _AiohttpResponse:
         self.status = resp.status
         self.headers: Mapping[str, str] = resp.headers
 
+    def _body_error(self, exc: Exception, what: str) -> UpstreamError:
+        """The router's error for a failure while the upstream was sending its body."""
+        if isinstance(exc, aiohttp.SocketTimeoutError):
+            return UpstreamTimeoutError(
+                f"deployment {self._where!r} went silent mid-{what}", code="idle_timeout"
+            )
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeoutError(
+                f"deployment {self._where!r} exceeded the total timeout mid-{what}", code="total_timeout"
+            )
+        return UpstreamProtocolError(f"deployment {self._where!r} broke off its {what}: {type(exc).__name__}")
+
     async def read(self) -> bytes:
         try:
             return await self._resp.read()
-        except aiohttp.SocketTimeoutError:
-            raise UpstreamTimeoutError(
-                f"deployment {self._where!r} went silent mid-response", code="idle_timeout"
-            ) from None
-        except TimeoutError:
-            raise UpstreamTimeoutError(
-                f"deployment {self._where!r} timed out sending its response", code="total_timeout"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamProtocolError(
-                f"deployment {self._where!r} broke off its response: {type(exc).__name__}"
-            ) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._body_error(exc, "response") from None
         finally:
             self._resp.release()
 
@@ -46,18 +48,8 @@ class _AiohttpResponse:
         try:
             async for data in self._resp.content.iter_any():
                 yield data
-        except aiohttp.SocketTimeoutError:
-            raise UpstreamTimeoutError(
-                f"deployment {self._where!r} went silent mid-stream", code="idle_timeout"
-            ) from None
-        except TimeoutError:
-            raise UpstreamTimeoutError(
-                f"deployment {self._where!r} exceeded the total timeout mid-stream", code="total_timeout"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamProtocolError(
-                f"deployment {self._where!r} broke off its stream: {type(exc).__name__}"
-            ) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._body_error(exc, "stream") from None
 
     def close(self) -> None:
         self._resp.close()
