@@ -247,7 +247,7 @@ class RedisSettings(_Model):
 class OtelSettings(_Model):
     """OpenTelemetry traces (GenAI semantic conventions) over OTLP/HTTP; needs the `otel` extra.
 
-    Read once at start. Unset: no span is ever created and the SDK is not imported.
+    Read once at start. Unset: no span is ever created and the tracing SDK is not imported.
     """
 
     endpoint: str = Field(

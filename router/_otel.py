@@ -1,7 +1,7 @@
 """OpenTelemetry traces of finished requests, following the GenAI semantic conventions.
 
 Imported only when ``settings.otel`` or an ``otlp`` sink is configured: without
-one, the SDK is never imported and no span is ever created.
+one, the tracing SDK and the exporter are never imported and no span is ever created.
 
 Spans are not built while a request runs. :mod:`kubellm.router._sinks` hands
 each finished request's :class:`Record` to :class:`OtlpSink` on the sink thread,

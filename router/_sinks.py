@@ -9,7 +9,7 @@ competes with the loop that serves requests.
 The request path pays for this only when a sink is configured, and then only
 :meth:`Hub.submit`: one small object and a bounded-queue append per sink. With
 no sink configured :attr:`Hub.active` is false and ``finish_request`` skips the
-call; the OpenTelemetry SDK is then never even imported.
+call; the OpenTelemetry tracing SDK is then never even imported.
 
 Metrics: ``kubellm_sink_events_total{sink}`` (delivered), ``kubellm_sink_dropped_total{sink}``
 (queue full, or given up after retries) and ``kubellm_sink_errors_total{sink}`` (failed attempts).

@@ -10,6 +10,7 @@ sink thread's own event loop, never on the loop that serves requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -110,7 +111,8 @@ class Sink:
             return
         queue.append(record)
         if len(queue) == self.batch_size and self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            with contextlib.suppress(RuntimeError):  # the sink loop has just been shut down
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     # -- the sink thread ------------------------------------------------------------------------
 
