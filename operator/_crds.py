@@ -1,7 +1,7 @@
 """The CustomResourceDefinitions, as data; ``crds/*.yaml`` are generated from here.
 
-    python -m kubellm.operator._crds            # rewrite crds/
-    python -m kubellm.operator._crds --check    # exit 1 if crds/ is stale (CI)
+    python -m kubellm.operator._crds            # rewrite crds/ and charts/kubellm/files/crds/
+    python -m kubellm.operator._crds --check    # exit 1 if either is stale (CI)
 
 The provider enum comes from the router's provider registry, so a new provider
 reaches the CRD by regenerating. CEL rules carry the messages users see when
@@ -549,21 +549,28 @@ def render_yaml(doc: Schema) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+#: Where the CRDs are written: the top-level folder, and the copy the Helm chart ships.
+OUTPUT_DIRS = (_ROOT / "crds", _ROOT / "charts" / "kubellm" / "files" / "crds")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="write or check crds/*.yaml")
-    parser.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent / "crds"))
+    parser = argparse.ArgumentParser(description="write or check crds/*.yaml and the chart's copy")
+    parser.add_argument(
+        "--dir", action="append", help="output folder (repeatable; default: crds/ and the chart)"
+    )
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    out = Path(args.dir)
     stale = []
-    for name, doc in crds().items():
-        path, text = out / name, render_yaml(doc)
-        if args.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(str(path))
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+    for out in [Path(d) for d in args.dir] if args.dir else OUTPUT_DIRS:
+        for name, doc in crds().items():
+            path, text = out / name, render_yaml(doc)
+            if args.check:
+                if not path.is_file() or path.read_text() != text:
+                    stale.append(str(path))
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
     if stale:
         print("stale (run python -m kubellm.operator._crds):", *stale, file=sys.stderr)
         return 1
