@@ -48,15 +48,23 @@ def _time_param(request: Request, name: str, default: float) -> float:
     if raw is None:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        try:
+            value = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            value = -1.0
+    if not 0 <= value <= _LATEST:  # also refuses nan and inf, which no date can show
         raise InvalidRequestError(
-            f"'{name}' must be Unix seconds or an RFC 3339 time", param=name, code="invalid_value"
-        ) from None
+            f"'{name}' must be Unix seconds or an RFC 3339 time, from 1970 to 9999",
+            param=name,
+            code="invalid_value",
+        )
+    return value
+
+
+#: 9999-12-31T23:59:59Z, the last instant a datetime can show.
+_LATEST = 253402300799.0
 
 
 def register_admin_routes(app: FastAPI, router: Router) -> None:
@@ -145,4 +153,10 @@ def register_admin_routes(app: FastAPI, router: Router) -> None:
         spend,
         methods=["GET"],
         summary="Spend and usage by key, model group or deployment (master key)",
+        openapi_extra={
+            "parameters": [
+                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                for name in ("since", "until", "by")
+            ]
+        },
     )

@@ -188,6 +188,11 @@ def _json(doc: Any, status: int = 200) -> Response:
 _REQUEST_SCHEMA = {"type": "object", "required": ["model"], "additionalProperties": True}
 
 
+def _string_param(name: str, where: str, *, required: bool = False) -> dict[str, Any]:
+    """An OpenAPI parameter, for endpoints that read the raw request."""
+    return {"name": name, "in": where, "required": required, "schema": {"type": "string"}}
+
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -365,6 +370,8 @@ def create_app(source: ConfigSource) -> RouterApp:
             methods=["GET"],
             include_in_schema=prefix == "/v1",
             summary="Retrieve a model group",
+            # The endpoint reads the raw request, so FastAPI cannot see the parameter: declare it.
+            openapi_extra={"parameters": [_string_param("model", "path", required=True)]},
         )
 
     @app.get("/health/liveness", summary="Liveness probe")

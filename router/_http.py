@@ -49,7 +49,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.max_header_bytes = int(os.environ.get(ENV_MAX_HEADER_BYTES) or DEFAULT_MAX_HEADER_BYTES)
         self._in_head = True  # a new connection owes its first request head
         self._in_body = False
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received since the head began, while it is incomplete
+        self._head_size = 0  # the request line and headers parsed so far
+        self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- the deadline ---------------------------------------------------------------------------
@@ -71,6 +73,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str, code: str) -> None:
         self._disarm()
         self._in_head = self._in_body = False
+        self._refused = True
         if self.transport.is_closing():
             return
         body = error_body(status, message, type="invalid_request_error", code=code)
@@ -93,6 +96,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         super().data_received(data)
         if self.transport.is_closing():
             return
@@ -109,21 +114,61 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head, self._in_body, self._head_bytes = True, False, 1
+        self._in_head, self._in_body, self._head_bytes, self._head_size = True, False, 1, 0
         if self._deadline is None:
             self._arm()  # a kept-alive connection's next request: the head deadline starts now
 
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._head_size > self.max_header_bytes:
+            self._refuse(431, "the request head is too large", "request_header_fields_too_large")
+            return
         self._in_head, self._in_body = False, True
         self._arm()
         super().on_headers_complete()
         if self.flow.read_paused:
             self._disarm()  # pipelined behind a request in progress: its body is not read yet
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._in_body = False
         self._disarm()
         super().on_message_complete()
+
+    # -- closing idle TLS connections ---------------------------------------------------------
+
+    def shutdown(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle:
+            self._close_soon()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._close_soon()
+
+    def _close_soon(self) -> None:
+        """A TLS close waits for the client's close_notify, which an idle pooled client sends only when
+        it next touches the connection: until then the connection counts as open, and a shutdown
+        waits for it for the whole grace period. Give the client a second, then drop it."""
+        if self.scheme == "https":
+            self.loop.call_later(1.0, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self in self.connections:
+            self.transport.abort()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -220,6 +220,14 @@ class Router:
                 raise PermissionDeniedError(
                     f"API key {caller.key.config.name!r} may not use model {group.name!r}", param="model"
                 )
+            # Fallbacks the client names are models it asks for: the key must be allowed them too.
+            for name in options.fallbacks or () if caller.key is not None else ():
+                target = state.groups.get(name)
+                if caller.key is not None and target is not None and not caller.key.may_use(target.name):
+                    raise PermissionDeniedError(
+                        f"API key {caller.key.config.name!r} may not use model {target.name!r}",
+                        param="x-kubellm-fallbacks",
+                    )
         except KubellmError as err:
             metrics.ERRORS.labels("", err.type).inc()
             return error_response(err, {"x-request-id": request_id})

@@ -233,8 +233,20 @@ def _token_input(body: dict[str, Any], name: str) -> None:
     raise _bad(name, "expected a string, an array of strings, or an array of token arrays")
 
 
+#: Fields with which other routers let a request pick the upstream URL. kubellm calls only the URLs
+#: of its config (no SSRF through the router), and says so rather than forwarding them upstream.
+CLIENT_TARGET_FIELDS = ("api_base", "base_url")
+
+
 def validate(operation: Operation, body: dict[str, Any]) -> tuple[str, bool, bool]:
     """Check a request; return (model, stream, include_usage)."""
+    for name in CLIENT_TARGET_FIELDS:
+        if name in body:
+            raise InvalidRequestError(
+                f"'{name}': the upstream is chosen by the router's config, never by a request",
+                param=name,
+                code="unsupported_parameter",
+            )
     model = _model(body)
     if operation is Operation.EMBEDDING:
         _token_input(body, "input")

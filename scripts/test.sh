@@ -9,12 +9,16 @@ PY=${PYTHON:-python3}
 # Python dependencies (the package itself, editable, with its test extras).
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
 
-# Servers the tests start on loopback: Redis (shared router state) from Debian's packages.
-if ! command -v redis-server >/dev/null 2>&1; then
+# Servers the tests start on loopback, from Debian's packages: Redis (shared router state) and
+# nginx (the load balancer in front of several routers in tests/test_chaos.py).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "scripts/test.sh: redis-server is missing; install Debian's redis-server package" >&2
+    echo "scripts/test.sh: missing ${missing[*]}; install Debian's packages of that name" >&2
     exit 1
   fi
 fi

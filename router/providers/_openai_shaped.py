@@ -83,7 +83,8 @@ class OpenAIShapedProvider(Provider):
         return {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
 
     def prepare_body(self, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
-        body["model"] = ctx.upstream_model
+        # A copy: the client's body is reused by later attempts and logged as the client sent it.
+        body = {**body, "model": ctx.upstream_model}
         if ctx.stream and self.supports_stream_usage and not ctx.include_usage:
             # Ask for usage even when the client did not, so metering sees real numbers.
             options = body.get("stream_options")

@@ -9,6 +9,7 @@ Faults can be queued to exercise retries and fallbacks.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class FakeOpenAI:
         self.always: Fault | None = None
         #: Requests whose client (the router) went away before the answer was complete.
         self.abandoned = 0
+        #: Set to a list to give each chat answer its own id and record ``(id, usage)`` for every
+        #: answer sent whole with its usage (the chaos tests reconcile the ledger against it).
+        self.answered: list[tuple[str, dict[str, int]]] | None = None
+        self._answers = itertools.count()
         self._lock = threading.Lock()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -191,11 +196,16 @@ class FakeOpenAI:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        answer_id = "chatcmpl-fake"
+        if self.answered is not None:
+            answer_id = f"chatcmpl-{self.name}-{next(self._answers)}"
         if body.get("stream"):
-            return await self._stream(request, body, text, usage)
+            return await self._stream(request, body, text, usage, answer_id)
+        if self.answered is not None and self.report_usage:
+            self.answered.append((answer_id, usage))
         return web.json_response(
             {
-                "id": "chatcmpl-fake",
+                "id": answer_id,
                 "object": "chat.completion",
                 "created": 1,
                 "model": body["model"],
@@ -213,13 +223,18 @@ class FakeOpenAI:
         )
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], text: str, usage: dict[str, int]
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        text: str,
+        usage: dict[str, int],
+        answer_id: str = "chatcmpl-fake",
     ) -> web.StreamResponse:
         fault: Fault | None = request.get(FAULT)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         base = {
-            "id": "chatcmpl-fake",
+            "id": answer_id,
             "object": "chat.completion.chunk",
             "created": 1,
             "model": body["model"],
@@ -263,6 +278,8 @@ class FakeOpenAI:
             if request.transport is None or request.transport.is_closing():
                 self.abandoned += 1
                 return resp
+        if self.answered is not None and options.get("include_usage") and self.report_usage:
+            self.answered.append((answer_id, usage))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
