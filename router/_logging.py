@@ -10,6 +10,7 @@ lines in batches, which costs a few microseconds per request instead of a
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import logging.handlers
 import os
@@ -39,10 +40,28 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             doc.update(fields)
-        if record.exc_info and record.levelno >= logging.ERROR:
-            # The type only: tracebacks stay out of logs that may be shipped off the machine.
-            doc["error"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+        error = getattr(record, "error_type", None)
+        if error:
+            doc["error"] = error
         return orjson.dumps(doc).decode()
+
+
+class _TypeOnlyQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread with the exception's type, never its traceback.
+
+    The stock ``prepare`` folds the formatted traceback into the message; tracebacks may quote
+    local values and stay out of logs that are shipped off the machine.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.error_type = record.exc_info[0].__name__ if record.exc_info[0] else None
+        record.exc_info = None
+        record.exc_text = None
+        return record
 
 
 class AccessLog:
@@ -112,7 +131,7 @@ def configure(level: str | None = None) -> None:
     root.setLevel(level.upper())
     root.propagate = False
     access_log.enabled = level in ("debug", "info")
-    if any(isinstance(h, logging.handlers.QueueHandler) for h in root.handlers):
+    if any(isinstance(h, _TypeOnlyQueueHandler) for h in root.handlers):
         return
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     sink = logging.StreamHandler(sys.stderr)
@@ -120,4 +139,4 @@ def configure(level: str | None = None) -> None:
     listener = logging.handlers.QueueListener(records, sink, respect_handler_level=False)
     listener.start()
     atexit.register(listener.stop)
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.handlers[:] = [_TypeOnlyQueueHandler(records)]

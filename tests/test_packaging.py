@@ -29,3 +29,20 @@ def test_tests_import_the_package_not_the_folders() -> None:
         )
     ]
     assert offenders == [], "import kubellm.router / kubellm.operator instead"
+
+
+def test_error_logs_carry_the_exception_type_not_its_traceback() -> None:
+    code = (
+        "import logging, time\n"
+        "from kubellm.router._logging import configure\n"
+        "configure('info')\n"
+        "try:\n"
+        "    secret = 'sk-local-value'\n"
+        "    raise ValueError(secret)\n"
+        "except ValueError:\n"
+        "    logging.getLogger('kubellm.router').exception('failed %s', 'here')\n"
+        "time.sleep(0.2)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert '"msg":"failed here","error":"ValueError"' in out.stderr
+    assert "Traceback" not in out.stderr and "sk-local-value" not in out.stderr
