@@ -13,11 +13,12 @@ Stores:
 
 * :class:`SqliteLedger`: a local table keyed by record id (``INSERT OR IGNORE``).
 * :class:`RedisLedger`: a stream plus per-day aggregate hashes. One script
-  per batch sets a dedupe key per record and, only for new ids, XADDs the
-  record and HINCRBYs the aggregates, so the aggregates are exactly the sum
-  of the records in the stream. Durability is Redis's own: run it with
-  ``appendonly yes``. Dedupe keys live ``dedupe_ttl`` (default 30 days): a
-  record replayed later than that would be counted again.
+  per batch adds each record's id to its day's id set and, only for new ids,
+  XADDs the record and HINCRBYs the aggregates, so the aggregates are exactly
+  the sum of the records in the stream. Durability is Redis's own: run it
+  with ``appendonly yes``. Id sets live ``dedupe_ttl`` (default 30 days): a
+  record replayed later than that would be counted again. The stream is the
+  ledger itself and grows with traffic; export and trim it (``maxlen``).
 
 Ranges are half-open, ``since <= ts < until``, on the record's own timestamp.
 """
@@ -237,15 +238,17 @@ class SqliteLedger:
 
 # --------------------------------------------------------------------------- redis
 
-# KEYS[1] the stream; per record i, KEYS[1+4(i-1)+1..4] = dedupe key, then the day's aggregate hash
-# by key, by model group, by deployment. ARGV[1] dedupe ttl ms, ARGV[2] aggregate ttl ms,
-# ARGV[3] stream MAXLEN (0 = never trim); per record 7 values: json, key, model group,
-# deployment, prompt, completion, cost in pico-USD (a decimal string; Lua never does math on it).
+# KEYS[1] the stream; per record i, KEYS[1+4(i-1)+1..4] = the day's set of record ids, then the
+# day's aggregate hash by key, by model group, by deployment. ARGV[1] dedupe ttl ms, ARGV[2]
+# aggregate ttl ms, ARGV[3] stream MAXLEN (0 = never trim); per record 8 values: json, key, model
+# group, deployment, prompt, completion, cost in pico-USD (a decimal string; Lua never does math on
+# it), record id. One id set per day (not one key per record) keeps Redis' key count bounded.
 _WRITE = Script("""
 local new, maxlen = 0, tonumber(ARGV[3])
 for i = 1, (#KEYS - 1) / 4 do
-  local k, a = 1 + 4 * (i - 1), 3 + 7 * (i - 1)
-  if redis.call('SET', KEYS[k + 1], '1', 'NX', 'PX', ARGV[1]) then
+  local k, a = 1 + 4 * (i - 1), 3 + 8 * (i - 1)
+  if redis.call('SADD', KEYS[k + 1], ARGV[a + 8]) == 1 then
+    redis.call('PEXPIRE', KEYS[k + 1], ARGV[1])
     if maxlen > 0 then
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[a + 1])
     else
@@ -303,10 +306,10 @@ class RedisLedger:
         args: list[Arg] = [self.dedupe_ttl_ms, self.aggregate_ttl_ms, self.maxlen]
         for r in records:
             day = _day(r.ts)
-            keys.append(f"{self.prefix}ledger:id:{r.id}")
+            keys.append(f"{self.prefix}ledger:ids:{day}")
             keys += [self._agg_key(by, day) for by in _GROUPS]
             args += [r.to_json(), r.key, r.model_group, r.deployment]
-            args += [r.prompt_tokens, r.completion_tokens, str(to_pico(r.cost))]
+            args += [r.prompt_tokens, r.completion_tokens, str(to_pico(r.cost)), r.id]
         return int(await _WRITE(self.client, keys, args))
 
     async def records(self, since: float, until: float) -> list[UsageRecord]:
