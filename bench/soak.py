@@ -16,7 +16,7 @@ memory. At the end it compares the first minute after ``--warmup`` with the last
   client's connections, and as many upstream connections as requests in flight (``--max-fds``,
   default ``40 + 32 + 2 * --connections``): pools grow in bursts, a leak grows for ever;
 * the Redis keys of limits, budgets and breakers must stay bounded (their windows expire);
-  the ledger's per-record dedupe keys are reported separately: by design they live 30 days.
+  the ledger's id sets (one per UTC day, kept 30 days) are reported separately.
 
     python bench/soak.py                       # 30 minutes at 200 requests/s
     python bench/soak.py --minutes 3 --rps 200 --warmup 30 --json soak.json
@@ -86,11 +86,14 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+LEDGER_IDS = "ledger id sets (one per day, 30-day TTL)"
+
+
 def _family(name: bytes) -> str:
-    """kubellm:ledger:id:<id> -> ledger:id; kubellm:budget:key:k:d:..:done:<id> -> budget done; ..."""
+    """kubellm:ledger:ids:<day> -> ledger ids; kubellm:budget:key:k:d:..:done:<id> -> budget done; ..."""
     text = name.decode(errors="replace").removeprefix("kubellm:")
-    if text.startswith("ledger:id:"):
-        return "ledger dedupe (one per record, 30-day TTL)"
+    if text.startswith("ledger:ids:"):
+        return LEDGER_IDS
     if text.startswith("ledger:agg:"):
         return "ledger daily aggregates"
     if text == "ledger":
@@ -244,7 +247,7 @@ class Soak:
         fd0, fd1 = med(first, "fds"), med(last, "fds")
         bounded = "limits, leases, breakers and the rest"
         lat = sorted(self.latencies)
-        dedupe = "ledger dedupe (one per record, 30-day TTL)"
+        dedupe = LEDGER_IDS
         answered = max(1, after[-2].ok - after[0].ok)  # the last sample is taken after the load
         result = {
             "minutes": a.minutes,
