@@ -90,7 +90,7 @@ LEDGER_IDS = "ledger id sets (one per day, 30-day TTL)"
 
 
 def _family(name: bytes) -> str:
-    """kubellm:ledger:ids:<day> -> ledger ids; kubellm:budget:key:k:d:..:done:<id> -> budget done; ..."""
+    """kubellm:ledger:ids:<day> -> ledger id sets; kubellm:budget:key:k:<period> -> budget buckets; ..."""
     text = name.decode(errors="replace").removeprefix("kubellm:")
     if text.startswith("ledger:ids:"):
         return LEDGER_IDS
@@ -98,8 +98,6 @@ def _family(name: bytes) -> str:
         return "ledger daily aggregates"
     if text == "ledger":
         return "ledger stream"
-    if text.startswith("budget:") and ":done:" in text:
-        return "budget settle markers (1 h TTL)"
     if text.startswith("budget:"):
         return "budget buckets"
     return "limits, leases, breakers and the rest"
@@ -284,6 +282,9 @@ class Soak:
         b0, b1 = result["bounded_redis_keys"]["baseline"], result["bounded_redis_keys"]["end"]
         if b1 > b0 * 1.5 + 50:
             failures.append(f"limit/budget/breaker keys grew from {b0} to {b1}")
+        k0, k1 = result["redis_keys"]["baseline"], result["redis_keys"]["end"]
+        if k1 > k0 * 1.5 + 50:
+            failures.append(f"Redis keys grew from {k0} to {k1}: something keeps a key per request")
         errors = sum(v for k, v in self.statuses.items() if k != 200)
         if errors > self.sent * 0.001:
             failures.append(f"{errors} requests failed or were shed: {dict(self.statuses)}")

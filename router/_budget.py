@@ -295,11 +295,13 @@ local s = state(); return {1, s[1], s[2]}
 """
 )
 
-# KEYS[4] the settle marker. ARGV: now ms, reservation id, actual, key ttl ms, dedupe ttl ms.
+# KEYS[4] the bucket's set of settled reservation ids (one set per bucket, so Redis' key count stays
+# bounded however many requests settle). ARGV: now ms, reservation id, actual, key ttl ms, dedupe ttl ms.
 _SETTLE = Script(
     _PRELUDE
     + """
-if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[5]) then return 0 end
+if redis.call('SADD', KEYS[4], ARGV[2]) == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[4], math.max(tonumber(ARGV[4]), tonumber(ARGV[5])))
 expire_held(ARGV[1])
 local est = redis.call('HGET', KEYS[2], ARGV[2])
 if est then
@@ -373,7 +375,7 @@ class RedisBudgetStore:
         t = time.time() if now is None else now
         _, end, key = period_window(period, t)
         key = period_key or key
-        keys = [*self._keys(scope, key), f"{self.prefix}budget:{scope}:{key}:done:{reservation_id}"]
+        keys = [*self._keys(scope, key), f"{self.prefix}budget:{scope}:{key}:done"]
         ttl = _ttl_ms(end, t)
         args: list[Arg] = [
             round(t * 1000),
