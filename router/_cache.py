@@ -9,14 +9,19 @@ chunk payloads the client received, and replayed as the same stream.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import orjson
+from starlette.responses import Response, StreamingResponse
 
 from ._config import CacheSettings
+from ._sse import DONE, frame
+
+log = logging.getLogger("kubellm.router")
 
 _IGNORED = frozenset({"stream_options", "user", "stream"})
 
@@ -91,3 +96,31 @@ def pack_stream(payloads: list[bytes]) -> bytes:
 
 def unpack_stream(value: bytes) -> list[bytes]:
     return [p.encode() for p in orjson.loads(value)]
+
+
+async def read_quietly(cache: ResponseCache, key: str) -> bytes | None:
+    """A cache read whose failure is a miss: a cache outage must not fail requests."""
+    try:
+        return await cache.get(key)
+    except Exception as exc:
+        log.warning("cache read failed: %s", type(exc).__name__)
+        return None
+
+
+async def write_quietly(cache: ResponseCache, key: str, value: bytes) -> None:
+    try:
+        await cache.set(key, value)
+    except Exception as exc:
+        log.warning("cache write failed: %s", type(exc).__name__)
+
+
+def replay(hit: bytes, headers: dict[str, str]) -> Response:
+    """A cached answer as the client asked for it: JSON (``j``) or the stream it was (``s``)."""
+    if hit[:1] == b"j":
+        return Response(hit[1:], media_type="application/json", headers=headers)
+    payloads = unpack_stream(hit[1:])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"".join(frame(p) for p in payloads) + DONE
+
+    return StreamingResponse(chunks(), media_type="text/event-stream", headers=headers)

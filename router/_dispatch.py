@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from . import _metrics as metrics
 from ._balancer import Headroom, Stats, order_tier, tiers
-from ._cache import cache_key, pack_stream, unpack_stream
+from ._cache import cache_key, pack_stream, read_quietly, replay, write_quietly
 from ._config import Timeouts
 from ._errors import (
     ContentFilterError,
@@ -157,7 +157,7 @@ class Dispatcher:
     async def run(self, call: Call) -> Response:
         key = self._cache_key(call)
         if key is not None and call.options.cache_read and self.cache is not None:
-            hit = await self._cache_get(key)
+            hit = await read_quietly(self.cache, key)
             if hit is not None:
                 return self._replay(call, hit)
         chain = [call.group]
@@ -443,8 +443,7 @@ class Dispatcher:
             await self.health.success(dep.name)
             stats.observe(time.monotonic() - call.started, None)
             self.finish(call, dep, 200, parsed.usage, None, [parsed.body])
-            if key is not None and call.options.cache_write and self.cache is not None:
-                await self._cache_set(key, b"j" + parsed.body)
+            await self._store(call, key, b"j" + parsed.body)
             return Response(parsed.body, media_type=JSON, headers=headers)
         finally:
             if not handed_off:
@@ -534,8 +533,7 @@ class Dispatcher:
             finished = True
             self._finish_stream(call, dep, 200, translator, ttft, keep)
             yield DONE
-            if key is not None and call.options.cache_write and self.cache is not None:
-                await self._cache_set(key, b"s" + pack_stream(keep))
+            await self._store(call, key, b"s" + pack_stream(keep))
         except Exception as exc:
             err = exc if isinstance(exc, KubellmError) else _unreadable(dep, exc)
             status = err.status
@@ -585,20 +583,9 @@ class Dispatcher:
             return None
         return cache_key(call.group.name, call.operation.value, call.stream, call.body)
 
-    async def _cache_get(self, key: str) -> bytes | None:
-        assert self.cache is not None
-        try:
-            return await self.cache.get(key)
-        except Exception as exc:  # a cache outage must not fail requests
-            logging.getLogger("kubellm.router").warning("cache read failed: %s", type(exc).__name__)
-            return None
-
-    async def _cache_set(self, key: str, value: bytes) -> None:
-        assert self.cache is not None
-        try:
-            await self.cache.set(key, value)
-        except Exception as exc:
-            logging.getLogger("kubellm.router").warning("cache write failed: %s", type(exc).__name__)
+    async def _store(self, call: Call, key: str | None, value: bytes) -> None:
+        if key is not None and call.options.cache_write and self.cache is not None:
+            await write_quietly(self.cache, key, value)
 
     def _replay(self, call: Call, hit: bytes) -> Response:
         metrics.CACHE_HITS.labels(call.group.name).inc()
@@ -610,11 +597,4 @@ class Dispatcher:
             "x-kubellm-cache": "hit",
         }
         self.finish(call, None, 200, None, None, cached=True)
-        if hit[:1] == b"j":
-            return Response(hit[1:], media_type=JSON, headers=headers)
-        payloads = unpack_stream(hit[1:])
-
-        async def replay() -> AsyncIterator[bytes]:
-            yield b"".join(frame(p) for p in payloads) + DONE
-
-        return StreamingResponse(replay(), media_type="text/event-stream", headers=headers)
+        return replay(hit, headers)
