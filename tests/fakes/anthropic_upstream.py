@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 API_VERSION = "2023-06-01"
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/gif", "image/webp"}
@@ -438,7 +438,7 @@ def frame(event: str, data: dict[str, Any]) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-class FakeAnthropic:
+class FakeAnthropic(FakeServer):
     def __init__(
         self,
         api_key: str = "sk-ant-test",
@@ -461,19 +461,6 @@ class FakeAnthropic:
     @property
     def base_url(self) -> str:
         return self.server.base_url
-
-    def start(self) -> FakeAnthropic:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeAnthropic:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def queue(self, *faults: Fault) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 API_VERSIONS = frozenset({
     "2023-05-15", "2024-02-01", "2024-06-01", "2024-08-01-preview", "2024-09-01-preview",
@@ -474,7 +474,7 @@ def embedding_vector(text: str, dims: int = 4) -> list[float]:
     return [round((sum(map(ord, text)) % (97 + i)) / 100, 4) for i in range(dims)]
 
 
-class FakeAzure:
+class FakeAzure(FakeServer):
     def __init__(
         self,
         api_key: str = "azure-key-test",
@@ -496,19 +496,6 @@ class FakeAzure:
     @property
     def base_url(self) -> str:
         return self.server.base_url
-
-    def start(self) -> FakeAzure:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeAzure:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def queue(self, *faults: Fault) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.loaders import Loader
 
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 SERVICE = Loader().load_service_model("bedrock-runtime", "service-2")
 SHAPES: dict[str, Any] = SERVICE["shapes"]
@@ -361,7 +361,7 @@ def embedding(text: str, dims: int) -> list[float]:
     return [round((digest[i % 32] - 127.5) / 127.5, 6) for i in range(dims)]
 
 
-class FakeBedrock:
+class FakeBedrock(FakeServer):
     def __init__(
         self,
         credentials: dict[str, tuple[str, str | None]],
@@ -383,19 +383,6 @@ class FakeBedrock:
     @property
     def base_url(self) -> str:
         return self.server.base_url
-
-    def start(self) -> FakeBedrock:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeBedrock:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def queue(self, *items: Reply | Fault) -> None:
         with self._lock:

@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 
 from tests.fakes.azure_upstream import embedding_vector, sample
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 BLOCKED = "something forbidden"
 CHAT_FIELDS = frozenset({
@@ -399,7 +399,7 @@ def stream_bytes(reply: Reply, usage: dict[str, Any]) -> bytes:
     return b"".join(frame(e) for e in stream_events(reply, usage)) + b"data: [DONE]\n\n"
 
 
-class FakeCohere:
+class FakeCohere(FakeServer):
     def __init__(self, api_key: str = "co-test-key", max_prompt_chars: int = 2000) -> None:
         self.api_key, self.max_prompt_chars = api_key, max_prompt_chars
         self.seen: list[Seen] = []
@@ -414,19 +414,6 @@ class FakeCohere:
     @property
     def base_url(self) -> str:
         return self.server.base_url
-
-    def start(self) -> FakeCohere:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeCohere:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def queue(self, *faults: Fault) -> None:
         with self._lock:

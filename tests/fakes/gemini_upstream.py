@@ -33,7 +33,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -404,7 +404,7 @@ def vector(text: str, dims: int) -> list[float]:
     return [round((digest[i % 32] - 127.5) / 127.5, 6) for i in range(dims)]
 
 
-class FakeGemini:
+class FakeGemini(FakeServer):
     def __init__(
         self,
         api_key: str = "gemini-test-key",
@@ -461,19 +461,6 @@ class FakeGemini:
             "client_id": "1",
             "token_uri": self.token_uri,
         }
-
-    def start(self) -> FakeGemini:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeGemini:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def queue(self, *items: Reply | Fault) -> None:
         with self._lock:

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from tests.fakes.azure_upstream import WireError as AzureWireError
 from tests.fakes.azure_upstream import embedding_vector, sample, validate_chat
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 ROLES = {"system", "user", "assistant", "tool"}
 FEATURE_EXTRACTION_FIELDS = {"inputs", "normalize", "prompt_name", "truncate", "truncation_direction"}
@@ -234,7 +234,7 @@ def sse(chunks: list[dict[str, Any]]) -> bytes:
     return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
 
 
-class FakeHuggingFace:
+class FakeHuggingFace(FakeServer):
     def __init__(
         self, mode: Literal["router", "tgi"], token: str = "hf_test_token", max_input_words: int = 500
     ) -> None:
@@ -256,19 +256,6 @@ class FakeHuggingFace:
     @property
     def base_url(self) -> str:
         return self.server.base_url
-
-    def start(self) -> FakeHuggingFace:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeHuggingFace:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def queue(self, *faults: Fault) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -53,7 +53,7 @@ def _error(
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeServer):
     def __init__(
         self, api_key: str = "sk-upstream-test", name: str = "fake", reply: str | None = None, chunks: int = 5
     ) -> None:
@@ -82,19 +82,6 @@ class FakeOpenAI:
     @property
     def base_url(self) -> str:
         return self.server.base_url + "/v1"
-
-    def start(self) -> FakeOpenAI:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def queue(self, *faults: Fault) -> None:
         with self._lock:

@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 PROTOBUF = "application/x-protobuf"
 
@@ -66,7 +66,7 @@ class Export:
     spans: list[SpanView] = field(default_factory=list)
 
 
-class FakeCollector:
+class FakeCollector(FakeServer):
     def __init__(self, required_headers: dict[str, str] | None = None) -> None:
         self.required_headers = required_headers or {}
         self.exports: list[Export] = []
@@ -156,15 +156,3 @@ class FakeCollector:
             scope=scope,
         )
 
-    def start(self) -> FakeCollector:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeCollector:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.support.servers import ThreadedApp
+from tests.support.servers import FakeServer, ThreadedApp
 
 TOKEN = "r8_fake_replicate_token"
 _VERSION = re.compile(r"^[0-9a-f]{64}$")
@@ -199,7 +199,7 @@ class Seen:
     body: Any
 
 
-class FakeReplicate:
+class FakeReplicate(FakeServer):
     def __init__(self, token: str = TOKEN, **options: Any) -> None:
         self.token = token
         self._options = options
@@ -242,19 +242,6 @@ class FakeReplicate:
     @property
     def base_url(self) -> str:
         return self.server.base_url + "/v1"
-
-    def start(self) -> FakeReplicate:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeReplicate:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def requests(self, method: str, prefix: str = "") -> list[Seen]:
         return [s for s in self.seen if s.method == method and s.path.startswith(prefix)]

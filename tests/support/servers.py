@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 from aiohttp import web
@@ -177,6 +177,28 @@ class ThreadedApp:
         self._thread.join(5)
 
     def __enter__(self) -> ThreadedApp:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class FakeServer:
+    """What every fake upstream shares: an aiohttp app served by a :class:`ThreadedApp`.
+
+    Subclasses build their app and assign ``self.server = ThreadedApp(app)``.
+    """
+
+    server: ThreadedApp
+
+    def start(self) -> Self:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
