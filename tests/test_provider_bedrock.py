@@ -7,7 +7,6 @@ test that every valid chat request translates into a Converse body the fake's va
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import urllib.error
 import urllib.request
@@ -47,6 +46,7 @@ from tests.fakes.bedrock_upstream import (
     validate_converse,
 )
 from tests.support.servers import RouterProcess
+from tests.support.streams import cut_at, every_split
 
 AKID, SECRET = "AKIDEXAMPLETEST01", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 SESSION_AKID, SESSION_SECRET, SESSION_TOKEN = (
@@ -656,16 +656,14 @@ def test_stream_translator_output_is_independent_of_byte_splits() -> None:
         "total_tokens": 15,
         "prompt_tokens_details": {"cached_tokens": 2},
     }
-    for i in range(1, len(STREAM)):
-        assert _run([STREAM[:i], STREAM[i:]]) == whole, f"split at byte {i}"
-    assert _run([STREAM[i : i + 1] for i in range(len(STREAM))]) == whole
+    for parts in every_split(STREAM):
+        assert _run(parts) == whole, [len(p) for p in parts[:2]]
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=10))
 def test_stream_translator_with_random_splits(cuts: list[int]) -> None:
-    points = [0, *sorted(set(cuts)), len(STREAM)]
-    assert _run([STREAM[a:b] for a, b in itertools.pairwise(points)]) == _run([STREAM])
+    assert _run(cut_at(STREAM, cuts)) == _run([STREAM])
 
 
 def test_stream_exception_and_truncation() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import base64
-import itertools
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -48,6 +47,7 @@ from tests.fakes.gemini_upstream import (
     validate_schema,
 )
 from tests.support.servers import RouterProcess
+from tests.support.streams import cut_at, every_split
 
 KEY = "AIza-test-gemini-key-0123456789"
 WRONG_KEY = "AIza-wrong-secret-key-9876543210"
@@ -792,16 +792,14 @@ def test_stream_translator_output_is_independent_of_byte_splits() -> None:
         "prompt_tokens_details": {"cached_tokens": 2},
     }
     assert whole[-2]["choices"][0]["finish_reason"] == "tool_calls"
-    for i in range(1, len(STREAM)):
-        assert _run([STREAM[:i], STREAM[i:]]) == whole, f"split at byte {i}"
-    assert _run([STREAM[i : i + 1] for i in range(len(STREAM))]) == whole
+    for parts in every_split(STREAM):
+        assert _run(parts) == whole, [len(p) for p in parts[:2]]
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=8))
 def test_stream_translator_with_random_splits(cuts: list[int]) -> None:
-    points = [0, *sorted(set(cuts)), len(STREAM)]
-    assert _run([STREAM[a:b] for a, b in itertools.pairwise(points)]) == _run([STREAM])
+    assert _run(cut_at(STREAM, cuts)) == _run([STREAM])
 
 
 def test_error_event_inside_the_stream_is_mapped() -> None:

@@ -36,6 +36,7 @@ from kubellm.router.providers.replicate import (
 from tests.conftest import MASTER_KEY
 from tests.fakes.replicate_upstream import TOKEN, FakeReplicate, Problem, sse_events, validate_create
 from tests.support.servers import RouterProcess
+from tests.support.streams import every_split
 
 HASH = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
 LLAMA3 = "meta/meta-llama-3-70b-instruct"
@@ -421,13 +422,6 @@ FINAL = {
 }
 
 
-def _splits(data: bytes) -> Iterator[list[bytes]]:
-    yield [data]
-    yield [data[i : i + 1] for i in range(len(data))]
-    for i in range(1, len(data)):
-        yield [data[:i], data[i:]]
-
-
 @covers("replicate", "stream", "stream_usage")
 def test_translator_output_is_the_same_at_every_split_point() -> None:
     data = b"".join(sse_events(PIECES))
@@ -438,7 +432,7 @@ def test_translator_output_is_the_same_at_every_split_point() -> None:
     )
     assert whole[-2]["choices"][0]["finish_reason"] == "stop"
     assert whole[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
-    for parts in _splits(data):
+    for parts in every_split(data):
         assert _run(parts, _StreamSession("p1", FINAL)) == (whole, None)
 
 
@@ -447,10 +441,10 @@ def test_translator_errors_are_the_same_at_every_split_point() -> None:
     early = b"".join(sse_events(PIECES, "input too long for this model", error_after=0))
     late_out, late_err = _run([late])
     assert len(late_out) == 2 and isinstance(late_err, UpstreamStatusError) and late_err.retryable
-    for parts in _splits(late):
+    for parts in every_split(late):
         out, err = _run(parts)
         assert out == late_out and type(err) is UpstreamStatusError
-    for parts in _splits(early):
+    for parts in every_split(early):
         out, err = _run(parts)
         assert out == [] and isinstance(err, ContextLengthExceededError)
 
