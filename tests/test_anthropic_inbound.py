@@ -19,10 +19,10 @@ from tests.conftest import MASTER_KEY, UPSTREAM_KEY
 from tests.fakes.anthropic_upstream import FakeAnthropic, Reply, error_body
 from tests.fakes.anthropic_upstream import Fault as AnthropicFault
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
+from tests.support.openai_requests import PNG
 from tests.support.servers import RouterProcess
 
 ANTHROPIC_KEY = "sk-ant-inbound"
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 WEATHER = {
     "name": "get_weather",
     "description": "Weather for a city",

@@ -28,19 +28,11 @@ from tests.fakes.anthropic_upstream import (
     validate_headers,
     validate_request,
 )
+from tests.support.openai_requests import PNG, WEATHER
 from tests.support.servers import RouterProcess
 
 KEY = "sk-ant-test-key"
 BAD_KEY = "sk-ant-wrong-secret-4242"
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},

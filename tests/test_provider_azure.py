@@ -35,27 +35,12 @@ from tests.fakes.azure_upstream import (
     validate_chat,
     validate_headers,
 )
+from tests.support.openai_requests import PNG, TIME, WEATHER
 from tests.support.servers import RouterProcess
 
 KEY = "azure-key-0123456789abcdef"
 ENTRA = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.fake.token"
 BAD_KEY = "azure-wrong-secret-4242"
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}},
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -28,27 +28,12 @@ from tests.fakes.cohere_upstream import (
     validate_chat,
     validate_headers,
 )
+from tests.support.openai_requests import PNG, TIME, WEATHER
 from tests.support.servers import RouterProcess
 from tests.test_provider_azure import openai_chat_requests
 
 KEY = "co-test-key-0123456789"
 BAD_KEY = "co-wrong-secret-4242"
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}},
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -27,24 +27,17 @@ from tests.fakes.huggingface_upstream import (
     validate_auth,
     validate_tgi_chat,
 )
+from tests.support.openai_requests import PNG, TIME
 from tests.support.servers import RouterProcess
 from tests.test_provider_azure import openai_chat_requests
 
 TOKEN = "hf_test_token_0123456789"
 BAD_TOKEN = "hf_wrong_secret_4242"
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 WEATHER = {
     "type": "function",
     "function": {
         "name": "get_weather",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}},
     },
 }
 HF, TGI = "huggingface", "huggingface-endpoint"
