@@ -31,3 +31,10 @@ def test_crd_reference_is_current_and_complete() -> None:
     )
     undocumented = [line for line in text.splitlines() if line.startswith("| `") and line.endswith("|  |")]
     assert undocumented == []
+
+
+def test_example_router_config_is_valid() -> None:
+    from kubellm.router import load_config
+
+    config = load_config(ROOT / "examples" / "router.yaml")
+    assert {d.model for d in config.deployments} == {"gpt-4o-mini"}
