@@ -23,6 +23,8 @@ from typing import IO, Any
 import orjson
 
 ENV_LOG_LEVEL = "KUBELLM_LOG_LEVEL"
+#: How often the access-log thread writes what has queued up (seconds).
+WRITE_INTERVAL = 0.05
 
 
 def _timestamp(created: float) -> str:
@@ -92,12 +94,17 @@ class AccessLog:
     def _run(self) -> None:
         stream = self._stream or sys.stderr.buffer
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < 512:
+            # Wake on a timer rather than on every record: a thread woken per request makes the
+            # event loop hand it the GIL per request.
+            time.sleep(WRITE_INTERVAL)
+            batch: list[dict[str, Any] | None] = []
+            while True:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            if not batch:
+                continue
             lines: list[bytes] = []
             for fields in batch:
                 if fields is None:
