@@ -493,14 +493,6 @@ class FakeAzure(FakeServer):
         app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._handle)
         self.server = ThreadedApp(app)
 
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    def queue(self, *faults: Fault) -> None:
-        with self._lock:
-            self.faults.extend(faults)
-
     def script(self, *replies: Reply) -> None:
         with self._lock:
             self.replies.extend(replies)

@@ -380,10 +380,6 @@ class FakeBedrock(FakeServer):
         app.router.add_post("/model/{tail:.+}", self._handle)
         self.server = ThreadedApp(app)
 
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
     def queue(self, *items: Reply | Fault) -> None:
         with self._lock:
             for item in items:

@@ -411,14 +411,6 @@ class FakeCohere(FakeServer):
         app.router.add_post("/v2/embed", self._embed)
         self.server = ThreadedApp(app)
 
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    def queue(self, *faults: Fault) -> None:
-        with self._lock:
-            self.faults.extend(faults)
-
     def script(self, *replies: Reply) -> None:
         with self._lock:
             self.replies.extend(replies)

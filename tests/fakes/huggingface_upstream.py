@@ -254,14 +254,6 @@ class FakeHuggingFace(FakeServer):
         self.server = ThreadedApp(app)
 
     @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    def queue(self, *faults: Fault) -> None:
-        with self._lock:
-            self.faults.extend(faults)
-
-    @property
     def last(self) -> Seen:
         return self.seen[-1]
 

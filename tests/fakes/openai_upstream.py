@@ -83,10 +83,6 @@ class FakeOpenAI(FakeServer):
     def base_url(self) -> str:
         return self.server.base_url + "/v1"
 
-    def queue(self, *faults: Fault) -> None:
-        with self._lock:
-            self.faults.extend(faults)
-
     @property
     def calls(self) -> int:
         return len(self.seen)

@@ -190,6 +190,17 @@ class FakeServer:
     """
 
     server: ThreadedApp
+    #: Faults for the next requests, taken one per request under ``_lock`` by the subclass.
+    faults: list[Any]
+    _lock: threading.Lock
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    def queue(self, *faults: Any) -> None:
+        with self._lock:
+            self.faults.extend(faults)
 
     def start(self) -> Self:
         self.server.start()
