@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--lease-name", default="kubellm-operator")
     op.add_argument("--no-leader-election", action="store_true", help="no Lease (one replica only)")
     op.add_argument("--poll-interval", type=float, default=10.0, help="seconds between status updates")
-    op.add_argument("--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument(
+        "--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
     op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     op.set_defaults(func=_operator)
 

@@ -19,13 +19,12 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Message
 
 from . import _metrics as metrics
 from ._errors import InvalidRequestError, KubellmError
-from ._proxy import Router, authenticate, read_body
+from ._inbound import Inbound, ReplacedBody
+from ._proxy import Router, authenticate
 from ._sse import SSEDecoder, frame_named
 from ._validate import parse_body
 from .providers import Operation, Usage
@@ -409,22 +408,6 @@ class AnthropicEventStream:
         return [_event("error", {"error": {"type": kind, "message": str(error.get("message"))}})]
 
 
-def _with_body(request: Request, body: bytes) -> Request:
-    """The same request carrying ``body``; later receives (disconnects) still reach the client's."""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await request.receive()
-
-    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    return Request({**request.scope, "headers": headers}, receive)
-
-
 async def _relay(chunks: AsyncIterable[Any], events: AnthropicEventStream) -> AsyncIterator[bytes]:
     decoder = SSEDecoder()
     iterator = chunks.__aiter__()
@@ -451,17 +434,17 @@ def _error_response(status: int, message: str, request_id: str | None, headers: 
     )
 
 
-async def handle_messages(router: Router, request: Request) -> Response:
+async def handle_messages(router: Router, inbound: Inbound) -> Response:
     """Serve ``POST /v1/messages`` on top of the router's OpenAI chat path."""
     state = router.state
     try:
-        authenticate(state, request.headers)
-        raw = await read_body(request, state.config.settings.max_request_body_bytes)
+        authenticate(state, inbound.headers)
+        raw = await inbound.read(state.config.settings.max_request_body_bytes)
         translated = anthropic_request_to_openai(parse_body(raw))
     except KubellmError as err:
         metrics.ERRORS.labels("", err.type).inc()
         return _error_response(err.status, err.message, None, err.headers)
-    inner = await router.handle(Operation.CHAT, _with_body(request, orjson.dumps(translated)))
+    inner = await router.handle(Operation.CHAT, ReplacedBody(inbound, orjson.dumps(translated)))
     request_id = inner.headers.get("x-request-id")
     headers = {
         k: v for k, v in inner.headers.items() if k.startswith("x-") or k in ("retry-after", "cache-control")

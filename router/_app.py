@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -28,8 +28,10 @@ from ._anthropic_inbound import handle_messages
 from ._budget import RedisBudgetStore
 from ._cache import MemoryCache, RedisCache
 from ._config import ConfigError, RedisSettings, RouterConfig, load_config
+from ._direct import Endpoint
 from ._errors import KubellmError, ModelNotFoundError, error_body
 from ._health import RedisHealthStore
+from ._inbound import AsgiInbound, Inbound
 from ._ledger import RedisLedger
 from ._limits import RedisLimiter
 from ._proxy import JSON, Router, authenticate, error_response
@@ -193,21 +195,36 @@ def _string_param(name: str, where: str, *, required: bool = False) -> dict[str,
     return {"name": name, "in": where, "required": required, "schema": {"type": "string"}}
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
 class RouterApp(FastAPI):
     """FastAPI for every route, except that the model endpoints skip its middleware stack.
 
     Measured under load, FastAPI's layers (dependency solving, query parsing, telemetry and
     body-limit middleware, exception wrappers) took about a third of the router's CPU per
     request. The POST model endpoints do their own validation and error rendering, so they are
-    dispatched straight from the ASGI entry; they stay registered with FastAPI for the OpenAPI spec.
+    dispatched straight from the ASGI entry, or before ASGI by the router's protocol
+    (:mod:`._direct`); they stay registered with FastAPI for the OpenAPI spec.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fast_routes: dict[str, Endpoint] = {}
+
+    def add_fast_route(self, path: str, endpoint: Endpoint, **openapi: Any) -> None:
+        """A POST model endpoint at ``path`` and at ``path`` without ``/v1``."""
+
+        async def asgi_endpoint(request: Request) -> Response:
+            return await endpoint(AsgiInbound(request))
+
+        for prefix in ("/v1", ""):
+            self.add_api_route(
+                prefix + path,
+                asgi_endpoint,
+                methods=["POST"],
+                include_in_schema=prefix == "/v1",
+                name=f"{openapi.pop('name', path.strip('/'))}{prefix.replace('/', '_')}",
+                **openapi,
+            )
+            self.fast_routes[prefix + path] = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -215,7 +232,7 @@ class RouterApp(FastAPI):
             if endpoint is not None:
                 request = Request(scope, receive)
                 try:
-                    response = await endpoint(request)
+                    response = await endpoint(AsgiInbound(request))
                 except ClientDisconnect:
                     return  # the client left while sending its body: no one to answer
                 except Exception:
@@ -292,40 +309,23 @@ def create_app(source: ConfigSource) -> RouterApp:
     register_admin_routes(app, router)
 
     def openai_route(path: str, operation: Operation, summary: str) -> None:
-        async def endpoint(request: Request) -> Response:
-            return await router.handle(operation, request)
+        async def endpoint(inbound: Inbound) -> Response:
+            return await router.handle(operation, inbound)
 
         extra = {"requestBody": {"required": True, "content": {JSON: {"schema": _REQUEST_SCHEMA}}}}
-        for prefix in ("/v1", ""):
-            app.add_api_route(
-                prefix + path,
-                endpoint,
-                methods=["POST"],
-                summary=summary,
-                include_in_schema=prefix == "/v1",
-                openapi_extra=extra,
-                name=f"{operation.value}{prefix.replace('/', '_')}",
-            )
-            app.fast_routes[prefix + path] = endpoint
+        app.add_fast_route(path, endpoint, summary=summary, openapi_extra=extra, name=operation.value)
 
     openai_route("/chat/completions", Operation.CHAT, "Create a chat completion (OpenAI format)")
     openai_route("/completions", Operation.COMPLETION, "Create a text completion (OpenAI format)")
     openai_route("/embeddings", Operation.EMBEDDING, "Create embeddings (OpenAI format)")
 
     # Anthropic's Messages API in front of any deployment; see _anthropic_inbound.
-    async def anthropic_messages(request: Request) -> Response:
-        return await handle_messages(router, request)
+    async def anthropic_messages(inbound: Inbound) -> Response:
+        return await handle_messages(router, inbound)
 
-    for prefix in ("/v1", ""):
-        app.add_api_route(
-            prefix + "/messages",
-            anthropic_messages,
-            methods=["POST"],
-            include_in_schema=prefix == "/v1",
-            summary="Create a message (Anthropic format)",
-            name=f"messages{prefix.replace('/', '_')}",
-        )
-        app.fast_routes[prefix + "/messages"] = anthropic_messages
+    app.add_fast_route(
+        "/messages", anthropic_messages, summary="Create a message (Anthropic format)", name="messages"
+    )
 
     def visible_models(request: Request) -> list[str]:
         """Model groups the caller may use; raises if the caller is not authenticated."""

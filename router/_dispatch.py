@@ -372,16 +372,14 @@ class Dispatcher:
 
     # -- one attempt on one deployment ---------------------------------------------------------
 
-    def _timeouts(self, call: Call, dep: Deployment) -> Timeouts:
-        base = dep.config.timeouts
-        remaining = call.deadline - time.monotonic()
-        if remaining <= 0:
+    def _timeouts(self, call: Call, dep: Deployment) -> Timeouts | None:
+        """The attempt's own timeouts when the request overrides the deployment's; the deadline
+        bounds the total separately (``RequestContext.total_timeout``)."""
+        if call.deadline <= time.monotonic():
             raise UpstreamTimeoutError("the request deadline passed before an attempt", code="total_timeout")
-        if not call.options.timeouts and base.total <= remaining:
-            return base  # the common case: no per-request override, and the deadline is further away
-        chosen = {**base.model_dump(), **call.options.timeouts}
-        chosen["total"] = min(chosen["total"], remaining)
-        return Timeouts.model_construct(**chosen)
+        if not call.options.timeouts:
+            return None
+        return Timeouts.model_construct(**{**dep.config.timeouts.model_dump(), **call.options.timeouts})
 
     async def _attempt(self, call: Call, group: ModelGroup, dep: Deployment, key: str | None) -> Response:
         if call.ticket is not None:
@@ -402,6 +400,7 @@ class Dispatcher:
             call.include_usage,
             api_key=dep.api_key,
             timeouts=timeouts,
+            deadline=call.deadline,
         )
         headers = {
             "x-request-id": call.request_id,
@@ -418,7 +417,7 @@ class Dispatcher:
         handed_off = False
         try:
             try:
-                async with asyncio.timeout(timeouts.first_token):
+                async with asyncio.timeout(ctx.effective_timeouts.first_token):
                     resp = await dep.provider.send(self.upstream, call.body, ctx)
             except TimeoutError:
                 raise self._first_token_timeout(dep) from None

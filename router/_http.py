@@ -22,10 +22,12 @@ import asyncio
 import os
 from typing import Any
 
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from . import _direct
 from ._errors import error_body
 
 ENV_HEADER_TIMEOUT = "KUBELLM_HEADER_TIMEOUT"
@@ -53,6 +55,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0  # the request line and headers parsed so far
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
+        self.fast_routes = _fast_routes(self.app)
+        self.direct_inbound: _direct.DirectInbound | None = None
 
     # -- the deadline ---------------------------------------------------------------------------
 
@@ -94,6 +98,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        if self.direct_inbound is not None:
+            self.direct_inbound.disconnected()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -147,6 +153,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_message_complete()
 
+    # -- the fast path for model endpoints ----------------------------------------------------
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        scope = cycle.scope
+        endpoint = self.fast_routes.get(scope["path"]) if scope["method"] == "POST" else None
+        if endpoint is None or app is not self.app:
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(_direct.serve(self, cycle, endpoint))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
     # -- closing idle TLS connections ---------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -174,3 +192,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._in_body and self._deadline is None and not self.transport.is_closing():
             self._arm()  # a pipelined request's body, whose reading was paused, may arrive now
+
+
+def _fast_routes(app: Any) -> dict[str, _direct.Endpoint]:
+    """The router app's model endpoints, found under uvicorn's middleware wrappers."""
+    for _ in range(8):
+        routes = getattr(app, "fast_routes", None)
+        if isinstance(routes, dict):
+            return routes
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return {}

@@ -14,6 +14,7 @@ field (see :func:`price_for`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -126,6 +127,7 @@ def _normalize(model: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=1024)  # a scan of the table; called for every finished request
 def lookup(model: str) -> Price | None:
     """The shipped price of ``model``: exact name, else the longest table prefix before ``-``/``@``.
 

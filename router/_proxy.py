@@ -13,9 +13,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import Response
 
 from . import _metrics as metrics
@@ -29,10 +27,10 @@ from ._errors import (
     InvalidRequestError,
     KubellmError,
     ModelNotFoundError,
-    PayloadTooLargeError,
     PermissionDeniedError,
 )
 from ._health import HealthTracker, MemoryHealthStore
+from ._inbound import Inbound
 from ._limits import MemoryLimiter
 from ._metering import Meter, Ticket, local_ledger
 from ._state import RouterState, VirtualKey
@@ -40,11 +38,7 @@ from ._upstream import UpstreamPool
 from ._validate import parse_body, validate
 from .providers import Operation
 
-__all__ = ["JSON", "Caller", "Router", "authenticate", "error_response", "read_body"]
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the answer was ready."""
+__all__ = ["JSON", "Caller", "Router", "authenticate", "error_response"]
 
 
 @dataclass(slots=True)
@@ -91,40 +85,6 @@ def authenticate(state: RouterState, headers: Mapping[str, str]) -> Caller:
             f"API key {key.config.name!r} expired at {expires.isoformat()}", code="key_expired"
         )
     return Caller(is_master, key)
-
-
-async def read_body(request: Request, limit: int, headers: Mapping[str, str] | None = None) -> bytes:
-    declared = (headers if headers is not None else request.headers).get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidRequestError("invalid Content-Length header", code="invalid_header")
-        if int(declared) > limit:
-            raise PayloadTooLargeError(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-        return await request.body()
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
-        parts.append(part)
-    return b"".join(parts)
-
-
-async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any]) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            task.cancel("client disconnected")
-            return
-
-
-def header_map(request: Request) -> dict[str, str]:
-    """The request's headers as a plain dict (ASGI names are lower-case), read once per request.
-
-    Starlette's ``Headers.get`` scans the raw list on every call; the hot path asks a dozen times.
-    """
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
 
 
 def request_options(headers: Mapping[str, str]) -> RequestOptions:
@@ -202,15 +162,15 @@ class Router:
     def deployment_names(self) -> list[str]:
         return [d.name for g in self.state.groups.values() for d in g.deployments]
 
-    async def handle(self, operation: Operation, request: Request) -> Response:
+    async def handle(self, operation: Operation, inbound: Inbound) -> Response:
         started = time.monotonic()
         state = self.state  # one snapshot for the whole request, even across a reload
         request_id = next_request_id()
         try:
-            headers = header_map(request)
+            headers = inbound.headers
             caller = authenticate(state, headers)
             options = request_options(headers)
-            raw = await read_body(request, state.config.settings.max_request_body_bytes, headers)
+            raw = await inbound.read(state.config.settings.max_request_body_bytes)
             body = parse_body(raw)
             model, stream, include_usage = validate(operation, body)
             group = state.groups.get(model)
@@ -255,16 +215,16 @@ class Router:
             return error_response(err, {"x-request-id": request_id})
         current = asyncio.current_task()
         assert current is not None
-        watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, current))
+        unwatch = inbound.cancel_on_disconnect(current)
         metrics.child(metrics.IN_FLIGHT, group.name).inc()
         try:
             return await self.dispatcher.run(call)
         except asyncio.CancelledError:
-            if not watcher.done() or current.cancelling() == 0:
+            if not inbound.gone or current.cancelling() == 0:
                 raise
             current.uncancel()
             self.dispatcher.finish(call, None, 499, None, None)
             return Response(status_code=499)
         finally:
-            watcher.cancel()
+            unwatch()
             metrics.child(metrics.IN_FLIGHT, group.name).dec()

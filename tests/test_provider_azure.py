@@ -146,7 +146,9 @@ def test_missing_api_version_fails_at_config_load() -> None:
     from kubellm.router._config import ConfigError
     from kubellm.router._state import build_state
 
-    config = parse_config({"deployments": [{"model": "m", "provider": "azure", "baseUrl": "http://127.0.0.1:9"}]})
+    config = parse_config(
+        {"deployments": [{"model": "m", "provider": "azure", "baseUrl": "http://127.0.0.1:9"}]}
+    )
     with pytest.raises(ConfigError) as info:
         build_state(config)
     assert info.value.message == "deployments[0].apiVersion: required by provider 'azure'"

@@ -6,10 +6,8 @@ Every case runs against a real router process; the clients are the openai SDK an
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import inspect
-import ipaddress
 import signal
 import socket
 import ssl
@@ -25,10 +23,6 @@ import orjson
 import pytest
 import redis
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from kubellm.router import _state
 from kubellm.router._config import parse_config
@@ -39,6 +33,7 @@ from tests.fakes.otlp_collector import FakeCollector
 from tests.fakes.sink_receivers import FakeWebhook
 from tests.support.redis_server import RedisServer
 from tests.support.servers import RouterProcess, ThreadedApp, http_get
+from tests.support.tls import certificates
 
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 KEYS = {
@@ -579,59 +574,8 @@ def test_a_request_cannot_make_the_router_call_a_url_of_its_choosing(router: Rou
 # --------------------------------------------------------------------------- TLS
 
 
-def _certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost."""
-    now = dt.datetime.now(dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("kubellm test CA"))
-        .issuer_name(name("kubellm test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("127.0.0.1"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return ca_path, cert_path, key_path
-
-
 def test_tls_with_a_given_certificate(upstream: FakeOpenAI, tmp_path: Path) -> None:
-    ca, cert, key = _certificates(tmp_path)
+    ca, cert, key = certificates(tmp_path)
     config = {"deployments": [openai_deployment(upstream)]}
     proc = RouterProcess(
         config,
@@ -680,3 +624,31 @@ def test_tls_with_a_given_certificate(upstream: FakeOpenAI, tmp_path: Path) -> N
         assert time.monotonic() - started < 5
     finally:
         proc.stop()
+
+
+def test_https_upstream_is_verified_against_the_trusted_cas(tmp_path: Path) -> None:
+    """Upstreams over TLS: verified with the system's CA store, which SSL_CERT_FILE replaces."""
+    ca, cert, key = certificates(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    fake.server = ThreadedApp(fake.server.app, ssl_context=server_context)
+    with fake:
+        assert fake.base_url.startswith("https://")
+        config = {"deployments": [openai_deployment(fake)]}
+        env = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+        with RouterProcess(config, env={**env, "SSL_CERT_FILE": str(ca)}) as proc:
+            client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="none", max_retries=0)
+            answer = client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+            assert answer.choices[0].message.content
+            stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert len(fake.seen) == 2
+        # Without the test CA the upstream's certificate is not trusted: a clear 502, no request.
+        with RouterProcess(config, env=env) as proc:
+            client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="none", max_retries=0)
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+            assert caught.value.status_code == 502
+            assert "TLS" in caught.value.message
+        assert len(fake.seen) == 2

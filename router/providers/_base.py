@@ -107,8 +107,10 @@ class RequestContext:
     created: int = field(default_factory=lambda: int(time.time()))
     #: The credential resolved for this deployment, if any.
     api_key: str | None = None
-    #: Effective timeouts of this attempt (request overrides, bounded by the deadline).
+    #: Timeouts of this attempt when the request overrides the deployment's.
     timeouts: Timeouts | None = None
+    #: The request's deadline across all attempts, on the ``time.monotonic()`` clock.
+    deadline: float | None = None
 
     @property
     def upstream_model(self) -> str:
@@ -117,6 +119,14 @@ class RequestContext:
     @property
     def effective_timeouts(self) -> Timeouts:
         return self.timeouts or self.deployment.timeouts
+
+    @property
+    def total_timeout(self) -> float:
+        """Seconds this attempt may take in all: its total timeout, cut short by the deadline."""
+        total = self.effective_timeouts.total
+        if self.deadline is None:
+            return total
+        return min(total, self.deadline - time.monotonic())
 
 
 @dataclass(slots=True)

@@ -427,7 +427,7 @@ class ReplicateProvider(Provider):
     async def send(
         self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
     ) -> UpstreamResponse:
-        deadline = asyncio.get_running_loop().time() + ctx.effective_timeouts.total
+        deadline = asyncio.get_running_loop().time() + ctx.total_timeout
         created = await client.send(self.build_request(body, ctx), ctx)
         if created.status >= 400:
             return created
@@ -558,5 +558,6 @@ def _retry_after(headers: Mapping[str, str]) -> float:
 def _sync_wait(ctx: RequestContext) -> int:
     """Seconds for ``Prefer: wait=n`` (1 to 60), inside the client's own read timeout."""
     t = ctx.effective_timeouts
-    limit = min(t.total, t.idle or t.first_token or t.total)
+    total = ctx.total_timeout
+    limit = min(total, t.idle or t.first_token or total)
     return max(1, min(60, math.floor(limit - 1) if limit >= 2 else 1))

@@ -155,4 +155,3 @@ class FakeCollector(FakeServer):
             resource=resource,
             scope=scope,
         )
-

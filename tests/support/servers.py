@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -136,10 +137,13 @@ class RouterProcess:
 class ThreadedApp:
     """An aiohttp application served from its own thread and event loop."""
 
-    def __init__(self, app: web.Application, port: int | None = None) -> None:
+    def __init__(
+        self, app: web.Application, port: int | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.app = app
         self.port = port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ssl_context = ssl_context
+        self.base_url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
@@ -153,7 +157,7 @@ class ThreadedApp:
                 self.app, handle_signals=False, access_log=None, shutdown_timeout=0.5
             )
             await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context).start()
             self._ready.set()
 
         self.loop.run_until_complete(boot())
