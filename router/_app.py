@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -284,6 +285,10 @@ def create_app(source: ConfigSource) -> RouterApp:
         if source.path is not None:
             tasks.append(asyncio.create_task(_watch_config(router, source)))
         _drain_on_sigterm(router)
+        # Everything built so far (modules, config, pydantic schemas) lives as long as the process:
+        # keep it out of the collector's full passes, which otherwise walk it again and again.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -8,7 +8,7 @@ deployment name, so they survive config reloads.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -53,6 +53,8 @@ Headroom = Callable[["Deployment"], float]
 
 
 def _weighted_shuffle(deps: list[Deployment], rng: random.Random) -> list[Deployment]:
+    if len(deps) < 2:
+        return list(deps)
     pool = [d for d in deps if d.config.weight > 0]
     zero = [d for d in deps if d.config.weight <= 0]
     order: list[Deployment] = []
@@ -122,10 +124,3 @@ def order_tier(
     if strategy == "lowest-cost":
         return _by_key(deps, lambda d: float(_price(d)), rng)
     return _weighted_shuffle(deps, rng)
-
-
-def tiers(deps: Sequence[Deployment]) -> list[list[Deployment]]:
-    by_tier: dict[int, list[Deployment]] = {}
-    for dep in deps:
-        by_tier.setdefault(dep.config.priority, []).append(dep)
-    return [by_tier[t] for t in sorted(by_tier)]

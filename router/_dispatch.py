@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import Response, StreamingResponse
 
 from . import _metrics as metrics
-from ._balancer import Headroom, Stats, order_tier, tiers
+from ._balancer import Headroom, Stats, order_tier
 from ._cache import cache_key, pack_stream, read_quietly, replay, write_quietly
 from ._config import Timeouts
 from ._errors import (
@@ -284,7 +284,7 @@ class Dispatcher:
         too_long = 0
         cooling = 0
         retry_same: Deployment | None = None
-        for tier in tiers(group.deployments):
+        for tier in group.tiers:
             usable = []
             for dep in tier:
                 if operation not in dep.provider.operations or dep.name in saturated:
@@ -416,11 +416,15 @@ class Dispatcher:
         stats.in_flight += 1
         handed_off = False
         try:
-            try:
-                async with asyncio.timeout(ctx.effective_timeouts.first_token):
-                    resp = await dep.provider.send(self.upstream, call.body, ctx)
-            except TimeoutError:
-                raise self._first_token_timeout(dep) from None
+            first_token = ctx.effective_timeouts.first_token
+            if first_token is None:
+                resp = await dep.provider.send(self.upstream, call.body, ctx)
+            else:
+                try:
+                    async with asyncio.timeout(first_token):
+                        resp = await dep.provider.send(self.upstream, call.body, ctx)
+                except TimeoutError:
+                    raise self._first_token_timeout(dep) from None
             if resp.status >= 400:
                 raw = await resp.read()
                 err = dep.provider.map_error(resp.status, resp.headers, raw)

@@ -168,10 +168,12 @@ def _request_head(method: str, target: _Target, headers: Mapping[str, str], body
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection, carrying at most one exchange at a time."""
 
-    def __init__(self, pool: ConnectionPool, origin: tuple[str, str, int]) -> None:
+    def __init__(
+        self, pool: ConnectionPool, origin: tuple[str, str, int], loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.pool = pool
         self.origin = origin
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -406,6 +408,7 @@ class ConnectionPool:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._ssl = ssl_context
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -434,13 +437,16 @@ class ConnectionPool:
         data = _request_head(method, target, headers, body)
         if body:
             data += body
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # One pool serves one event loop; asyncio.get_running_loop() costs a getpid() per call.
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + (total_timeout if total_timeout is not None else 1e9)
         for attempt in range(2):
             conn = self._reuse(target.origin, loop.time())
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(target, connect_timeout, deadline)
+                conn = await self._connect(loop, target, connect_timeout, deadline)
             self._busy.add(conn)
             try:
                 assert conn.transport is not None
@@ -470,11 +476,12 @@ class ConnectionPool:
             conn.close()
         return None
 
-    async def _connect(self, target: _Target, connect_limit: float | None, deadline: float) -> _Connection:
-        loop = asyncio.get_running_loop()
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, target: _Target, connect_limit: float | None, deadline: float
+    ) -> _Connection:
         remaining = deadline - loop.time()
         limit = remaining if connect_limit is None else min(connect_limit, remaining)
-        conn = _Connection(self, target.origin)
+        conn = _Connection(self, target.origin, loop)
         tls = self.ssl_context if target.tls else None
         try:
             async with asyncio.timeout(limit):

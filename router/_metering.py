@@ -267,8 +267,6 @@ class Meter:
                 estimated=bool(usage and usage.estimated),
             )
         )
-        if spend:
-            metrics.SPEND.labels(call.group.name, call.caller_label).inc(float(spend))
         if ticket.leases or ticket.budget is not None:
             actual = usage.total_tokens if usage is not None else 0
             task = asyncio.get_running_loop().create_task(self._settle(call, ticket, actual, spend))

@@ -63,17 +63,23 @@ def finish_request(
         usage = estimate_usage(call, payloads)
     group = call.group.name
     deployment = "cache" if cached else dep.name if dep is not None else ""
-    metrics.child(metrics.REQUESTS, group, deployment, call.caller_label, str(status)).inc()
-    if dep is not None:
-        metrics.child(metrics.LATENCY, group, dep.name).observe(latency)
-        if ttft is not None:
-            metrics.child(metrics.TTFT, group, dep.name).observe(ttft)
-        if usage is not None:
-            key = call.caller_label
-            metrics.child(metrics.TOKENS, group, dep.name, key, "prompt").inc(usage.prompt_tokens)
-            metrics.child(metrics.TOKENS, group, dep.name, key, "completion").inc(usage.completion_tokens)
-    if call.ticket is not None:
+    spend = (
         meter.finish(call, call.ticket, None if cached else dep, status, usage, latency, ttft)
+        if call.ticket is not None
+        else 0
+    )
+    metrics.recorder.finished(
+        group,
+        deployment,
+        call.caller_label,
+        status,
+        dep.name if dep is not None else None,
+        latency,
+        ttft,
+        usage.prompt_tokens if usage is not None else None,
+        usage.completion_tokens if usage is not None else None,
+        float(spend),
+    )
     if sinks.active:  # observability sinks (OTel, webhook, vendors): an O(1) hand-off, off the loop
         sinks.submit(call, dep, status, usage, ttft, payloads, latency, cached)
     if not call.state.config.settings.access_log or not access_log.enabled:

@@ -216,7 +216,7 @@ class Router:
         current = asyncio.current_task()
         assert current is not None
         unwatch = inbound.cancel_on_disconnect(current)
-        metrics.child(metrics.IN_FLIGHT, group.name).inc()
+        metrics.recorder.started(group.name)
         try:
             return await self.dispatcher.run(call)
         except asyncio.CancelledError:
@@ -227,4 +227,4 @@ class Router:
             return Response(status_code=499)
         finally:
             unwatch()
-            metrics.child(metrics.IN_FLIGHT, group.name).dec()
+            metrics.recorder.ended(group.name)

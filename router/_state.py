@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,19 +40,14 @@ class ModelGroup:
     deployments: list[Deployment]
     settings: ModelGroupConfig
 
-    def ordered_candidates(self, rng: random.Random) -> list[Deployment]:
-        """Deployments in the order to try them: tier by tier, each tier by weighted draw."""
-        tiers: dict[int, list[Deployment]] = {}
+    #: The deployments by priority tier, the lowest ``priority`` first; computed once.
+    tiers: list[list[Deployment]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        by_tier: dict[int, list[Deployment]] = {}
         for dep in self.deployments:
-            tiers.setdefault(dep.config.priority, []).append(dep)
-        order: list[Deployment] = []
-        for tier in sorted(tiers):
-            pool = [d for d in tiers[tier] if d.config.weight > 0] or tiers[tier]
-            while pool:
-                weights = [d.config.weight for d in pool]
-                pick = rng.choices(range(len(pool)), weights=weights)[0] if sum(weights) > 0 else 0
-                order.append(pool.pop(pick))
-        return order
+            by_tier.setdefault(dep.config.priority, []).append(dep)
+        self.tiers = [by_tier[t] for t in sorted(by_tier)]
 
 
 @dataclass(slots=True)
@@ -104,20 +98,20 @@ def _credential(dep: DeploymentConfig, where: str) -> str | None:
 
 def build_state(config: RouterConfig) -> RouterState:
     """Compile a validated config; raises :class:`ConfigError` naming the field on failure."""
-    groups: dict[str, ModelGroup] = {}
-    settings = {g.name: g for g in config.model_groups}
+    members: dict[str, list[Deployment]] = {}
     for i, dep in enumerate(config.deployments):
         provider = get_provider(dep.provider)
         problem = provider.check_deployment(dep)
         if problem:
             raise ConfigError(f"deployments[{i}].{problem}")
-        runtime = Deployment(dep, provider, _credential(dep, f"deployments[{i}]"))
-        group = groups.get(dep.model)
-        if group is None:
-            group = groups[dep.model] = ModelGroup(
-                dep.model, [], settings.get(dep.model) or ModelGroupConfig(name=dep.model)
-            )
-        group.deployments.append(runtime)
+        members.setdefault(dep.model, []).append(
+            Deployment(dep, provider, _credential(dep, f"deployments[{i}]"))
+        )
+    settings = {g.name: g for g in config.model_groups}
+    groups = {
+        name: ModelGroup(name, deps, settings.get(name) or ModelGroupConfig(name=name))
+        for name, deps in members.items()
+    }
     for group_settings in config.model_groups:
         for alias in group_settings.aliases:
             if alias in groups:

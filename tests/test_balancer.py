@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from kubellm.router import parse_config
-from kubellm.router._balancer import Stats, order_tier, tiers
+from kubellm.router._balancer import Stats, order_tier
 from kubellm.router._state import build_state
 
 
@@ -85,8 +85,8 @@ def test_zero_weight_is_last_resort_and_tiers_sort() -> None:
         "weighted-random",
         [{"name": "z", "weight": 0}, {"name": "w", "weight": 1}, {"name": "low", "priority": 1}],
     )
-    assert [[d.name for d in t] for t in tiers(group.deployments)] == [["z", "w"], ["low"]]
-    top = tiers(group.deployments)[0]
+    assert [[d.name for d in t] for t in group.tiers] == [["z", "w"], ["low"]]
+    top = group.tiers[0]
     rng = random.Random(8)
     firsts = Counter(order_tier(group, top, Stats(), rng, stream=False)[0].name for _ in range(200))
     assert firsts == Counter({"w": 200})

@@ -216,10 +216,17 @@ def test_several_workers_share_metrics() -> None:
         client = openai.OpenAI(base_url=router.v1, api_key="unused", max_retries=0)
         for _ in range(30):
             client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "hi"}])
-        text = http_get(router.base_url + "/metrics")[1].decode()
-        total = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("kubellm_requests_total{")
-        )
-        assert total == 30
+
+        def total() -> float:
+            text = http_get(router.base_url + "/metrics")[1].decode()
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("kubellm_requests_total{")
+            )
+
+        # Each worker folds its counts at least once a second (see _metrics.Recorder).
+        deadline = time.monotonic() + 5
+        while total() != 30:
+            assert time.monotonic() < deadline, total()
+            time.sleep(0.2)
