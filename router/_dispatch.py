@@ -36,7 +36,6 @@ from ._errors import (
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
-from ._limits import rule
 from ._metering import Meter, Ticket
 from ._observe import finish_request
 from ._sse import DONE, frame
@@ -297,9 +296,11 @@ class Dispatcher:
                     cooling += 1
                     continue
                 usable.append(dep)
-            headroom = await self._headroom(group, usable)
+            headroom = (
+                await self._headroom(group, usable) if group.settings.strategy == "usage-based" else None
+            )
             for dep in order_tier(group, usable, self.stats, self.rng, stream=call.stream, headroom=headroom):
-                if not await self.health.admit(dep.name):
+                if not self.health.clear(dep.name) and not await self.health.admit(dep.name):
                     cooling += 1
                     continue
                 if dep.name in failed:
@@ -328,7 +329,7 @@ class Dispatcher:
         """Share of limits left per deployment, read only for the usage-based strategy."""
         if group.settings.strategy != "usage-based" or not deps:
             return None
-        rules = {d.name: r for d in deps if (r := rule(f"deployment:{d.name}", d.config.limits)) is not None}
+        rules = {d.name: d.limit_rule for d in deps if d.limit_rule is not None}
         try:
             room = await self.meter.limiter.headroom(list(rules.values())) if rules else {}
         except Exception:
@@ -382,7 +383,7 @@ class Dispatcher:
         return Timeouts.model_construct(**{**dep.config.timeouts.model_dump(), **call.options.timeouts})
 
     async def _attempt(self, call: Call, group: ModelGroup, dep: Deployment, key: str | None) -> Response:
-        if call.ticket is not None:
+        if call.ticket is not None and dep.limit_rule is not None:
             admission = await self.meter.admit_deployment(call, call.ticket, dep)
             if admission is not None and not admission.allowed:
                 raise _Saturated(admission.retry_after or 1.0)
@@ -434,7 +435,8 @@ class Dispatcher:
             if call.stream:
                 response = await self._open_stream(call, dep, resp, ctx, headers, key)
                 handed_off = True
-                await self.health.success(dep.name)
+                if not self.health.clear(dep.name):
+                    await self.health.success(dep.name)
                 return response
             raw = await resp.read()
             try:
@@ -443,10 +445,12 @@ class Dispatcher:
                 raise
             except Exception as exc:
                 raise _unreadable(dep, exc) from None
-            await self.health.success(dep.name)
+            if not self.health.clear(dep.name):
+                await self.health.success(dep.name)
             stats.observe(time.monotonic() - call.started, None)
             self.finish(call, dep, 200, parsed.usage, None, [parsed.body])
-            await self._store(call, key, b"j" + parsed.body)
+            if key is not None:
+                await self._store(call, key, b"j" + parsed.body)
             return Response(parsed.body, media_type=JSON, headers=headers)
         finally:
             if not handed_off:
@@ -579,9 +583,7 @@ class Dispatcher:
     def _cache_key(self, call: Call) -> str | None:
         if self.cache is None or not (call.options.cache_read or call.options.cache_write):
             return None
-        opted = (call.key is not None and call.key.config.cache) or any(
-            d.config.cache for d in call.group.deployments
-        )
+        opted = call.group.caches or (call.key is not None and call.key.config.cache)
         if not opted:
             return None
         return cache_key(call.group.name, call.operation.value, call.stream, call.body)

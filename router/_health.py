@@ -216,6 +216,11 @@ class HealthTracker:
         now = self.clock()
         return {n: b.open_until for n, b in self._breakers.items() if b.open_until > now}
 
+    def clear(self, name: str) -> bool:
+        """No breaker and no probe for ``name``: :meth:`admit` would say yes and :meth:`success`
+        would do nothing. Lets the hot path skip both calls."""
+        return name not in self._breakers and name not in self._probing
+
     async def admit(self, name: str) -> bool:
         """May a request go to this deployment now? Claims the half-open probe when one is due."""
         breaker = self._breakers.get(name)

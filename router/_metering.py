@@ -32,7 +32,7 @@ from ._budget import BudgetDecision, BudgetStore
 from ._config import RouterSettings
 from ._errors import KubellmError, RateLimitError, ServiceUnavailableError
 from ._ledger import LedgerStore, LedgerWriter, SqliteLedger, UsageRecord
-from ._limits import Admission, Limiter, LimitRule, format_reset, rule
+from ._limits import Admission, Limiter, LimitRule, format_reset
 from ._pricing import Price, cost, price_for
 from ._tokens import requested_completion_tokens
 from .providers import Usage
@@ -145,7 +145,7 @@ class Meter:
         key = call.key
         if key is None:
             return ticket
-        key_rule = rule(f"key:{key.config.name}", key.config.limits)
+        key_rule = key.limit_rule
         if key_rule is not None:
             admission = await self._acquire([key_rule], call.estimated_tokens, call.request_id, "key limits")
             if admission is not None:
@@ -194,7 +194,7 @@ class Meter:
 
     async def admit_deployment(self, call: Call, ticket: Ticket, dep: Deployment) -> Admission | None:
         """A lease on the deployment's limits; None when it has none. A denied Admission means saturated."""
-        dep_rule = rule(f"deployment:{dep.name}", dep.config.limits)
+        dep_rule = dep.limit_rule
         if dep_rule is None:
             return None
         lease_id = f"{call.request_id}:{dep.name}"

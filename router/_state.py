@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._config import ConfigError, DeploymentConfig, KeyConfig, ModelGroupConfig, RouterConfig
+from ._limits import LimitRule, rule
 from .providers import Provider, get_provider
 
 
@@ -26,12 +27,14 @@ class Deployment:
     config: DeploymentConfig
     provider: Provider
     api_key: str | None
-    #: Requests currently in flight on this deployment (this process).
-    in_flight: int = 0
+    #: ``config.name``, read on every request.
+    name: str = field(init=False)
+    #: The deployment's limits, or None when it has none.
+    limit_rule: LimitRule | None = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.config.name
+    def __post_init__(self) -> None:
+        self.name = self.config.name
+        self.limit_rule = rule(f"deployment:{self.name}", self.config.limits)
 
 
 @dataclass(slots=True)
@@ -42,18 +45,26 @@ class ModelGroup:
 
     #: The deployments by priority tier, the lowest ``priority`` first; computed once.
     tiers: list[list[Deployment]] = field(init=False)
+    #: Some deployment opted in to the response cache.
+    caches: bool = field(init=False)
 
     def __post_init__(self) -> None:
         by_tier: dict[int, list[Deployment]] = {}
         for dep in self.deployments:
             by_tier.setdefault(dep.config.priority, []).append(dep)
         self.tiers = [by_tier[t] for t in sorted(by_tier)]
+        self.caches = any(dep.config.cache for dep in self.deployments)
 
 
 @dataclass(slots=True)
 class VirtualKey:
     config: KeyConfig
     key_hash: bytes
+    #: The key's limits, or None when it has none.
+    limit_rule: LimitRule | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limit_rule = rule(f"key:{self.config.name}", self.config.limits)
 
     def may_use(self, group: str) -> bool:
         return not self.config.models or group in self.config.models

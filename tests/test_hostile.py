@@ -416,6 +416,39 @@ def test_an_idle_connection_is_closed(router: RouterProcess) -> None:
     assert time.monotonic() - started < HEADER_TIMEOUT + 2
 
 
+def test_a_kept_alive_connection_is_closed_after_the_keep_alive_timeout(router: RouterProcess) -> None:
+    body = b'{"model":"mock","messages":[{"role":"user","content":"hi"}]}'
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body)
+    )
+    started = time.monotonic()
+    answer = _raw_exchange(router, request, timeout=15)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1
+    # uvicorn's default --timeout-keep-alive is 5 s; the sweep may act up to a quarter second late.
+    assert 4.5 < time.monotonic() - started < 8
+
+
+def test_pipelined_requests_are_answered_in_order_on_the_fast_path(router: RouterProcess) -> None:
+    requests = b""
+    for word in (b"one", b"two", b"three"):
+        body = b'{"model":"mock","messages":[{"role":"user","content":"%s"}]}' % word
+        requests += (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body)
+        )
+    requests += (
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
+        % (KEY.encode())
+    )
+    answer = _raw_exchange(router, requests, timeout=15)
+    assert answer.count(b"HTTP/1.1 200 ") == 4, answer[:2000]
+    said = [answer.index(b"You said: " + word) for word in (b"one", b"two", b"three")]
+    assert said == sorted(said)
+    assert answer.rindex(b'"object":"list"') > said[-1]
+
+
 def test_a_client_vanishing_mid_body_is_not_an_error(router: RouterProcess) -> None:
     with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
         sock.sendall(
