@@ -30,7 +30,7 @@ from ._budget import RedisBudgetStore
 from ._cache import MemoryCache, RedisCache
 from ._config import ConfigError, RedisSettings, RouterConfig, load_config
 from ._direct import Endpoint
-from ._errors import KubellmError, ModelNotFoundError, error_body
+from ._errors import INTERNAL_ERROR_BODY, KubellmError, ModelNotFoundError, error_body
 from ._health import RedisHealthStore
 from ._inbound import AsgiInbound, Inbound
 from ._ledger import RedisLedger
@@ -238,15 +238,10 @@ class RouterApp(FastAPI):
                     return  # the client left while sending its body: no one to answer
                 except Exception:
                     log.exception("unhandled error on POST %s", scope["path"])
-                    response = Response(_INTERNAL_ERROR, status_code=500, media_type=JSON)
+                    response = Response(INTERNAL_ERROR_BODY, status_code=500, media_type=JSON)
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
-
-
-_INTERNAL_ERROR = error_body(
-    500, "internal router error; see the router log", type="api_error", code="internal_error"
-)
 
 
 def create_app(source: ConfigSource) -> RouterApp:
@@ -424,7 +419,7 @@ def create_app(source: ConfigSource) -> RouterApp:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return Response(_INTERNAL_ERROR, status_code=500, media_type=JSON)
+        return Response(INTERNAL_ERROR_BODY, status_code=500, media_type=JSON)
 
     return app
 

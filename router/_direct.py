@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
-from ._errors import PayloadTooLargeError, error_body
+from ._errors import INTERNAL_ERROR_BODY, KubellmError, PayloadTooLargeError
 from ._inbound import ClientDisconnect, Inbound, check_declared_length
 
 if TYPE_CHECKING:
@@ -34,9 +34,6 @@ Endpoint = Callable[[Inbound], Awaitable[Response]]
 # uvicorn's checks on response headers: a value with a line break would split the response.
 _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
-_INTERNAL_ERROR = error_body(
-    500, "internal router error; see the router log", type="api_error", code="internal_error"
-)
 
 
 class DirectInbound(Inbound):
@@ -50,7 +47,11 @@ class DirectInbound(Inbound):
 
     async def read(self, limit: int) -> bytes:
         cycle = self.cycle
-        check_declared_length(self.headers.get("content-length"), limit)
+        try:
+            check_declared_length(self.headers.get("content-length"), limit)
+        except KubellmError:
+            cycle.keep_alive = False  # the body will not be read: close the connection after answering
+            raise
         if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
             cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             cycle.waiting_for_100_continue = False
@@ -98,7 +99,7 @@ async def serve(protocol: HttpToolsProtocol, cycle: RequestResponseCycle, endpoi
     except Exception:
         log.exception("unhandled error on POST %s", cycle.scope["path"])
         if not cycle.response_started:
-            _write_plain(cycle, 500, [(b"content-type", b"application/json")], _INTERNAL_ERROR)
+            _write_plain(cycle, 500, [(b"content-type", b"application/json")], INTERNAL_ERROR_BODY)
         else:
             cycle.transport.close()
     finally:

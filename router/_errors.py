@@ -153,3 +153,9 @@ def error_body(
     status: int, message: str, *, type: str, param: str | None = None, code: str | None = None
 ) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+#: The body of a 500: an unexpected error inside the router, logged with its traceback.
+INTERNAL_ERROR_BODY = error_body(
+    500, "internal router error; see the router log", type="api_error", code="internal_error"
+)

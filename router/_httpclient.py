@@ -177,6 +177,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.idle = False  # in the pool, between exchanges
         self.idle_since = 0.0
         self._reset()
 
@@ -194,6 +195,7 @@ class _Connection(asyncio.Protocol):
         self.error: ClientError | None = None
         self.until_close = False  # body delimited by the end of the connection
         self.interim = False
+        self.overrun = False  # the server sent more than one response
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -205,6 +207,9 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            self.close()  # bytes nobody asked for: the connection cannot carry another exchange
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
@@ -226,13 +231,22 @@ class _Connection(asyncio.Protocol):
 
     # -- parser callbacks -----------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.overrun = True
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.overrun:
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         previous = self.head.get(key)
         self.head[key] = text if previous is None else f"{previous}, {text}"
 
     def on_headers_complete(self) -> None:
+        if self.overrun:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             self.interim = True  # 100 Continue and friends: the real response follows
@@ -249,6 +263,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.overrun:
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.read_paused and self.transport is not None:
@@ -257,6 +273,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.overrun:
+            return
         if self.interim:
             self.interim = False
             return
@@ -331,44 +349,32 @@ class Response:
         self.headers: ResponseHeaders = conn.headers
 
     async def read(self) -> bytes:
-        conn = self._conn
-        if conn is None:
-            raise RemoteProtocolError("the response body was already consumed or closed")
         parts: list[bytes] = []
-        try:
-            while True:
-                if conn.chunks:
-                    parts.extend(conn.take())
-                if conn.complete:
-                    break
-                if conn.error is not None:
-                    raise conn.error
-                await conn.wait(self._idle, self._deadline)
-        except BaseException:
-            self.close()
-            raise
-        self._release()
+        while (chunks := await self._more()) is not None:
+            parts.extend(chunks)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
+        while (chunks := await self._more()) is not None:
+            yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _more(self) -> list[bytes] | None:
+        """The body bytes received since the last call, or None once the body has ended."""
         conn = self._conn
         if conn is None:
             raise RemoteProtocolError("the response body was already consumed or closed")
         try:
-            while True:
-                if conn.chunks:
-                    chunks = conn.take()
-                    yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    continue
+            while not conn.chunks:
                 if conn.complete:
-                    break
+                    self._release()
+                    return None
                 if conn.error is not None:
                     raise conn.error
                 await conn.wait(self._idle, self._deadline)
         except BaseException:
             self.close()
             raise
-        self._release()
+        return conn.take()
 
     def _release(self) -> None:
         conn = self._conn
@@ -471,6 +477,7 @@ class ConnectionPool:
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < self.keepalive_seconds:
+                conn.idle = False
                 conn._reset()
                 return conn
             conn.close()
@@ -519,6 +526,7 @@ class ConnectionPool:
             conn.close()
             return
         conn.idle_since = now
+        conn.idle = True
         idle.append(conn)
 
     def _lost(self, conn: _Connection) -> None:

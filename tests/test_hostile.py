@@ -449,6 +449,24 @@ def test_pipelined_requests_are_answered_in_order_on_the_fast_path(router: Route
     assert answer.rindex(b'"object":"list"') > said[-1]
 
 
+def test_expect_100_continue_on_the_fast_path(router: RouterProcess) -> None:
+    body = b'{"model":"mock","messages":[{"role":"user","content":"hi"}]}'
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (KEY.encode(), len(body))
+    )
+    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
+        sock.sendall(head)
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    # Too large a body is refused before the client sends it, and the connection is closed.
+    big = head.replace(b"Content-Length: %d" % len(body), b"Content-Length: %d" % (LIMIT + 1))
+    answer = _raw_exchange(router, big)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer.lower(), answer[:300]
+
+
 def test_a_client_vanishing_mid_body_is_not_an_error(router: RouterProcess) -> None:
     with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
         sock.sendall(

@@ -260,6 +260,41 @@ def test_abandoned_body_drops_the_connection() -> None:
     run(main())
 
 
+def test_a_second_response_nobody_asked_for_retires_the_connection() -> None:
+    async def main() -> None:
+        async with answering(ok(b"mine") + ok(b"extra")).running() as s:
+            pool = http.ConnectionPool()
+            resp = await pool.request("GET", s.url, {})
+            assert await resp.read() == b"mine"
+            resp = await pool.request("GET", s.url, {})
+            assert await resp.read() == b"mine"
+            assert s.connections == 2  # the first connection was not reused
+            await pool.close()
+
+    run(main())
+
+
+def test_bytes_arriving_on_an_idle_connection_retire_it() -> None:
+    async def answer(s: Scripted, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await s.read_request(reader):
+            writer.write(ok())
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+
+    async def main() -> None:
+        async with server(answer).running() as s:
+            pool = http.ConnectionPool()
+            assert await (await pool.request("GET", s.url, {})).read() == b'{"ok":true}'
+            await asyncio.sleep(0.2)
+            resp = await pool.request("GET", s.url, {})
+            assert await resp.read() == b'{"ok":true}'
+            assert s.connections == 2
+            await pool.close()
+
+    run(main())
+
+
 # --------------------------------------------------------------------------- failures
 
 
