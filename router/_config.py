@@ -12,11 +12,19 @@ import os
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from ._errors import KubellmError
@@ -24,6 +32,17 @@ from ._errors import KubellmError
 
 class ConfigError(KubellmError):
     """A config document that cannot be used; the message names the field."""
+
+
+def _no_control_characters(value: str) -> str:
+    # Names travel in response headers, metric labels and log lines.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters (line breaks, tabs, ...)")
+    return value
+
+
+#: A name that appears in headers, metrics and logs.
+Label = Annotated[str, AfterValidator(_no_control_characters)]
 
 
 class _Model(BaseModel):
@@ -74,10 +93,10 @@ class MockOptions(_Model):
 class DeploymentConfig(_Model):
     """One upstream model deployment. Deployments sharing `model` form a model group."""
 
-    name: str = Field(
+    name: Label = Field(
         "", description="Unique deployment id, shown in `x-kubellm-deployment`. Default: `<model>-<index>`."
     )
-    model: str = Field(..., min_length=1, description="Public model name clients send (the model group).")
+    model: Label = Field(..., min_length=1, description="Public model name clients send (the model group).")
     provider: str = Field(..., description="Provider adapter, e.g. `openai`, `openai-compatible`, `mock`.")
     upstream_model: str | None = Field(
         None, description="Model or deployment id sent upstream. Default: `model`."
@@ -135,7 +154,7 @@ class DeploymentConfig(_Model):
 class ModelGroupConfig(_Model):
     """Settings shared by every deployment of one public model name."""
 
-    name: str = Field(..., min_length=1, description="The public model name.")
+    name: Label = Field(..., min_length=1, description="The public model name.")
     strategy: Literal["weighted-random", "least-busy", "lowest-latency", "usage-based", "lowest-cost"] = (
         Field("weighted-random", description="Load-balancing strategy.")
     )
@@ -152,7 +171,7 @@ class ModelGroupConfig(_Model):
     latency_tolerance: float = Field(
         0.1, ge=0, description="`lowest-latency`: deployments within this fraction of the best share load."
     )
-    aliases: list[str] = Field(
+    aliases: list[Label] = Field(
         default_factory=list, description="Other names clients may send for this group."
     )
 
@@ -177,7 +196,7 @@ class Budget(_Model):
 class KeyConfig(_Model):
     """A virtual API key. Only its SHA-256 hash is stored."""
 
-    name: str = Field(..., min_length=1, description="Key id, shown in logs, metrics and status.")
+    name: Label = Field(..., min_length=1, description="Key id, shown in logs, metrics and status.")
     key_hash: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key (what the operator renders)."
     )

@@ -116,11 +116,14 @@ def _head(cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, b
     for name, value in cycle.default_headers:
         parts += (name, b": ", value, b"\r\n")
     for name, value in headers:
-        if _BAD_NAME.search(name) or _BAD_VALUE.search(value):
-            raise ValueError(f"invalid response header {name!r}")
         if name == b"connection" and b"close" in value.lower():
             cycle.keep_alive = False
         parts += (name, b": ", value, b"\r\n")
+    # One search over all names, one over all values (a tab, allowed in values, separates them).
+    if _BAD_NAME.search(b"".join([name for name, _ in headers])) or _BAD_VALUE.search(
+        b"\t".join([value for _, value in headers])
+    ):
+        raise ValueError("invalid response header")
     if not cycle.keep_alive:
         parts.append(b"connection: close\r\n")
     return parts

@@ -231,8 +231,9 @@ class Dispatcher:
         tries = 0
         backoff = settings.initial_backoff_seconds
         while tries < budget:
-            dep, why_none = await self._choose(call, group, failed, saturated)
-            if dep is None:
+            dep = await self._choose(call, group, failed, saturated)
+            if isinstance(dep, KubellmError):
+                why_none = dep
                 if saturated and not isinstance(why_none, ContextLengthExceededError):
                     wait = min(saturated.values())
                     if time.monotonic() + wait <= min(queue_until, call.deadline):
@@ -247,7 +248,8 @@ class Dispatcher:
                 # Only a deployment that already failed is left: back off before trying it again.
                 delay = min(backoff, settings.max_backoff_seconds) * (0.5 + self.rng.random() / 2)
                 if time.monotonic() + delay >= call.deadline:
-                    raise _GroupFailed(last or why_none)
+                    assert last is not None  # it failed before
+                    raise _GroupFailed(last)
                 await asyncio.sleep(delay)
                 backoff *= 2
             try:
@@ -277,8 +279,8 @@ class Dispatcher:
 
     async def _choose(
         self, call: Call, group: ModelGroup, failed: set[str], saturated: dict[str, float]
-    ) -> tuple[Deployment | None, KubellmError]:
-        """The next deployment to try, or None and the reason none can serve."""
+    ) -> Deployment | KubellmError:
+        """The next deployment to try, or the reason none can serve."""
         operation = call.operation
         too_long = 0
         cooling = 0
@@ -306,22 +308,22 @@ class Dispatcher:
                 if dep.name in failed:
                     retry_same = retry_same or dep
                     continue
-                return dep, InvalidRequestError("unreachable")
+                return dep
         if retry_same is not None:
-            return retry_same, InvalidRequestError("unreachable")
+            return retry_same
         if too_long and not cooling and not saturated:
-            return None, ContextLengthExceededError(
+            return ContextLengthExceededError(
                 f"the prompt (about {call.prompt_tokens} tokens) exceeds the context window of every "
                 f"deployment of model {group.name!r}",
                 param="messages",
             )
         if cooling:
-            return None, ServiceUnavailableError(
+            return ServiceUnavailableError(
                 f"every deployment of model {group.name!r} is cooling down",
                 code="no_deployment_available",
                 headers=self._retry_after_header(group),
             )
-        return None, InvalidRequestError(
+        return InvalidRequestError(
             f"no deployment of model {group.name!r} supports {operation.value} requests", param="model"
         )
 

@@ -15,6 +15,7 @@ import openai
 import orjson
 import pytest
 
+from kubellm.router._config import ConfigError, parse_config
 from tests.conftest import openai_deployment
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.support.servers import RouterProcess, free_port, http_get
@@ -162,6 +163,22 @@ def test_invalid_config_names_field_and_reason(tmp_path: Any) -> None:
     assert result.returncode == 2
     assert "deployments[0].weight" in result.stderr and "greater than or equal to 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"deployments": [{"model": "a\nb", "provider": "mock"}]}, "deployments[0].model"),
+        ({"deployments": [{"model": "m", "name": "x\ry", "provider": "mock"}]}, "deployments[0].name"),
+        ({"modelGroups": [{"name": "m", "aliases": ["ok", "t\tab"]}]}, "modelGroups[0].aliases[1]"),
+        ({"keys": [{"name": "k\x00", "keyHash": "0" * 64}]}, "keys[0].name"),
+    ],
+)
+def test_names_with_control_characters_are_refused(config: dict[str, Any], field: str) -> None:
+    """Names travel in response headers, metric labels and log lines."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config)
+    assert field in caught.value.message and "control characters" in caught.value.message
 
 
 def test_missing_credential_env_is_named(tmp_path: Any) -> None:
