@@ -25,7 +25,7 @@ from ._errors import INTERNAL_ERROR_BODY, KubellmError, PayloadTooLargeError
 from ._inbound import ClientDisconnect, Inbound, check_declared_length
 
 if TYPE_CHECKING:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from ._http import GuardedHttpToolsProtocol
 
 log = logging.getLogger("kubellm.router")
 
@@ -83,10 +83,10 @@ class DirectInbound(Inbound):
             self.watched.cancel("client disconnected")
 
 
-async def serve(protocol: HttpToolsProtocol, cycle: RequestResponseCycle, endpoint: Endpoint) -> None:
+async def serve(protocol: GuardedHttpToolsProtocol, cycle: RequestResponseCycle, endpoint: Endpoint) -> None:
     """Run one model-endpoint request on ``cycle`` (the task uvicorn would run the ASGI app in)."""
     inbound = DirectInbound(cycle, protocol.flow)
-    protocol.direct_inbound = inbound  # type: ignore[attr-defined]
+    protocol.direct_inbound = inbound
     try:
         response = await endpoint(inbound)
         if not cycle.disconnected:
@@ -103,12 +103,8 @@ async def serve(protocol: HttpToolsProtocol, cycle: RequestResponseCycle, endpoi
         else:
             cycle.transport.close()
     finally:
-        protocol.direct_inbound = None  # type: ignore[attr-defined]
-        cycle.on_response = _nothing
-
-
-def _nothing() -> None:
-    return None
+        protocol.direct_inbound = None
+        cycle.on_response = lambda: None  # as uvicorn does once a cycle ends: drop the protocol
 
 
 def _head(cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
