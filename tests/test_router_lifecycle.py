@@ -247,3 +247,40 @@ def test_several_workers_share_metrics() -> None:
         while total() != 30:
             assert time.monotonic() < deadline, total()
             time.sleep(0.2)
+
+
+def test_the_asgi_app_serves_model_endpoints_under_any_server(tmp_path: Any) -> None:
+    """Under another server (here uvicorn's h11 protocol) the model endpoints take the ASGI path."""
+    port = free_port()
+    env = {**os.environ, "KUBELLM_STATE_DIR": str(tmp_path / "state")}
+    argv = [sys.executable, "-m", "uvicorn", "kubellm.router._app:app_from_env", "--factory", "--http", "h11"]
+    proc = subprocess.Popen(
+        [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if http_get(f"http://127.0.0.1:{port}/health/readiness", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        messages: Any = [{"role": "user", "content": "hello"}]
+        reply = client.chat.completions.create(model="mock-gpt", messages=messages)
+        assert reply.choices[0].message.content == "This is a mock response from kubellm. You said: hello"
+        stream = client.chat.completions.create(model="mock-gpt", messages=messages, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == (
+            "This is a mock response from kubellm. You said: hello"
+        )
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no-such-model", messages=messages)
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=10)
+    assert b"Traceback" not in stderr, stderr[-2000:]
