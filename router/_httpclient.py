@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from ._proxies import Proxy, ProxyChooser, environment_proxies
+
 __all__ = [
     "ClientError",
     "ConnectError",
@@ -109,6 +111,8 @@ class _Target:
     #: ``Host`` header and request target, as sent
     host_header: str
     path: str
+    #: ``host:port``, for a proxy's CONNECT
+    authority: str
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,15 +139,24 @@ def _target(url: str) -> _Target:
         scheme == "https",
         shown if port == default else f"{shown}:{port}",
         path,
+        f"{shown}:{port}",
     )
 
 
 #: Request headers this client writes itself.
-_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "proxy-authorization"})
 
 
-def _request_head(method: str, target: _Target, headers: Mapping[str, str], body: bytes | None) -> bytes:
-    lines = [f"{method} {target.path} HTTP/1.1\r\n"]
+def _request_head(
+    method: str, target: _Target, headers: Mapping[str, str], body: bytes | None, forward: Proxy | None = None
+) -> bytes:
+    """The request line and headers; through a forward proxy (``http://`` upstreams) in absolute form."""
+    if forward is None:
+        lines = [f"{method} {target.path} HTTP/1.1\r\n"]
+    else:
+        lines = [f"{method} http://{target.host_header}{target.path} HTTP/1.1\r\n"]
+        if forward.authorization:
+            lines.append(f"Proxy-Authorization: {forward.authorization}\r\n")
     host = target.host_header
     for name, value in headers.items():
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
@@ -177,6 +190,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.tunnel_reply: bytearray | None = None  # a proxy's answer to CONNECT, while awaited
         self.idle = False  # in the pool, between exchanges
         self.idle_since = 0.0
         self._reset()
@@ -207,6 +221,10 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel_reply is not None:
+            self.tunnel_reply += data
+            self._wake()
+            return
         if self.idle:
             self.close()  # bytes nobody asked for: the connection cannot carry another exchange
             return
@@ -329,6 +347,30 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    async def open_tunnel(self, target: _Target, proxy: Proxy, context: ssl.SSLContext) -> None:
+        """CONNECT through the proxy, then TLS with the upstream over the tunnel."""
+        assert self.transport is not None
+        lines = [f"CONNECT {target.authority} HTTP/1.1\r\nHost: {target.authority}\r\n"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}\r\n")
+        self.tunnel_reply = reply = bytearray()
+        self.transport.write("".join([*lines, "\r\n"]).encode("latin-1"))
+        while b"\r\n\r\n" not in reply:
+            if self.error is not None or self.closed:
+                raise ConnectError(f"the proxy {proxy.host}:{proxy.port} closed the connection")
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        self.tunnel_reply = None
+        status_line = bytes(reply).split(b"\r\n", 1)[0].decode("latin-1", "replace")
+        fields = status_line.split(" ", 2)
+        if len(fields) < 2 or fields[1] != "200":
+            raise ConnectError(f"the proxy {proxy.host}:{proxy.port} refused the tunnel: {status_line[:200]}")
+        tls = await self.loop.start_tls(self.transport, self, context, server_hostname=target.host)
+        if tls is None:
+            raise ConnectError("TLS over the proxy tunnel could not start")
+        self.transport = tls
+        self.parser = httptools.HttpResponseParser(self)
+
 
 def _expire(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
@@ -408,7 +450,11 @@ class ConnectionPool:
         keepalive_seconds: float = 75.0,
         max_idle_per_origin: int = 512,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: Mapping[str, str] | None = None,
     ) -> None:
+        """``proxies``: ``{"https": url, "http": url, "no": hosts}``; default: from the environment
+        (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``; see :mod:`._proxies`)."""
+        self._proxies = ProxyChooser(environment_proxies() if proxies is None else proxies)
         self.keepalive_seconds = keepalive_seconds
         self.max_idle_per_origin = max_idle_per_origin
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
@@ -440,7 +486,13 @@ class ConnectionPool:
     ) -> Response:
         """Send a request and wait for the response head."""
         target = _target(url)
-        data = _request_head(method, target, headers, body)
+        proxy = None
+        if self._proxies:
+            try:
+                proxy = self._proxies.choose(target.origin[0], target.host)
+            except ValueError as exc:
+                raise ConnectError(str(exc)) from None
+        data = _request_head(method, target, headers, body, proxy if proxy and not target.tls else None)
         if body:
             data += body
         loop = self._loop
@@ -452,7 +504,7 @@ class ConnectionPool:
             conn = self._reuse(target.origin, loop.time())
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(loop, target, connect_timeout, deadline)
+                conn = await self._connect(loop, target, proxy, connect_timeout, deadline)
             self._busy.add(conn)
             try:
                 assert conn.transport is not None
@@ -484,7 +536,12 @@ class ConnectionPool:
         return None
 
     async def _connect(
-        self, loop: asyncio.AbstractEventLoop, target: _Target, connect_limit: float | None, deadline: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: _Target,
+        proxy: Proxy | None,
+        connect_limit: float | None,
+        deadline: float,
     ) -> _Connection:
         remaining = deadline - loop.time()
         limit = remaining if connect_limit is None else min(connect_limit, remaining)
@@ -492,13 +549,18 @@ class ConnectionPool:
         tls = self.ssl_context if target.tls else None
         try:
             async with asyncio.timeout(limit):
-                await loop.create_connection(
-                    lambda: conn,
-                    target.host,
-                    target.port,
-                    ssl=tls,
-                    server_hostname=target.host if tls else None,
-                )
+                if proxy is None:
+                    await loop.create_connection(
+                        lambda: conn,
+                        target.host,
+                        target.port,
+                        ssl=tls,
+                        server_hostname=target.host if tls else None,
+                    )
+                else:
+                    await loop.create_connection(lambda: conn, proxy.host, proxy.port)
+                    if tls is not None:
+                        await conn.open_tunnel(target, proxy, tls)
         except TimeoutError:
             conn.close()
             if connect_limit is not None and connect_limit <= remaining:
@@ -507,10 +569,15 @@ class ConnectionPool:
         except ssl.SSLError as exc:
             conn.close()
             raise ConnectError(f"TLS handshake failed: {exc.reason or exc}") from None
+        except ConnectError:
+            conn.close()
+            raise
         except socket.gaierror as exc:
-            raise ConnectError(f"cannot resolve {target.host!r}: {exc.strerror}") from None
+            where = target.host if proxy is None else f"the proxy {proxy.host}"
+            raise ConnectError(f"cannot resolve {where!r}: {exc.strerror}") from None
         except OSError as exc:
-            raise ConnectError(exc.strerror or type(exc).__name__) from None
+            via = "" if proxy is None else f" (through the proxy {proxy.host}:{proxy.port})"
+            raise ConnectError((exc.strerror or type(exc).__name__) + via) from None
         return conn
 
     def _release(self, conn: _Connection) -> None:

@@ -34,6 +34,7 @@ import os
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +49,8 @@ from ._pricing import from_pico, quantize, to_pico
 from ._redis import Arg, Script
 
 log = logging.getLogger("kubellm.ledger")
+#: Least time between two saves of the journal's confirmed offset.
+CHECKPOINT_SECONDS = 0.5
 
 GroupBy = Literal["key", "model_group", "deployment"]
 _GROUPS: tuple[GroupBy, ...] = ("key", "model_group", "deployment")
@@ -403,7 +406,7 @@ class LedgerWriter:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._backoff = self._retry_at = self._fsync_at = 0.0
+        self._backoff = self._retry_at = self._fsync_at = self._checkpoint_at = 0.0
         #: Counters, for metrics.
         self.submitted = self.written = self.spilled = self.failures = self.journal_errors = 0
         self._journal = open(self.journal_path, "a+b", buffering=0)  # noqa: SIM115 - closed in close()
@@ -536,13 +539,18 @@ class LedgerWriter:
             except Exception as exc:
                 self._failed(exc)
                 self._spill()
+                if 0 < self._sent < self._end:
+                    self._checkpoint()  # what was confirmed before the failure is not resent
                 return False
             if start == mem == self._mem:  # sent from the queue, and not spilled meanwhile
                 for _ in batch:
                     self._queue.popleft()
                 self._mem = end
             self._sent = end
-            if end < self._end:
+            # Under load the journal rarely empties: save the confirmed offset now and then. A stale
+            # one only means resending more after a crash (the stores drop duplicates by id).
+            if end < self._end and time.monotonic() >= self._checkpoint_at:
+                self._checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
                 self._checkpoint()
         self._backoff = 0.0
         self._unjournaled = False

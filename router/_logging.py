@@ -27,8 +27,17 @@ ENV_LOG_LEVEL = "KUBELLM_LOG_LEVEL"
 WRITE_INTERVAL = 0.05
 
 
+_SECOND: tuple[int, str] = (-1, "")
+
+
 def _timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    global _SECOND
+    second, prefix = _SECOND  # one tuple, swapped whole: safe between the writer threads
+    if int(created) != second:
+        second = int(created)
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _SECOND = (second, prefix)
+    return f"{prefix}.{int(created % 1 * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

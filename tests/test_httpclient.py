@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 import ssl
@@ -14,6 +15,8 @@ import pytest
 import uvloop
 
 from kubellm.router import _httpclient as http
+from kubellm.router._proxies import Proxy, ProxyChooser, bypassed
+from tests.support.proxy import ForwardProxy
 from tests.support.tls import certificates
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -517,5 +520,84 @@ def test_https_verifies_the_server_against_the_trusted_cas(tmp_path: Path) -> No
             with pytest.raises(http.ConnectError, match="TLS"):
                 await untrusting.request("GET", f"https://127.0.0.1:{s.port}/", {})
             await untrusting.close()
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+def test_https_upstream_through_a_connect_proxy_with_credentials(tmp_path: Path) -> None:
+    ca, cert, key = certificates(tmp_path, "upstream.test")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    expected_auth = "Basic " + base64.b64encode(b"user:p@ss").decode()
+
+    async def main() -> None:
+        async with answering(ok(b"tunnelled")).running(server_context) as s:
+            with ForwardProxy({"upstream.test": s.port}, require=expected_auth) as proxy:
+                pool = http.ConnectionPool(
+                    ssl_context=ssl.create_default_context(cafile=str(ca)),
+                    proxies={"https": f"http://user:p%40ss@127.0.0.1:{proxy.port}"},
+                )
+                for _ in range(2):
+                    resp = await pool.request("POST", f"https://upstream.test:{s.port}/v1/x", {}, b"{}")
+                    assert await resp.read() == b"tunnelled"
+                assert proxy.lines == [f"CONNECT upstream.test:{s.port} HTTP/1.1"]  # one tunnel, reused
+                assert proxy.authorizations == [expected_auth]
+                assert s.heads[0].startswith(b"POST /v1/x HTTP/1.1\r\n")
+                assert b"Proxy-Authorization" not in s.heads[0]  # never sent inside the tunnel
+                await pool.close()
+
+    run(main())
+
+
+def test_http_upstream_through_a_forward_proxy_in_absolute_form() -> None:
+    async def main() -> None:
+        async with answering(ok(b"forwarded")).running() as s:
+            with ForwardProxy({"upstream.test": s.port}) as proxy:
+                pool = http.ConnectionPool(proxies={"http": proxy.url})
+                resp = await pool.request("POST", f"http://upstream.test:{s.port}/v1/x?a=1", {}, b"{}")
+                assert await resp.read() == b"forwarded"
+                assert proxy.lines == [f"POST http://upstream.test:{s.port}/v1/x?a=1 HTTP/1.1"]
+                await pool.close()
+
+    run(main())
+
+
+def test_a_proxy_refusing_the_tunnel_is_a_connect_error_naming_its_answer(tmp_path: Path) -> None:
+    async def main() -> None:
+        with ForwardProxy(require="Basic secret") as proxy:
+            pool = http.ConnectionPool(proxies={"https": proxy.url})
+            with pytest.raises(http.ConnectError, match=r"refused the tunnel: HTTP/1\.1 407"):
+                await pool.request("GET", "https://upstream.test/", {})
+            await pool.close()
+
+    run(main())
+
+
+def test_loopback_and_no_proxy_hosts_are_reached_directly() -> None:
+    async def main() -> None:
+        async with answering(ok(b"direct")).running() as s:
+            with ForwardProxy() as proxy:
+                pool = http.ConnectionPool(proxies={"http": proxy.url, "https": proxy.url})
+                assert await (await pool.request("GET", s.url, {})).read() == b"direct"
+                assert proxy.lines == []
+                await pool.close()
+
+    run(main())
+    chooser = ProxyChooser({"https": "http://proxy.corp:3128", "no": "internal.example, .svc,10.0.0.0/8"})
+    assert chooser.choose("https", "api.openai.com") == Proxy("proxy.corp", 3128)
+    for direct in ("internal.example", "a.internal.example", "vllm.ns.svc", "10.1.2.3", "localhost", "::1"):
+        assert chooser.choose("https", direct) is None, direct
+    assert chooser.choose("http", "api.openai.com") is None  # no HTTP_PROXY
+    assert bypassed("anything", "*") and not bypassed("notinternal.example", "internal.example")
+
+
+def test_an_unusable_proxy_url_is_a_connect_error_naming_the_variable() -> None:
+    async def main() -> None:
+        pool = http.ConnectionPool(proxies={"https": "socks5://127.0.0.1:1080"})
+        with pytest.raises(http.ConnectError, match=r"HTTPS_PROXY: unsupported proxy URL socks5://"):
+            await pool.request("GET", "https://upstream.test/", {})
 
     run(main())

@@ -31,6 +31,7 @@ from tests.conftest import MASTER_KEY, UPSTREAM_KEY, openai_deployment
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.otlp_collector import FakeCollector
 from tests.fakes.sink_receivers import FakeWebhook
+from tests.support.proxy import ForwardProxy
 from tests.support.redis_server import RedisServer
 from tests.support.servers import RouterProcess, ThreadedApp, http_get
 from tests.support.tls import certificates
@@ -652,3 +653,28 @@ def test_https_upstream_is_verified_against_the_trusted_cas(tmp_path: Path) -> N
             assert caught.value.status_code == 502
             assert "TLS" in caught.value.message
         assert len(fake.seen) == 2
+
+
+def test_upstreams_through_the_https_proxy_of_the_environment(tmp_path: Path) -> None:
+    """HTTPS_PROXY as Kubernetes pods get it: the upstream's name is resolved by the proxy only."""
+    ca, cert, key = certificates(tmp_path, "upstream.test")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    fake.server = ThreadedApp(fake.server.app, ssl_context=server_context)
+    with fake, ForwardProxy({"upstream.test": fake.server.port}) as proxy:
+        deployment = openai_deployment(fake, baseUrl=f"https://upstream.test:{fake.server.port}/v1")
+        env = {
+            "TEST_UPSTREAM_KEY": UPSTREAM_KEY,
+            "SSL_CERT_FILE": str(ca),
+            "HTTPS_PROXY": proxy.url,
+            "NO_PROXY": "other.example",
+        }
+        with RouterProcess({"deployments": [deployment]}, env=env) as proc:
+            client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="none", max_retries=0)
+            answer = client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+            assert answer.choices[0].message.content
+            stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert len(fake.seen) == 2
+        assert set(proxy.lines) == {f"CONNECT upstream.test:{fake.server.port} HTTP/1.1"}

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost."""
+def certificates(directory: Path, *names: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate it signed for 127.0.0.1, localhost and ``names``."""
     now = dt.datetime.now(dt.UTC)
 
     def name(cn: str) -> x509.Name:
@@ -45,7 +45,11 @@ def certificates(directory: Path) -> tuple[Path, Path, Path]:
         .not_valid_after(now + dt.timedelta(hours=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.DNSName("localhost"),
+                    *(x509.DNSName(n) for n in names),
+                ]
             ),
             critical=False,
         )
