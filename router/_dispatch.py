@@ -85,6 +85,8 @@ class Call:
     #: The deployment of the latest attempt, named in error responses.
     last_deployment: str | None = None
     ticket: Ticket | None = None
+    #: The client's W3C trace context (``traceparent``, ``tracestate``), joined by the OTel spans.
+    trace_context: tuple[str, str | None] | None = None
     _prompt_tokens: int | None = None
 
     @property

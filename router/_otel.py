@@ -10,7 +10,9 @@ batch at a time over OTLP/HTTP (protobuf) to ``{endpoint}/v1/traces``.
 
 Per request:
 
-* a ``SERVER`` span for the router, named ``{gen_ai.operation.name} {requested model}``,
+* a ``SERVER`` span for the router, named ``{gen_ai.operation.name} {requested model}``, the
+  child of the client's span when the request carried a W3C ``traceparent`` header (and sampled
+  as that header says),
   with the HTTP status, ``error.type`` and the router's own ``kubellm.*`` attributes;
 * for a request that reached a deployment, a ``CLIENT`` child span for the upstream
   inference, named ``{gen_ai.operation.name} {upstream model}``, carrying the GenAI
@@ -37,12 +39,14 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .sinks._base import DeliveryError, Sink
 from .sinks._record import Facts, Record
 
 #: Where the prompt and the answer go, when the request opted in.
 DETAILS_EVENT = "gen_ai.client.inference.operation.details"
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 def traces_url(endpoint: str) -> str:
@@ -240,8 +244,17 @@ class OtlpSink(Sink):
 
     def spans(self, f: Facts) -> None:
         tracer = self._tracer
+        parent = None
+        if f.trace_context is not None:
+            traceparent, tracestate = f.trace_context
+            carrier = {"traceparent": traceparent, **({"tracestate": tracestate} if tracestate else {})}
+            parent = _TRACE_CONTEXT.extract(carrier)  # an invalid header gives a root span
         server = tracer.start_span(
-            f.span_name, kind=SpanKind.SERVER, start_time=f.start_ns, attributes=server_attributes(f)
+            f.span_name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=f.start_ns,
+            attributes=server_attributes(f),
         )
         if not server.is_recording():
             return  # sampled out

@@ -206,6 +206,9 @@ class Router:
             started,
             deadline,
         )
+        traceparent = headers.get("traceparent")
+        if traceparent is not None:
+            call.trace_context = (traceparent, headers.get("tracestate"))
         try:
             call.ticket = await self.meter.admit_caller(call)
         except KubellmError as err:

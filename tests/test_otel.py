@@ -197,6 +197,37 @@ def test_sampling_ratio_zero_exports_nothing_and_one_exports_everything(
         assert none.exports == []
 
 
+def test_the_clients_trace_context_is_joined(
+    fake_openai: FakeOpenAI, collector: FakeCollector, start_router: Callable[..., RouterProcess]
+) -> None:
+    otel = {"endpoint": collector.endpoint, "flushIntervalSeconds": 0.2, "headersEnv": "OTEL_HEADERS"}
+    env = {**KEYS, "OTEL_HEADERS": orjson.dumps({"Authorization": OTEL_TOKEN}).decode()}
+    router = start_router(_config(fake_openai, otel), env=env)
+    client = _client(router, KEYS["PLAIN_KEY"])
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    messages: Any = [{"role": "user", "content": "traced"}]
+
+    def call(traceparent: str) -> str:
+        reply = client.chat.completions.with_raw_response.create(
+            model="gpt-test",
+            messages=messages,
+            extra_headers={"traceparent": traceparent, "tracestate": "vendor=1"},
+        )
+        return reply.headers["x-request-id"]
+
+    joined = call(f"00-{trace_id}-{parent_id}-01")
+    unsampled = call(f"00-{'1' * 32}-{'2' * 16}-00")  # the caller decided not to sample this trace
+    invalid = call("not-a-traceparent")
+    spans = collector.wait_for_spans(4)
+    server, inference = _pair(spans, joined)
+    assert inference is not None
+    assert server.trace_id == inference.trace_id == trace_id
+    assert server.parent_span_id == parent_id
+    assert not [s for s in spans if s.attributes.get("kubellm.request_id") == unsampled]
+    root, _ = _pair(spans, invalid)
+    assert root.parent_span_id == "" and root.trace_id != trace_id
+
+
 def _shadowed_sdk(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """A tracing SDK (``opentelemetry.sdk.trace``) that records being imported, then fails.
 

@@ -627,23 +627,33 @@ def test_tls_with_a_given_certificate(upstream: FakeOpenAI, tmp_path: Path) -> N
         proc.stop()
 
 
-def test_https_upstream_is_verified_against_the_trusted_cas(tmp_path: Path) -> None:
-    """Upstreams over TLS: verified with the system's CA store, which SSL_CERT_FILE replaces."""
-    ca, cert, key = certificates(tmp_path)
+def _tls_fake(directory: Path, *names: str) -> tuple[FakeOpenAI, Path]:
+    """A fake OpenAI upstream over TLS (certificate for 127.0.0.1, localhost and ``names``), and its CA."""
+    ca, cert, key = certificates(directory, *names)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
     fake.server = ThreadedApp(fake.server.app, ssl_context=server_context)
+    return fake, ca
+
+
+def _chat_and_stream(proc: RouterProcess) -> None:
+    client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="none", max_retries=0)
+    answer = client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert answer.choices[0].message.content
+    stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_https_upstream_is_verified_against_the_trusted_cas(tmp_path: Path) -> None:
+    """Upstreams over TLS: verified with the system's CA store, which SSL_CERT_FILE replaces."""
+    fake, ca = _tls_fake(tmp_path)
     with fake:
         assert fake.base_url.startswith("https://")
         config = {"deployments": [openai_deployment(fake)]}
         env = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}
         with RouterProcess(config, env={**env, "SSL_CERT_FILE": str(ca)}) as proc:
-            client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="none", max_retries=0)
-            answer = client.chat.completions.create(model="gpt-test", messages=MESSAGES)
-            assert answer.choices[0].message.content
-            stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
-            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            _chat_and_stream(proc)
         assert len(fake.seen) == 2
         # Without the test CA the upstream's certificate is not trusted: a clear 502, no request.
         with RouterProcess(config, env=env) as proc:
@@ -657,11 +667,7 @@ def test_https_upstream_is_verified_against_the_trusted_cas(tmp_path: Path) -> N
 
 def test_upstreams_through_the_https_proxy_of_the_environment(tmp_path: Path) -> None:
     """HTTPS_PROXY as Kubernetes pods get it: the upstream's name is resolved by the proxy only."""
-    ca, cert, key = certificates(tmp_path, "upstream.test")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
-    fake.server = ThreadedApp(fake.server.app, ssl_context=server_context)
+    fake, ca = _tls_fake(tmp_path, "upstream.test")
     with fake, ForwardProxy({"upstream.test": fake.server.port}) as proxy:
         deployment = openai_deployment(fake, baseUrl=f"https://upstream.test:{fake.server.port}/v1")
         env = {
@@ -671,10 +677,6 @@ def test_upstreams_through_the_https_proxy_of_the_environment(tmp_path: Path) ->
             "NO_PROXY": "other.example",
         }
         with RouterProcess({"deployments": [deployment]}, env=env) as proc:
-            client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="none", max_retries=0)
-            answer = client.chat.completions.create(model="gpt-test", messages=MESSAGES)
-            assert answer.choices[0].message.content
-            stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
-            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            _chat_and_stream(proc)
         assert len(fake.seen) == 2
         assert set(proxy.lines) == {f"CONNECT upstream.test:{fake.server.port} HTTP/1.1"}

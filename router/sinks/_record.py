@@ -120,6 +120,8 @@ class Facts:
     response_id: str | None
     response_model: str | None
     finish_reasons: list[str]
+    #: The client's ``traceparent`` and ``tracestate`` headers, if it sent them.
+    trace_context: tuple[str, str | None] | None
     #: The key or the deployment opted into payload logging; the fields below are empty otherwise.
     payloads_allowed: bool
     body: dict[str, Any] | None
@@ -308,6 +310,7 @@ def _derive(rec: Record) -> Facts:
         response_id=response_id,
         response_model=response_model,
         finish_reasons=[c.finish_reason for c in choices if c.finish_reason],
+        trace_context=call.trace_context,
         payloads_allowed=allowed,
         body=body if allowed else None,
         choices=choices if allowed else [],
