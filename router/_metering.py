@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _metrics as metrics
-from ._budget import BudgetDecision, BudgetStore
+from ._budget import BudgetDecision, BudgetStore, period_window
 from ._config import RouterSettings
 from ._errors import KubellmError, RateLimitError, ServiceUnavailableError
 from ._ledger import LedgerStore, LedgerWriter, SqliteLedger, UsageRecord
@@ -51,6 +51,24 @@ class Lease:
 
 
 @dataclass(slots=True)
+class Charge:
+    """Spend owed to a budget whose store was unreachable when the request settled."""
+
+    scope: str
+    period: str
+    request_id: str
+    estimate: Decimal
+    actual: Decimal
+    period_key: str
+
+
+#: Seconds between two attempts to apply owed charges while the budget store is unreachable.
+CHARGE_RETRY_SECONDS = 1.0
+#: Owed charges kept in memory at most (their records are in the ledger whatever happens).
+MAX_OWED_CHARGES = 100_000
+
+
+@dataclass(slots=True)
 class Ticket:
     """What one request holds from admission until it is settled."""
 
@@ -59,6 +77,9 @@ class Ticket:
     budget: BudgetDecision | None = None
     budget_scope: str = ""
     budget_period: str = ""
+    #: The budget store was unreachable at admission and the call was let through (fail-open):
+    #: its spend is charged to the budget once the store is back.
+    budget_unreserved: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
 
@@ -121,6 +142,9 @@ class Meter:
         #: Monotonic time of the last shared-state failure (0: none); readiness reports it.
         self.last_store_error = 0.0
         self._settling: set[asyncio.Task[None]] = set()
+        #: Charges owed to budgets, by request id, applied when the store answers again.
+        self.owed: dict[str, Charge] = {}
+        self._charging: asyncio.Task[None] | None = None
 
     @property
     def degraded(self) -> bool:
@@ -175,6 +199,7 @@ class Meter:
                 if not self.fail_open:
                     await self.release(ticket)
                     raise self._unavailable() from None
+                ticket.budget_unreserved = True
                 return ticket
             if not decision.allowed:
                 await self.release(ticket)
@@ -272,6 +297,11 @@ class Meter:
             task = asyncio.get_running_loop().create_task(self._settle(call, ticket, actual, spend))
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
+        if ticket.budget_unreserved and spend:
+            key = period_window(ticket.budget_period)[2]
+            self._owe(
+                Charge(ticket.budget_scope, ticket.budget_period, call.request_id, Decimal(0), spend, key)
+            )
         return spend
 
     async def _settle(self, call: Call, ticket: Ticket, actual_tokens: int, spend: Decimal) -> None:
@@ -284,18 +314,53 @@ class Meter:
                     actual_tokens,
                     lease.admission.window_start,
                 )
-            if ticket.budget is not None:
-                await self.budgets.settle(
-                    ticket.budget_scope,
-                    ticket.budget_period,
-                    call.request_id,
-                    ticket.estimated_cost,
-                    spend,
-                    period_key=ticket.budget.period_key,
-                )
         except Exception as exc:
             # Leases expire by themselves; a lost tpm correction only errs towards the estimate.
             self.store_failed("settle", exc)
+        if ticket.budget is None:
+            return
+        charge = Charge(
+            ticket.budget_scope,
+            ticket.budget_period,
+            call.request_id,
+            ticket.estimated_cost,
+            spend,
+            ticket.budget.period_key,
+        )
+        try:
+            await self._charge(charge)
+        except Exception as exc:
+            self.store_failed("budget settle", exc)
+            self._owe(charge)
+
+    async def _charge(self, c: Charge) -> None:
+        # Idempotent by request id: a charge applied twice counts once.
+        await self.budgets.settle(
+            c.scope, c.period, c.request_id, c.estimate, c.actual, period_key=c.period_key
+        )
+
+    def _owe(self, charge: Charge) -> None:
+        if len(self.owed) >= MAX_OWED_CHARGES:
+            metrics.STORE_ERRORS.labels("budget charge dropped").inc()
+            return
+        self.owed[charge.request_id] = charge
+        if self._charging is None or self._charging.done():
+            self._charging = asyncio.get_running_loop().create_task(self._apply_owed_until_done())
+
+    async def _apply_owed_until_done(self) -> None:
+        while self.owed:
+            await asyncio.sleep(CHARGE_RETRY_SECONDS)
+            await self.apply_owed()
+
+    async def apply_owed(self) -> bool:
+        """Charge the budgets what calls admitted during a store outage spent; True when none is owed."""
+        for request_id, charge in list(self.owed.items()):
+            try:
+                await self._charge(charge)
+            except Exception:
+                return False  # still unreachable: the next round tries again
+            del self.owed[request_id]
+        return True
 
     async def release(self, ticket: Ticket) -> None:
         for lease in ticket.leases:
@@ -315,4 +380,11 @@ class Meter:
     async def drain(self) -> None:
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+        if self.owed and not await self.apply_owed():
+            total = sum((c.actual for c in self.owed.values()), Decimal(0))
+            log.warning(
+                "budget store unreachable at shutdown: %d charges ($%s) not applied; the ledger has them",
+                len(self.owed),
+                total,
+            )
         await self.ledger.close()

@@ -312,3 +312,49 @@ def test_redis_outage_keeps_serving_and_loses_no_record(fake_openai: FakeOpenAI)
             assert requests == 6
             metrics = http_get(router.base_url + "/metrics")[1].decode()
             assert "kubellm_redis_errors_total" in metrics
+
+
+def test_spend_during_a_redis_outage_is_charged_to_the_budget_once_it_returns(
+    fake_openai: FakeOpenAI,
+) -> None:
+    """Fail-open lets calls through while Redis is down; their spend still reaches the budget."""
+    with RedisServer(appendonly=True) as redis:
+        config = _config(fake_openai, redis.url)
+        config["keys"].append(
+            {"name": "wallet", "keyEnv": "WALLET_KEY", "budget": {"amountUsd": "1", "period": "daily"}}
+        )
+        wallet = "sk-wallet-0123456789abcdef"
+        env = {
+            **KEYS,
+            "WALLET_KEY": wallet,
+            "KUBELLM_MASTER_KEY": MASTER_KEY,
+            "TEST_UPSTREAM_KEY": UPSTREAM_KEY,
+        }
+        with RouterProcess(config, env=env) as router:
+            client = _client(router, wallet)
+            client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+            redis.stop()
+            for _ in range(4):  # admitted without a reservation: the store is unreachable
+                client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+            redis.start()
+
+            def spent() -> tuple[Decimal, Decimal]:
+                _, info = http_get(router.v1 + "/key/info", {"Authorization": f"Bearer {wallet}"})
+                _, by_key = http_get(
+                    router.base_url + "/admin/spend?by=key", {"Authorization": f"Bearer {MASTER_KEY}"}
+                )
+                ledger = orjson.loads(by_key)["groups"].get("wallet", {})
+                return Decimal(orjson.loads(info)["budget"]["spentUsd"]), Decimal(ledger.get("spendUsd", "0"))
+
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    budget, ledger = spent()
+                    if ledger > 0 and budget == ledger:
+                        break
+                except (KeyError, orjson.JSONDecodeError):
+                    pass
+                assert time.monotonic() < deadline, spent()
+                time.sleep(0.3)
+            per_call = budget / 5
+            assert per_call > 0 and budget == per_call * 5  # all five calls, none twice
