@@ -2,10 +2,11 @@
 
 Chosen by measurement. With the router pinned to one core, aiohttp's ``ClientSession.request``
 cost about 65 µs of CPU per proxied request (a raw protocol server forwarding through aiohttp
-managed ~11,800 req/s, through this client ~50,000). The router needs little of what aiohttp
-offers: no cookies, redirects, proxies or multipart; one request per connection at a time. So this
-client is a connection per in-flight request, parsed with httptools (llhttp, the parser uvicorn
-uses), pooled per origin, with TCP_NODELAY, and three timeouts:
+managed ~11,800 req/s, a raw-socket one ~50,000). The router needs little of what aiohttp
+offers: no cookies, redirects or multipart; one request per connection at a time. So this client
+is a connection per in-flight request, parsed with httptools (llhttp, the parser uvicorn uses),
+pooled per origin, with TCP_NODELAY, proxies from the environment (:mod:`._proxies`), and three
+timeouts:
 
 * ``connect``: opening the connection (TCP and TLS);
 * ``idle``: the longest silence while waiting for the response head or the next body bytes;
