@@ -216,13 +216,14 @@ class RouterApp(FastAPI):
         async def asgi_endpoint(request: Request) -> Response:
             return await endpoint(AsgiInbound(request))
 
+        name = openapi.pop("name", path.strip("/"))
         for prefix in ("/v1", ""):
             self.add_api_route(
                 prefix + path,
                 asgi_endpoint,
                 methods=["POST"],
                 include_in_schema=prefix == "/v1",
-                name=f"{openapi.pop('name', path.strip('/'))}{prefix.replace('/', '_')}",
+                name=f"{name}{prefix.replace('/', '_')}",
                 **openapi,
             )
             self.fast_routes[prefix + path] = endpoint

@@ -284,3 +284,19 @@ def test_the_asgi_app_serves_model_endpoints_under_any_server(tmp_path: Any) -> 
         proc.terminate()
         _, stderr = proc.communicate(timeout=10)
     assert b"Traceback" not in stderr, stderr[-2000:]
+
+
+def test_model_routes_are_named_by_operation_with_and_without_v1() -> None:
+    from kubellm.router._app import ConfigSource, create_app
+    from kubellm.router._quickstart import embedded_default
+
+    app = create_app(ConfigSource(config=embedded_default()))
+    names = {getattr(r, "path", ""): getattr(r, "name", "") for r in app.routes}
+    for path, name in [
+        ("/chat/completions", "chat"),
+        ("/completions", "completion"),
+        ("/embeddings", "embedding"),
+        ("/messages", "messages"),
+    ]:
+        assert names["/v1" + path] == f"{name}_v1"
+        assert names[path] == name
