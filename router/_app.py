@@ -252,7 +252,6 @@ def create_app(source: ConfigSource) -> RouterApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await router.upstream.start()
         tasks: list[asyncio.Task[None]] = []
         redis: list[Redis] = []
 

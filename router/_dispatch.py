@@ -300,9 +300,7 @@ class Dispatcher:
                     cooling += 1
                     continue
                 usable.append(dep)
-            headroom = (
-                await self._headroom(group, usable) if group.settings.strategy == "usage-based" else None
-            )
+            headroom = await self._headroom(usable) if group.settings.strategy == "usage-based" else None
             for dep in order_tier(group, usable, self.stats, self.rng, stream=call.stream, headroom=headroom):
                 if not self.health.clear(dep.name) and not await self.health.admit(dep.name):
                     cooling += 1
@@ -329,9 +327,9 @@ class Dispatcher:
             f"no deployment of model {group.name!r} supports {operation.value} requests", param="model"
         )
 
-    async def _headroom(self, group: ModelGroup, deps: list[Deployment]) -> Headroom | None:
-        """Share of limits left per deployment, read only for the usage-based strategy."""
-        if group.settings.strategy != "usage-based" or not deps:
+    async def _headroom(self, deps: list[Deployment]) -> Headroom | None:
+        """Share of limits left per deployment; :meth:`_choose` asks only for the usage-based strategy."""
+        if not deps:
             return None
         rules = {d.name: d.limit_rule for d in deps if d.limit_rule is not None}
         try:

@@ -45,13 +45,9 @@ class Inbound(ABC):
         """The whole body; :class:`PayloadTooLargeError` past ``limit`` bytes, :class:`ClientDisconnect`
         if the client leaves while sending it."""
 
+    @abstractmethod
     def cancel_on_disconnect(self, task: asyncio.Task[object]) -> Callable[[], None]:
         """Cancel ``task`` (setting :attr:`gone`) if the client disconnects; returns the undo."""
-        return _nothing
-
-
-def _nothing() -> None:
-    return None
 
 
 class AsgiInbound(Inbound):

@@ -107,7 +107,6 @@ class Recorder:
     def __init__(self) -> None:
         self._finished: list[_Finished] = []
         self.in_flight: dict[str, int] = {}
-        self._folded_in_flight: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def started(self, group: str) -> None:
@@ -186,9 +185,7 @@ class Recorder:
         for pair, usd in spend.items():
             child(SPEND, *pair).inc(usd)
         for group, n in self.in_flight.items():
-            if self._folded_in_flight.get(group) != n:
-                child(IN_FLIGHT, group).set(n)
-                self._folded_in_flight[group] = n
+            child(IN_FLIGHT, group).set(n)
 
 
 def observe_many(histogram: Any, values: list[float]) -> None:

@@ -67,9 +67,6 @@ class UpstreamPool:
     def __init__(self) -> None:
         self.pool = http.ConnectionPool()
 
-    async def start(self) -> None:
-        pass  # connections open on first use
-
     async def stop(self) -> None:
         await self.pool.close()
 
