@@ -43,7 +43,7 @@ ENV_MAX_HEADER_BYTES = "KUBELLM_MAX_HEADER_BYTES"
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 #: Longest delay between a deadline passing and the sweep acting on it.
 SWEEP_SECONDS = 0.25
 
@@ -138,6 +138,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.write(head + b"connection: close\r\n\r\n" + body)
         self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn answers a request the parser refuses in plain text; clients get JSON everywhere."""
+        self._refuse(400, f"malformed HTTP request: {msg}", "invalid_http_request")
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
