@@ -13,8 +13,9 @@ timeouts:
 * ``total``: the whole exchange, from the start of the request to the end of the body.
 
 **A request is sent again only when it provably never left.** Before an idle connection is reused,
-its socket is peeked (``MSG_PEEK``, non-blocking): an end of stream, a reset or unsolicited bytes
-that the event loop has not processed yet retire it, and the request goes on another connection.
+its socket is polled without waiting: anything readable on an idle connection (an end of stream,
+a reset, or bytes nobody asked for) retires it, even when the event loop has not processed it yet,
+and the request goes on another connection.
 If writing the request to a reused connection fails at once, nothing of it was sent, and it is
 written once more on a new connection. In every other case (notably a server that reads the
 request and closes the connection without answering) the request may have reached the server and
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -88,8 +90,6 @@ _LOW_WATER = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEAD_FIELDS = 256
 
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-
 
 def _parser(protocol: _Connection) -> httptools.HttpResponseParser:
     parser = httptools.HttpResponseParser(protocol)
@@ -109,8 +109,8 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = _parser(self)
-        #: the socket's (fd, family, type, proto), to peek at it while idle
-        self.sock: tuple[int, int, int, int] | None = None
+        #: the socket, registered for readability: polled before the idle connection is reused
+        self.poller: select.poll | None = None
         self.closed = False
         self.tunnel_reply: bytearray | None = None  # a proxy's answer to CONNECT, while awaited
         self.idle = False  # in the pool, between exchanges
@@ -141,8 +141,10 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         sock = transport.get_extra_info("socket")
-        if sock is not None and self.sock is None:
-            self.sock = (sock.fileno(), sock.family, sock.type, sock.proto)
+        if sock is not None and self.poller is None:
+            # One poll object per connection: checking it costs one syscall and no allocation.
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -300,20 +302,9 @@ class _Connection(asyncio.Protocol):
         """Whether the idle connection can carry a request: nothing waits unread, not even its end."""
         if self.closed or self.transport is None or self.transport.is_closing():
             return False
-        if self.sock is None:
-            return True
-        fd, family, kind, proto = self.sock
-        # A FIN or reset the loop has not processed yet shows here, and is not consumed.
-        sock = socket.socket(family, kind, proto, fileno=fd)
-        try:
-            sock.recv(1, _PEEK)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        finally:
-            sock.detach()  # the transport owns the descriptor
-        return False  # an end of stream, or bytes nobody asked for
+        # A FIN, a reset or stray bytes that the loop has not processed yet show here (nothing is
+        # consumed); the descriptor is still the transport's, as it is not closing.
+        return self.poller is None or not self.poller.poll(0)
 
     async def open_tunnel(self, target: _Target, proxy: Proxy, context: ssl.SSLContext) -> None:
         """CONNECT through the proxy, then TLS with the upstream over the tunnel."""

@@ -391,7 +391,7 @@ def test_a_clean_close_still_ends_a_close_delimited_body() -> None:
 @pytest.mark.parametrize("end", ["close", "reset"])
 def test_an_idle_connection_ended_before_the_loop_noticed_is_not_reused(end: str) -> None:
     """The server ends the idle connection; the loop is kept from processing that (it is blocked
-    until the end is in the kernel), so only peeking at the socket can tell: one request upstream each."""
+    until the end is in the kernel), so only polling the socket can tell: one request upstream each."""
     ended = threading.Event()
 
     def handler(conn: RawConnection) -> None:
@@ -414,8 +414,10 @@ def test_an_idle_connection_ended_before_the_loop_noticed_is_not_reused(end: str
             # Block the loop on purpose: the end reaches the socket, not the protocol.
             assert ended.wait(10)
             (idle,) = pool._idle[("http", "127.0.0.1", upstream.port)]
-            assert idle.sock is not None
-            assert select.select([idle.sock[0]], [], [], 10)[0]
+            assert idle.transport is not None
+            waiting = select.poll()
+            waiting.register(idle.transport.get_extra_info("socket").fileno(), select.POLLIN)
+            assert waiting.poll(10_000)  # the end is in the kernel, and the loop has not run since
             assert not idle.closed
             resp = await pool.request("POST", url(upstream), {}, b"{}")
             assert await resp.read() == b"ok"
