@@ -4,7 +4,9 @@ items 2 to 6). Each failure is a 502 with its own code, and the router keeps ser
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import sqlite3
 import threading
 import time
 import zlib
@@ -104,6 +106,16 @@ def router_for() -> Iterator[Callable[..., RouterProcess]]:
         assert "unhandled error" not in logs and "Exception in ASGI application" not in logs, logs[-3000:]
 
 
+def ledger(router: RouterProcess) -> list[tuple[int, int, int]]:
+    """(status, prompt tokens, completion tokens) of each request to model ``m``; stops the router."""
+    router.stop()  # the ledger is flushed on the way out
+    with contextlib.closing(sqlite3.connect(router.dir / "state" / "ledger.sqlite")) as db:
+        rows = db.execute(
+            "SELECT status, prompt_tokens, completion_tokens FROM usage WHERE model_group = 'm' ORDER BY ts"
+        )
+        return [tuple(row) for row in rows]
+
+
 def client(router: RouterProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=router.v1, api_key="x", max_retries=0, timeout=20)
 
@@ -142,6 +154,7 @@ def test_a_compressed_answer_is_decoded(coding: str, router_for: Callable[..., R
         assert answer.choices[0].message.content == ANSWER
         assert answer.usage is not None and answer.usage.completion_tokens == 4
         assert b"\r\nAccept-Encoding: gzip, deflate, br\r\n" in up.requests[0]
+        assert ledger(router) == [(200, 3, 4)]
 
 
 @pytest.mark.parametrize("coding", ["gzip", "br"])
@@ -177,6 +190,7 @@ def test_a_compressed_stream_is_decoded_event_by_event(
                 first_word.set()
         assert "".join(got) == "".join(words)
         assert waited == [True]
+        assert [status for status, *_ in ledger(router)] == [200]
 
 
 @pytest.mark.parametrize("coding", [b"zstd", b"compress", b"gzip, br"])
@@ -188,6 +202,7 @@ def test_an_unsupported_coding_is_a_502_with_its_code(
         error = expect_502(router, "upstream_bad_encoding")
         assert "content coding" in error.message
         assert_alive(router)
+        assert ledger(router) == [(502, 0, 0)]
 
 
 def test_a_deployment_may_set_its_own_accept_encoding(router_for: Callable[..., RouterProcess]) -> None:
@@ -205,6 +220,7 @@ def test_a_corrupt_gzip_answer_is_a_502(router_for: Callable[..., RouterProcess]
         router = router_for(up)
         expect_502(router, "upstream_bad_encoding")
         assert_alive(router)
+        assert ledger(router) == [(502, 0, 0)]
 
 
 def test_a_corrupt_gzip_stream_is_an_error_event(router_for: Callable[..., RouterProcess]) -> None:
@@ -234,6 +250,8 @@ def test_a_corrupt_gzip_stream_is_an_error_event(router_for: Callable[..., Route
         assert "".join(got) == "fine words "
         assert "gzip body is corrupt" in info.value.message
         assert_alive(router)
+        ((status, *_),) = ledger(router)
+        assert status >= 500  # recorded as a failure, not a success
 
 
 # --------------------------------------------------------------------------- heads and HTTP
@@ -257,6 +275,7 @@ def test_an_endless_upstream_head_is_a_502_and_the_router_keeps_serving(
         expect_502(router, "upstream_head_too_large")
         assert sent[0] < 64 << 20  # cut off long before the 64 MiB the issue saw accepted
         assert_alive(router)
+        assert ledger(router) == [(502, 0, 0)]
 
 
 def test_an_answer_with_bare_lf_line_ends_is_served(router_for: Callable[..., RouterProcess]) -> None:
@@ -298,6 +317,7 @@ def test_a_reset_mid_close_delimited_answer_is_a_502_not_a_truncated_200(
         router = router_for(up)
         expect_502(router, "upstream_connection_closed")
         assert_alive(router)
+        assert ledger(router) == [(502, 0, 0)]
 
 
 def drops_the_second_request(conn: RawConnection) -> None:
@@ -322,6 +342,7 @@ def test_a_request_dropped_on_a_reused_connection_reaches_the_upstream_once(
         error = expect_502(router, "upstream_connection_closed")
         assert "not resent" in error.message
         assert len(up.requests) == 2  # one per call: the dropped one was not sent again
+        assert ledger(router) == [(200, 3, 4), (502, 0, 0)]
 
 
 def test_the_configured_retry_is_the_one_that_resends_and_it_is_counted(
@@ -334,6 +355,7 @@ def test_the_configured_retry_is_the_one_that_resends_and_it_is_counted(
         assert raw.parse().choices[0].message.content == ANSWER
         assert raw.headers["x-kubellm-attempts"] == "2"
         assert len(up.requests) == 3
+        assert ledger(router) == [(200, 3, 4), (200, 3, 4)]
 
 
 def test_an_idle_connection_the_upstream_closed_is_replaced_without_an_error(
