@@ -21,7 +21,10 @@ Hierarchy::
         ├── UpstreamStatusError    upstream's own status, message kept
         ├── UpstreamConnectError   502 code=upstream_connect_error
         ├── UpstreamTimeoutError   504 timeout_error
-        └── UpstreamProtocolError  502 code=upstream_bad_response
+        └── UpstreamProtocolError  502 code=upstream_bad_response, or what broke on an open connection:
+                                   upstream_connection_closed (it ended before the answer did),
+                                   upstream_protocol_error (invalid HTTP), upstream_head_too_large,
+                                   upstream_bad_encoding (a Content-Encoding refused or undecodable)
 """
 
 from __future__ import annotations

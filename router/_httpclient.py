@@ -12,9 +12,25 @@ timeouts:
 * ``idle``: the longest silence while waiting for the response head or the next body bytes;
 * ``total``: the whole exchange, from the start of the request to the end of the body.
 
-A request that fails on a reused connection before a single response byte arrived is sent again
-once on a new connection: the server closed the idle connection as we wrote to it, and cannot
-have acted on the request.
+**A request is sent again only when it provably never left.** Before an idle connection is reused,
+its socket is polled without waiting: anything readable on an idle connection (an end of stream,
+a reset, or bytes nobody asked for) retires it, even when the event loop has not processed it yet,
+and the request goes on another connection.
+If writing the request to a reused connection fails at once, nothing of it was sent, and it is
+written once more on a new connection. In every other case (notably a server that reads the
+request and closes the connection without answering) the request may have reached the server and
+been acted on, so it is not resent: the exchange fails with :class:`ConnectionClosed`, and the
+router's configured, counted retries decide what happens next.
+
+Bodies in ``gzip``, ``deflate`` or ``br`` are decoded as they arrive (:mod:`._decoding`, which also
+caps what a decompression bomb can cost); requests say so in ``Accept-Encoding`` unless the caller
+set its own; other codings are refused with :class:`BadEncoding`.
+
+Response heads are parsed as RFC 9112 §2.2 allows: a bare LF ends a line of the head (chunk lines
+and everything else stay strict). A head (with any interim 1xx heads before it) is capped at
+:data:`MAX_HEAD_BYTES` and :data:`MAX_HEAD_FIELDS`; past that the connection is dropped
+(:class:`HeadTooLarge`). A body delimited by the end of the connection ends only with a clean close:
+a reset is :class:`ConnectionClosed`.
 
 Errors are :class:`ClientError` subclasses; :mod:`._upstream` turns them into the router's.
 """
@@ -23,23 +39,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
 from typing import cast
-from urllib.parse import urlsplit
 
 import httptools
 
+from ._decoding import DecodeError, Decoder, decoder_for
+from ._httpwire import (
+    BadEncoding,
+    ClientError,
+    ConnectError,
+    ConnectionClosed,
+    ConnectTimeout,
+    HeadTooLarge,
+    IdleTimeout,
+    RemoteProtocolError,
+    ResponseHeaders,
+    TotalTimeout,
+    _request_head,
+    _Target,
+    _target,
+)
 from ._proxies import Proxy, ProxyChooser, environment_proxies
 
 __all__ = [
+    "MAX_HEAD_BYTES",
+    "MAX_HEAD_FIELDS",
+    "BadEncoding",
     "ClientError",
     "ConnectError",
     "ConnectTimeout",
+    "ConnectionClosed",
     "ConnectionPool",
+    "HeadTooLarge",
     "IdleTimeout",
     "RemoteProtocolError",
     "Response",
@@ -51,132 +86,16 @@ __all__ = [
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 
-
-class ClientError(Exception):
-    """Base of every error this client raises."""
-
-
-class ConnectError(ClientError):
-    """The connection could not be opened (refused, unreachable, name or TLS failure)."""
+#: Caps on a response head: status line and header fields, interim 1xx heads included.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEAD_FIELDS = 256
 
 
-class ConnectTimeout(ClientError):
-    """Opening the connection took longer than the connect timeout."""
-
-
-class IdleTimeout(ClientError):
-    """The server sent nothing for longer than the idle timeout."""
-
-
-class TotalTimeout(ClientError):
-    """The exchange took longer than the total timeout."""
-
-
-class RemoteProtocolError(ClientError):
-    """The server broke the protocol or the connection before the response was complete."""
-
-
-class ResponseHeaders(Mapping[str, str]):
-    """Response headers, looked up without regard to case; repeated headers are joined by ``, ``."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: dict[str, str]) -> None:
-        self._items = items  # keys are lower-case
-
-    def __getitem__(self, name: str) -> str:
-        return self._items[name.lower()]
-
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return self._items.get(name.lower(), default)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"ResponseHeaders({self._items!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    origin: tuple[str, str, int]
-    host: str
-    port: int
-    tls: bool
-    #: ``Host`` header and request target, as sent
-    host_header: str
-    path: str
-    #: ``host:port``, for a proxy's CONNECT
-    authority: str
-
-
-@functools.lru_cache(maxsize=4096)
-def _target(url: str) -> _Target:
-    # Deployments call a handful of URLs over and over: parse each once.
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        raise ConnectError(f"unsupported upstream URL scheme or host: {scheme or '(none)'}://")
-    try:
-        port = parts.port or (443 if scheme == "https" else 80)
-    except ValueError:
-        raise ConnectError("invalid port in the upstream URL") from None
-    host = parts.hostname
-    shown = f"[{host}]" if ":" in host else host
-    default = 443 if scheme == "https" else 80
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if any(c in path for c in " \r\n"):
-        raise ConnectError("the upstream URL path contains whitespace")
-    return _Target(
-        (scheme, host, port),
-        host,
-        port,
-        scheme == "https",
-        shown if port == default else f"{shown}:{port}",
-        path,
-        f"{shown}:{port}",
-    )
-
-
-#: Request headers this client writes itself.
-_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "proxy-authorization"})
-
-
-def _request_head(
-    method: str, target: _Target, headers: Mapping[str, str], body: bytes | None, forward: Proxy | None = None
-) -> bytes:
-    """The request line and headers; through a forward proxy (``http://`` upstreams) in absolute form."""
-    if forward is None:
-        lines = [f"{method} {target.path} HTTP/1.1\r\n"]
-    else:
-        lines = [f"{method} http://{target.host_header}{target.path} HTTP/1.1\r\n"]
-        if forward.authorization:
-            lines.append(f"Proxy-Authorization: {forward.authorization}\r\n")
-    host = target.host_header
-    for name, value in headers.items():
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
-            raise ConnectError(f"request header {name!r} contains a line break or colon")
-        lowered = name.lower()
-        if lowered in _OWN_HEADERS:
-            if lowered == "host":
-                host = value
-            continue
-        lines.append(f"{name}: {value}\r\n")
-    lines.append(f"Host: {host}\r\n")
-    if body is not None or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body) if body is not None else 0}\r\n")
-    lines.append("\r\n")
-    text = "".join(lines)
-    try:
-        return text.encode("latin-1")
-    except UnicodeEncodeError:
-        return text.encode("utf-8")
+def _parser(protocol: _Connection) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(protocol)
+    # RFC 9112 §2.2: a recipient may take a bare LF as the end of a head line (aiohttp does).
+    parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+    return parser
 
 
 class _Connection(asyncio.Protocol):
@@ -189,7 +108,9 @@ class _Connection(asyncio.Protocol):
         self.origin = origin
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _parser(self)
+        #: the socket, registered for readability: polled before the idle connection is reused
+        self.poller: select.poll | None = None
         self.closed = False
         self.tunnel_reply: bytearray | None = None  # a proxy's answer to CONNECT, while awaited
         self.idle = False  # in the pool, between exchanges
@@ -201,6 +122,9 @@ class _Connection(asyncio.Protocol):
         self.received = False  # any byte of the current response
         self.status = 0
         self.head: dict[str, str] = {}
+        self.head_size = 0  # of the fields parsed, and their number, against the caps
+        self.head_fields = 0
+        self.head_fed = 0  # bytes fed while the head is incomplete
         self.headers: ResponseHeaders | None = None
         self.chunks: list[bytes] = []
         self.buffered = 0
@@ -217,7 +141,10 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and self.poller is None:
+            # One poll object per connection: checking it costs one syscall and no allocation.
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -235,6 +162,13 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(RemoteProtocolError(f"invalid HTTP response: {exc}"))
             self.close()
+            return
+        if self.headers is None:
+            # Every byte so far belongs to the head; an endless one never reaches on_header.
+            self.head_fed += len(data)
+            if self.head_fed > MAX_HEAD_BYTES:
+                self._fail(HeadTooLarge(f"the response head is larger than {MAX_HEAD_BYTES} bytes"))
+                self.close()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: the server is done with this connection
@@ -242,11 +176,19 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._lost(self)
-        if self.headers is not None and self.until_close and not self.complete and self.error is None:
-            self.complete = True  # the end of the connection is the end of this body
+        if self.complete:
+            return
+        if self.headers is not None and self.until_close and exc is None and self.error is None:
+            self.complete = True  # a clean close is the end of this body (a reset is not)
             self._wake()
-        elif not self.complete:
-            self._fail(RemoteProtocolError("the server closed the connection"))
+            return
+        how = "closed the connection" if exc is None else "reset the connection"
+        if not self.received:
+            # The request may have reached the server: see the module docstring on resending.
+            self._fail(ConnectionClosed(f"the server {how} without answering; the request was not resent"))
+        else:
+            part = "body" if self.headers is not None else "head"
+            self._fail(ConnectionClosed(f"the server {how} before the end of the response {part}"))
 
     # -- parser callbacks -----------------------------------------------------------------------
 
@@ -258,6 +200,14 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.overrun:
             return
+        self.head_size += len(name) + len(value) + 4
+        self.head_fields += 1
+        if self.head_size > MAX_HEAD_BYTES or self.head_fields > MAX_HEAD_FIELDS:
+            error = HeadTooLarge(
+                f"the response head is larger than {MAX_HEAD_BYTES} bytes or {MAX_HEAD_FIELDS} fields"
+            )
+            self._fail(error)
+            raise error  # stops the parser; data_received drops the connection
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         previous = self.head.get(key)
@@ -348,6 +298,14 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def reusable(self) -> bool:
+        """Whether the idle connection can carry a request: nothing waits unread, not even its end."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        # A FIN, a reset or stray bytes that the loop has not processed yet show here (nothing is
+        # consumed); the descriptor is still the transport's, as it is not closing.
+        return self.poller is None or not self.poller.poll(0)
+
     async def open_tunnel(self, target: _Target, proxy: Proxy, context: ssl.SSLContext) -> None:
         """CONNECT through the proxy, then TLS with the upstream over the tunnel."""
         assert self.transport is not None
@@ -359,6 +317,8 @@ class _Connection(asyncio.Protocol):
         while b"\r\n\r\n" not in reply:
             if self.error is not None or self.closed:
                 raise ConnectError(f"the proxy {proxy.host}:{proxy.port} closed the connection")
+            if len(reply) > MAX_HEAD_BYTES:
+                raise ConnectError(f"the proxy {proxy.host}:{proxy.port} sent an endless answer to CONNECT")
             self.waiter = self.loop.create_future()
             await self.waiter
         self.tunnel_reply = None
@@ -370,7 +330,7 @@ class _Connection(asyncio.Protocol):
         if tls is None:
             raise ConnectError("TLS over the proxy tunnel could not start")
         self.transport = tls
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _parser(self)
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:
@@ -381,12 +341,15 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
 class Response:
     """A response whose head has arrived; read the body with :meth:`read` or :meth:`iter_chunks`."""
 
-    __slots__ = ("_conn", "_deadline", "_idle", "headers", "status")
+    __slots__ = ("_conn", "_deadline", "_decoder", "_idle", "headers", "status")
 
-    def __init__(self, conn: _Connection, idle: float | None, deadline: float) -> None:
+    def __init__(
+        self, conn: _Connection, idle: float | None, deadline: float, decoder: Decoder | None
+    ) -> None:
         self._conn: _Connection | None = conn
         self._idle = idle
         self._deadline = deadline
+        self._decoder = decoder
         self.status = conn.status
         assert conn.headers is not None
         self.headers: ResponseHeaders = conn.headers
@@ -407,17 +370,28 @@ class Response:
         if conn is None:
             raise RemoteProtocolError("the response body was already consumed or closed")
         try:
-            while not conn.chunks:
-                if conn.complete:
-                    self._release()
-                    return None
-                if conn.error is not None:
-                    raise conn.error
-                await conn.wait(self._idle, self._deadline)
+            while True:
+                while not conn.chunks:
+                    if conn.complete:
+                        if self._decoder is not None:
+                            self._decoder.finish()
+                        self._release()
+                        return None
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(self._idle, self._deadline)
+                if self._decoder is None:
+                    return conn.take()
+                chunks = conn.take()
+                data = self._decoder.feed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                if data:
+                    return [data]
+        except DecodeError as exc:
+            self.close()
+            raise BadEncoding(str(exc)) from None
         except BaseException:
             self.close()
             raise
-        return conn.take()
 
     def _release(self) -> None:
         conn = self._conn
@@ -508,28 +482,32 @@ class ConnectionPool:
                 conn = await self._connect(loop, target, proxy, connect_timeout, deadline)
             self._busy.add(conn)
             try:
-                assert conn.transport is not None
-                conn.transport.write(data)
+                transport = conn.transport
+                assert transport is not None
+                transport.write(data)
+                if reused and attempt == 0 and transport.is_closing():
+                    conn.close()  # the write failed at once, so no byte of it left: resend it
+                    continue
                 while conn.headers is None:
                     if conn.error is not None:
                         raise conn.error
                     await conn.wait(idle_timeout, deadline)
-            except RemoteProtocolError:
+                coding = conn.head.get("content-encoding")
+                decoder = None if coding is None else decoder_for(coding)
+            except DecodeError as exc:
                 conn.close()
-                if reused and not conn.received and attempt == 0:
-                    continue  # closed by the server while idle: try once on a fresh connection
-                raise
+                raise BadEncoding(str(exc)) from None
             except BaseException:
                 conn.close()
                 raise
-            return Response(conn, idle_timeout, deadline)
+            return Response(conn, idle_timeout, deadline, decoder)
         raise AssertionError("unreachable")
 
     def _reuse(self, origin: tuple[str, str, int], now: float) -> _Connection | None:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive_seconds:
+            if now - conn.idle_since < self.keepalive_seconds and conn.reusable():
                 conn.idle = False
                 conn._reset()
                 return conn

@@ -30,9 +30,22 @@ def _error(exc: http.ClientError, where: str, during: str | None) -> UpstreamErr
         return UpstreamTimeoutError(f"deployment {where!r} did not answer in time", code="total_timeout")
     if isinstance(exc, http.ConnectError):
         return UpstreamConnectError(f"cannot connect to deployment {where!r}: {exc}")
+    # The connection was open: what went wrong on it has a code of its own, never a connect error.
+    code = next((code for kind, code in _PROTOCOL_CODES if isinstance(exc, kind)), "upstream_bad_response")
+    if isinstance(exc, http.BadEncoding):
+        return UpstreamProtocolError(f"cannot decode the answer of deployment {where!r}: {exc}", code=code)
     if during:
-        return UpstreamProtocolError(f"deployment {where!r} broke off its {during}: {exc}")
-    return UpstreamConnectError(f"deployment {where!r} failed: {exc}")
+        return UpstreamProtocolError(f"deployment {where!r} broke off its {during}: {exc}", code=code)
+    return UpstreamProtocolError(f"deployment {where!r} failed: {exc}", code=code)
+
+
+#: Error codes of failures on an open connection, the most specific first.
+_PROTOCOL_CODES: tuple[tuple[type[http.ClientError], str], ...] = (
+    (http.ConnectionClosed, "upstream_connection_closed"),
+    (http.HeadTooLarge, "upstream_head_too_large"),
+    (http.BadEncoding, "upstream_bad_encoding"),
+    (http.RemoteProtocolError, "upstream_protocol_error"),
+)
 
 
 class _Response:
