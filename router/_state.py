@@ -124,12 +124,11 @@ def build_state(config: RouterConfig) -> RouterState:
     members: dict[str, list[Deployment]] = {}
     for i, dep in enumerate(config.deployments):
         provider = get_provider(dep.provider)
-        problem = provider.check_deployment(dep)
+        credential = _credential(dep, f"deployments[{i}]")
+        problem = provider.check_deployment(dep, credential)
         if problem:
             raise ConfigError(f"deployments[{i}].{problem}")
-        members.setdefault(dep.model, []).append(
-            Deployment(dep, provider, _credential(dep, f"deployments[{i}]"))
-        )
+        members.setdefault(dep.model, []).append(Deployment(dep, provider, credential))
     settings = {g.name: g for g in config.model_groups}
     groups = {
         name: ModelGroup(name, deps, settings.get(name) or ModelGroupConfig(name=name))
