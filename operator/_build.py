@@ -222,7 +222,9 @@ def deployment_config(body: Body, secrets: Secrets) -> DeploymentConfig:
     check = getattr(get_provider(config.provider), "check_deployment", None)
     problem = check(config) if check is not None else None
     if problem:
-        raise Invalid("ProviderFieldMissing", f"spec.{problem}")
+        # "provider: ..." is an optional dependency missing from the image, not a missing field.
+        reason = "ProviderExtraMissing" if problem.startswith("provider:") else "ProviderFieldMissing"
+        raise Invalid(reason, f"spec.{problem}")
     return config
 
 

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from kubellm.router._health import rejection_reason
+
 from ._build import Body, Verdict, budget_amount, budget_period, key_prefix, key_secret_name
 
 Status = dict[str, Any]
@@ -35,6 +37,8 @@ class Health:
 
     open_until: float = 0.0
     probe_until: float = 0.0
+    #: 401 or 403 when the upstream's last answer rejected the deployment's credentials, else 0.
+    rejected: int = 0
 
 
 def rfc3339(ts: float | datetime) -> str:
@@ -100,6 +104,13 @@ def deployment_status(
         message = "circuit breakers are per router replica without Redis (settings.redis)"
         healthy = condition("Healthy", None, "NoSharedState", message, generation, previous, now)
         open_until = None
+    elif health.rejected:
+        open_until = rfc3339(health.open_until) if health.open_until > now.timestamp() else None
+        message = (
+            f"{rejection_reason(health.rejected)}: check the credentials Secret; traffic skips this "
+            "deployment until a call succeeds (one request probes it after each cooldown)"
+        )
+        healthy = condition("Healthy", False, "CredentialsRejected", message, generation, previous, now)
     elif health.open_until > now.timestamp():
         open_until = rfc3339(health.open_until)
         message = f"circuit breaker open after upstream failures; traffic resumes after {open_until}"

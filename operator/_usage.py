@@ -63,4 +63,4 @@ class UsageReader:
 
     async def breakers(self, names: Iterable[str]) -> dict[str, Health]:
         snapshot = await self.health.snapshot(names)
-        return {name: Health(b.open_until, b.probe_until) for name, b in snapshot.items()}
+        return {name: Health(b.open_until, b.probe_until, b.rejected) for name, b in snapshot.items()}

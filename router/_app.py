@@ -38,7 +38,7 @@ from ._limits import RedisLimiter
 from ._proxy import JSON, Router, authenticate, error_response
 from ._redis import connect as connect_redis
 from ._sinks import hub as sink_hub
-from ._state import build_state
+from ._state import RouterState, build_state, changed_deployments
 from .providers import Operation
 
 log = logging.getLogger("kubellm.router")
@@ -79,6 +79,13 @@ def _file_signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _swap_state(router: Router, state: RouterState) -> asyncio.Task[None]:
+    """Serve ``state`` from now on; credential rejections of changed deployments are cleared."""
+    changed = changed_deployments(router.state, state)
+    router.state = state
+    return asyncio.get_running_loop().create_task(router.health.forget_rejections(changed))
+
+
 async def _watch_config(router: Router, source: ConfigSource) -> None:
     assert source.path is not None
     path = source.path
@@ -100,7 +107,7 @@ async def _watch_config(router: Router, source: ConfigSource) -> None:
         if state.version == router.state.version:
             continue
         old = router.state.version
-        router.state = state
+        await _swap_state(router, state)
         metrics.set_config_version(old, state.version)
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info("config reloaded: version %s -> %s", old, state.version)
@@ -112,6 +119,7 @@ async def _watch_kube(router: Router, source: ConfigSource, loaded: asyncio.Even
 
     assert source.kube_secret is not None
     namespace, _, name = source.kube_secret.partition("/")
+    pending: set[asyncio.Task[None]] = set()  # referenced until done, so they are not collected
 
     def on_config(config: RouterConfig) -> None:
         try:
@@ -125,7 +133,8 @@ async def _watch_kube(router: Router, source: ConfigSource, loaded: asyncio.Even
         old = router.state.version if loaded.is_set() else None
         if old == state.version:
             return
-        router.state = state
+        pending.add(_swap_state(router, state))
+        pending.difference_update([t for t in pending if t.done()])
         metrics.set_config_version(old, state.version)
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info("config from Secret %s: version %s -> %s", source.kube_secret, old, state.version)
@@ -389,6 +398,9 @@ def create_app(source: ConfigSource) -> RouterApp:
             # Shared state unreachable: limits fail open or closed as configured and usage records
             # wait in the local journal; the router keeps serving.
             "degraded": router.meter.degraded,
+            # Per deployment: not a readiness condition (other deployments, or other replicas'
+            # retries, may still serve), but where an operator sees a rejected credential.
+            "deployments": {name: router.health.describe(name) for name in router.deployment_names()},
         }
         return _json(doc, 200 if ready else 503)
 

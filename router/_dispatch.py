@@ -26,16 +26,19 @@ from ._balancer import Headroom, Stats, order_tier
 from ._cache import cache_key, pack_stream, read_quietly, replay, write_quietly
 from ._config import Timeouts
 from ._errors import (
+    AuthenticationError,
     ContentFilterError,
     ContextLengthExceededError,
     InvalidRequestError,
     KubellmError,
+    PermissionDeniedError,
     RateLimitError,
     ServiceUnavailableError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
+from ._health import rejection_reason
 from ._metering import Meter, Ticket
 from ._observe import finish_request
 from ._sse import DONE, frame
@@ -133,8 +136,27 @@ def _unreadable(dep: Deployment, exc: Exception) -> UpstreamProtocolError:
 
 
 def _counts_against_deployment(err: KubellmError) -> bool:
-    """Failures that say something about the deployment's health, not about the request."""
-    return err.retryable and (isinstance(err, UpstreamError | RateLimitError) or err.status in (401, 403))
+    """Transient failures that say something about the deployment's health, not about the request.
+
+    Credential rejections are not among them: they are not transient (see :func:`_credential_error`)."""
+    return err.retryable and isinstance(err, UpstreamError | RateLimitError)
+
+
+def _credential_error(dep_name: str, status: int, detail: str | None = None) -> KubellmError:
+    """The upstream rejected a deployment's credentials (401) or their permissions (403).
+
+    Retryable, so that another deployment or a fallback group may answer, but never on the same
+    deployment: its next call would be refused too. ``detail`` is the provider's message of this
+    attempt (already free of the credential); without it (a deployment skipped because its last
+    answer was a rejection) the message says what that answer was."""
+    message = f"deployment {dep_name!r}: {detail or rejection_reason(status)}"
+    err: KubellmError
+    if status == 401:
+        err = AuthenticationError(message, code="upstream_authentication_error")
+    else:
+        err = PermissionDeniedError(message, code="upstream_permission_denied")
+    err.retryable = True
+    return err
 
 
 class Dispatcher:
@@ -227,13 +249,15 @@ class Dispatcher:
         retries = call.options.num_retries if call.options.num_retries is not None else settings.num_retries
         budget = 1 + retries
         failed: set[str] = set()
+        #: Deployments whose credentials the upstream rejected during this request: never retried.
+        rejected: set[str] = set()
         saturated: dict[str, float] = {}
         queue_until = time.monotonic() + settings.queue_wait_seconds
         last: KubellmError | None = None
         tries = 0
         backoff = settings.initial_backoff_seconds
         while tries < budget:
-            dep = await self._choose(call, group, failed, saturated)
+            dep = await self._choose(call, group, failed, saturated, rejected)
             if isinstance(dep, KubellmError):
                 why_none = dep
                 if saturated and not isinstance(why_none, ContextLengthExceededError):
@@ -259,6 +283,12 @@ class Dispatcher:
             except _Saturated as full:
                 saturated[dep.name] = full.retry_after
                 continue
+            except (AuthenticationError, PermissionDeniedError) as err:
+                tries += 1
+                last = _credential_error(dep.name, err.status, err.message)
+                rejected.add(dep.name)
+                await self.health.reject(dep.name, err.status)
+                metrics.COOLDOWNS.labels(dep.name).inc()
             except KubellmError as err:
                 tries += 1
                 last = err
@@ -280,12 +310,21 @@ class Dispatcher:
         )
 
     async def _choose(
-        self, call: Call, group: ModelGroup, failed: set[str], saturated: dict[str, float]
+        self,
+        call: Call,
+        group: ModelGroup,
+        failed: set[str],
+        saturated: dict[str, float],
+        rejected: set[str],
     ) -> Deployment | KubellmError:
-        """The next deployment to try, or the reason none can serve."""
+        """The next deployment to try, or the reason none can serve.
+
+        A deployment whose credentials were rejected is skipped like an open breaker; when only
+        such deployments are left, the reason is the credential error, not a cooldown."""
         operation = call.operation
         too_long = 0
         cooling = 0
+        denied: Deployment | None = None
         retry_same: Deployment | None = None
         for tier in group.tiers:
             usable = []
@@ -296,6 +335,9 @@ class Dispatcher:
                 if window is not None and call.prompt_tokens > window:
                     too_long += 1
                     continue
+                if dep.name in rejected or (self.health.is_open(dep.name) and self.health.rejected(dep.name)):
+                    denied = denied or dep
+                    continue
                 if self.health.is_open(dep.name):
                     cooling += 1
                     continue
@@ -303,7 +345,10 @@ class Dispatcher:
             headroom = await self._headroom(usable) if group.settings.strategy == "usage-based" else None
             for dep in order_tier(group, usable, self.stats, self.rng, stream=call.stream, headroom=headroom):
                 if not self.health.clear(dep.name) and not await self.health.admit(dep.name):
-                    cooling += 1
+                    if self.health.rejected(dep.name):  # another request is probing it
+                        denied = denied or dep
+                    else:
+                        cooling += 1
                     continue
                 if dep.name in failed:
                     retry_same = retry_same or dep
@@ -311,6 +356,8 @@ class Dispatcher:
                 return dep
         if retry_same is not None:
             return retry_same
+        if denied is not None and not cooling:
+            return _credential_error(denied.name, self.health.rejected(denied.name) or 401)
         if too_long and not cooling and not saturated:
             return ContextLengthExceededError(
                 f"the prompt (about {call.prompt_tokens} tokens) exceeds the context window of every "
@@ -351,9 +398,14 @@ class Dispatcher:
             share[name] = min(parts)
         return lambda dep: share.get(dep.name, 1.0)
 
-    def _retry_after_header(self, group: ModelGroup) -> dict[str, str]:
+    def _cooling_ends(self, group: ModelGroup) -> list[float]:
+        """When the group's open breakers half-open; credential rejections are not waited for."""
         cooling = self.health.cooling()
-        ends = [cooling[d.name] for d in group.deployments if d.name in cooling]
+        names = [d.name for d in group.deployments if d.name in cooling]
+        return [cooling[n] for n in names if not self.health.rejected(n)]
+
+    def _retry_after_header(self, group: ModelGroup) -> dict[str, str]:
+        ends = self._cooling_ends(group)
         if not ends:
             return {"Retry-After": "1"}
         return {"Retry-After": str(max(1, int(min(ends) - self.health.clock() + 0.999)))}
@@ -362,8 +414,7 @@ class Dispatcher:
         """Sleep until the first breaker of the group half-opens, if that is before the deadline."""
         if not isinstance(why, ServiceUnavailableError):
             return False
-        cooling = self.health.cooling()
-        ends = [cooling[d.name] for d in group.deployments if d.name in cooling]
+        ends = self._cooling_ends(group)
         if not ends:
             return False
         delay = min(ends) - self.health.clock() + 0.01

@@ -5,6 +5,11 @@ or answers 429 with ``Retry-After``, is *open* (cooled down) until a deadline.
 After it, exactly one request, across all replicas, is let through as a
 *half-open* probe; its success closes the breaker, its failure reopens it.
 
+A deployment whose upstream rejected its credentials (401/403) is opened at
+once, and the breaker remembers that status (:attr:`Breaker.rejected`) until a
+call succeeds or another failure replaces it: the router then answers with the
+credential error rather than a cooldown, and readiness and the operator show it.
+
 The request path reads a local snapshot only. Failures, probes and the
 refresh of the snapshot talk to the store, which is either process memory or
 Redis (each transition is one Lua script).
@@ -34,12 +39,27 @@ class Breaker:
     open_until: float
     #: A probe is in flight until this time (0 when none).
     probe_until: float = 0.0
+    #: The upstream status (401 or 403) when the last answer rejected the credentials, else 0.
+    rejected: int = 0
+
+
+#: A credential rejection is remembered this long without any traffic to the deployment, so
+#: that readiness and the operator keep showing it (a success or a config change clears it).
+REJECTION_TTL_SECONDS = 86_400.0
+
+
+def rejection_reason(status: int) -> str:
+    """What readiness and the ModelDeployment status say about a credential rejection."""
+    what = "credentials" if status == 401 else "credentials' permissions"
+    return f"the upstream rejected the {what} ({status})"
 
 
 class HealthStore(Protocol):
     async def record_failure(self, name: str, now: float, policy: CooldownSettings) -> Breaker | None: ...
 
     async def open(self, name: str, now: float, until: float) -> Breaker: ...
+
+    async def reject(self, name: str, now: float, until: float, status: int) -> Breaker: ...
 
     async def acquire_probe(self, name: str, now: float, policy: CooldownSettings) -> bool: ...
 
@@ -69,8 +89,17 @@ class MemoryHealthStore:
     async def open(self, name: str, now: float, until: float) -> Breaker:
         current = self._breakers.get(name)
         if current is not None and current.open_until >= until and not current.probe_until:
+            if current.rejected:  # a 429 means the credentials were accepted
+                current = self._breakers[name] = Breaker(current.open_until)
             return current
         breaker = Breaker(until)
+        self._breakers[name] = breaker
+        return breaker
+
+    async def reject(self, name: str, now: float, until: float, status: int) -> Breaker:
+        self._failures.pop(name, None)
+        current = self._breakers.get(name)
+        breaker = Breaker(max(until, current.open_until if current else 0.0), 0.0, status)
         self._breakers[name] = breaker
         return breaker
 
@@ -80,7 +109,9 @@ class MemoryHealthStore:
             return True
         if now < current.open_until or now < current.probe_until:
             return False
-        self._breakers[name] = Breaker(current.open_until, now + policy.probe_timeout_seconds)
+        self._breakers[name] = Breaker(
+            current.open_until, now + policy.probe_timeout_seconds, current.rejected
+        )
         return True
 
     async def close(self, name: str) -> None:
@@ -98,6 +129,7 @@ local threshold, cooldown = tonumber(ARGV[3]), tonumber(ARGV[4])
 local probe = tonumber(redis.call('HGET', breaker, 'probe_until') or '0')
 if probe > 0 then
   redis.call('HSET', breaker, 'open_until', now + cooldown, 'probe_until', 0)
+  redis.call('HDEL', breaker, 'rejected')
   redis.call('PEXPIRE', breaker, math.ceil((cooldown * 2 + 60) * 1000))
   return tostring(now + cooldown)
 end
@@ -110,6 +142,7 @@ if redis.call('ZCARD', failures) >= threshold then
   local current = tonumber(redis.call('HGET', breaker, 'open_until') or '0')
   if current > deadline then deadline = current end
   redis.call('HSET', breaker, 'open_until', deadline, 'probe_until', 0)
+  redis.call('HDEL', breaker, 'rejected')
   redis.call('PEXPIRE', breaker, math.ceil((deadline - now + cooldown + 60) * 1000))
   return tostring(deadline)
 end
@@ -120,9 +153,21 @@ _OPEN = """
 local breaker, deadline, now = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local current = tonumber(redis.call('HGET', breaker, 'open_until') or '0')
 local probe = tonumber(redis.call('HGET', breaker, 'probe_until') or '0')
+redis.call('HDEL', breaker, 'rejected')
 if current >= deadline and probe == 0 then return tostring(current) end
 redis.call('HSET', breaker, 'open_until', deadline, 'probe_until', 0)
 redis.call('PEXPIRE', breaker, math.ceil((deadline - now + 120) * 1000))
+return tostring(deadline)
+"""
+
+_REJECT = """
+local failures, breaker = KEYS[1], KEYS[2]
+local deadline, status, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local current = tonumber(redis.call('HGET', breaker, 'open_until') or '0')
+if current > deadline then deadline = current end
+redis.call('DEL', failures)
+redis.call('HSET', breaker, 'open_until', deadline, 'probe_until', 0, 'rejected', status)
+redis.call('PEXPIRE', breaker, math.ceil(ttl * 1000))
 return tostring(deadline)
 """
 
@@ -149,6 +194,7 @@ class RedisHealthStore:
         self._prefix = prefix + "health:"
         self._record = client.register_script(_RECORD_FAILURE)
         self._open = client.register_script(_OPEN)
+        self._reject = client.register_script(_REJECT)
         self._probe = client.register_script(_ACQUIRE_PROBE)
 
     def _keys(self, name: str) -> list[str]:
@@ -170,6 +216,11 @@ class RedisHealthStore:
         value = await self._open(keys=self._keys(name)[1:], args=[until, now])
         return Breaker(float(value))
 
+    async def reject(self, name: str, now: float, until: float, status: int) -> Breaker:
+        ttl = max(until - now, 0.0) + REJECTION_TTL_SECONDS
+        value = await self._reject(keys=self._keys(name), args=[until, status, ttl])
+        return Breaker(float(value), 0.0, status)
+
     async def acquire_probe(self, name: str, now: float, policy: CooldownSettings) -> bool:
         got = await self._probe(keys=self._keys(name)[1:], args=[now, policy.probe_timeout_seconds])
         return bool(got)
@@ -183,12 +234,12 @@ class RedisHealthStore:
             return {}
         pipe = self._redis.pipeline(transaction=False)
         for name in names:
-            pipe.hmget(self._keys(name)[1], "open_until", "probe_until")
+            pipe.hmget(self._keys(name)[1], "open_until", "probe_until", "rejected")
         rows = await pipe.execute()
         out: dict[str, Breaker] = {}
-        for name, (open_until, probe_until) in zip(names, rows, strict=True):
+        for name, (open_until, probe_until, rejected) in zip(names, rows, strict=True):
             if open_until is not None:
-                out[name] = Breaker(float(open_until), float(probe_until or 0))
+                out[name] = Breaker(float(open_until), float(probe_until or 0), int(rejected or 0))
         return out
 
 
@@ -236,7 +287,9 @@ class HealthTracker:
             claimed = True
         if claimed:
             self._probing.add(name)
-            self._breakers[name] = Breaker(breaker.open_until, now + self.policy.probe_timeout_seconds)
+            self._breakers[name] = Breaker(
+                breaker.open_until, now + self.policy.probe_timeout_seconds, breaker.rejected
+            )
         return claimed
 
     async def success(self, name: str) -> None:
@@ -261,6 +314,51 @@ class HealthTracker:
         self._breakers[name] = breaker
         self.on_change(name, True)
         return True
+
+    def rejected(self, name: str) -> int:
+        """The status (401/403) if the deployment's last upstream answer rejected its credentials."""
+        breaker = self._breakers.get(name)
+        return breaker.rejected if breaker is not None else 0
+
+    async def reject(self, name: str, status: int) -> None:
+        """The upstream rejected the credentials: keep the deployment out at once, with that reason.
+
+        Not counted towards ``failureThreshold``: the next call would be refused too. After
+        ``cooldownSeconds`` one request probes it, as for any open breaker."""
+        now = self.clock()
+        self._probing.discard(name)
+        until = now + self.policy.cooldown_seconds
+        try:
+            breaker = await self.store.reject(name, now, until, status)
+        except Exception as exc:
+            log.warning("health store unreachable recording a rejection of %s: %s", name, type(exc).__name__)
+            breaker = await self._fallback.reject(name, now, until, status)
+        self._breakers[name] = breaker
+        self.on_change(name, True)
+
+    async def forget_rejections(self, names: Iterable[str]) -> None:
+        """Clear the credential rejections of ``names``: their credentials changed (a reload)."""
+        for name in [n for n in names if self.rejected(n)]:
+            with contextlib.suppress(Exception):
+                await self.store.close(name)
+            await self._fallback.close(name)
+            self._breakers.pop(name, None)
+            self._probing.discard(name)
+            self.on_change(name, False)
+
+    def describe(self, name: str) -> dict[str, object]:
+        """The deployment's health for readiness: ``healthy``, and a ``reason`` when it is not."""
+        breaker = self._breakers.get(name)
+        now = self.clock()
+        if breaker is None:
+            return {"healthy": True}
+        if breaker.rejected:
+            return {"healthy": False, "reason": rejection_reason(breaker.rejected)}
+        if now < breaker.open_until:
+            return {"healthy": False, "reason": "circuit breaker open after upstream failures"}
+        if name in self._probing or now < breaker.probe_until:
+            return {"healthy": False, "reason": "a probe request is testing the upstream"}
+        return {"healthy": True}
 
     async def _record(
         self, store: HealthStore, name: str, now: float, retry_after: float | None

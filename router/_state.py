@@ -91,6 +91,18 @@ class RouterState:
         return False, self.keys.get(digest)
 
 
+def changed_deployments(old: RouterState, new: RouterState) -> list[str]:
+    """Deployments of ``new`` whose credential or settings differ from ``old``'s: what the health
+    tracker learnt about them (a rejected credential) no longer holds."""
+    before = {d.name: d for g in old.groups.values() for d in g.deployments}
+    return [
+        d.name
+        for g in new.groups.values()
+        for d in g.deployments
+        if d.name in before and (before[d.name].api_key != d.api_key or before[d.name].config != d.config)
+    ]
+
+
 def _credential(dep: DeploymentConfig, where: str) -> str | None:
     if dep.api_key is not None:
         return dep.api_key
@@ -112,12 +124,11 @@ def build_state(config: RouterConfig) -> RouterState:
     members: dict[str, list[Deployment]] = {}
     for i, dep in enumerate(config.deployments):
         provider = get_provider(dep.provider)
-        problem = provider.check_deployment(dep)
+        credential = _credential(dep, f"deployments[{i}]")
+        problem = provider.check_deployment(dep, credential)
         if problem:
             raise ConfigError(f"deployments[{i}].{problem}")
-        members.setdefault(dep.model, []).append(
-            Deployment(dep, provider, _credential(dep, f"deployments[{i}]"))
-        )
+        members.setdefault(dep.model, []).append(Deployment(dep, provider, credential))
     settings = {g.name: g for g in config.model_groups}
     groups = {
         name: ModelGroup(name, deps, settings.get(name) or ModelGroupConfig(name=name))

@@ -24,11 +24,21 @@ def text_of(content: Any) -> str:
     return ""
 
 
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The chat messages, or None when the body has none. Validation has checked chat bodies;
+    this never trusts the shape, since estimates run on every operation's body."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    return [m for m in messages if isinstance(m, dict)]
+
+
 def prompt_tokens(body: dict[str, Any]) -> int:
     """Estimated prompt tokens of an OpenAI chat, completion or embedding request."""
-    if "messages" in body:
+    messages = _messages(body)
+    if messages is not None:
         # OpenAI's chat format costs about 4 tokens per message plus 3 for the reply primer.
-        return 3 + sum(4 + count_tokens(text_of(m.get("content"))) for m in body["messages"])
+        return 3 + sum(4 + count_tokens(text_of(m.get("content"))) for m in messages)
     prompt = body.get("prompt", body.get("input", ""))
     items = prompt if isinstance(prompt, list) else [prompt]
     total = 0
@@ -62,8 +72,9 @@ def real_count(text: str) -> int:
 
 
 def real_prompt_tokens(body: dict[str, Any]) -> int:
-    if "messages" in body:
-        return 3 + sum(4 + real_count(text_of(m.get("content"))) for m in body["messages"])
+    messages = _messages(body)
+    if messages is not None:
+        return 3 + sum(4 + real_count(text_of(m.get("content"))) for m in messages)
     prompt = body.get("prompt", body.get("input", ""))
     items = prompt if isinstance(prompt, list) else [prompt]
     return sum(real_count(i) if isinstance(i, str) else len(i) if isinstance(i, list) else 1 for i in items)

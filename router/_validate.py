@@ -160,7 +160,7 @@ def _messages(body: dict[str, Any]) -> None:
         if not isinstance(message, dict):
             raise _bad(where, f"expected an object, got {_kind(message)}")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a list or an object is unhashable
             shown = role if isinstance(role, str) else _kind(role)
             raise _bad(f"{where}.role", f"{shown!s} is not one of {', '.join(sorted(_ROLES))}")
         _tool_calls(message, where)
@@ -233,6 +233,9 @@ def _token_input(body: dict[str, Any], name: str) -> None:
     raise _bad(name, "expected a string, an array of strings, or an array of token arrays")
 
 
+#: Above any embedding model's size; the mock would otherwise build a vector this long.
+MAX_DIMENSIONS = 65_536
+
 #: Fields with which other routers let a request pick the upstream URL. kubellm calls only the URLs
 #: of its config (no SSRF through the router), and says so rather than forwarding them upstream.
 CLIENT_TARGET_FIELDS = ("api_base", "base_url")
@@ -248,9 +251,19 @@ def validate(operation: Operation, body: dict[str, Any]) -> tuple[str, bool, boo
                 code="unsupported_parameter",
             )
     model = _model(body)
+    if operation is not Operation.CHAT and "messages" in body:
+        # Token estimates, the mock and the logs would read it as the prompt: refuse it here
+        # rather than let a wrong endpoint get a wrong (or no) answer.
+        field = "input" if operation is Operation.EMBEDDING else "prompt"
+        raise InvalidRequestError(
+            f"'messages' is not a parameter of {operation.value} requests: send '{field}', "
+            "or use /v1/chat/completions",
+            param="messages",
+            code="unsupported_parameter",
+        )
     if operation is Operation.EMBEDDING:
         _token_input(body, "input")
-        _integer(body, "dimensions", 1)
+        _integer(body, "dimensions", 1, MAX_DIMENSIONS)
         fmt = body.get("encoding_format")
         if fmt is not None and fmt not in ("float", "base64"):
             raise _bad("encoding_format", "expected 'float' or 'base64'")

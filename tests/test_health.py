@@ -113,3 +113,48 @@ def test_one_probe_across_replicas_and_stuck_probe_expires(make_tracker: Any) ->
         await make_tracker.close()
 
     asyncio.run(scenario())
+
+
+def test_credential_rejection_is_remembered_shared_and_cleared(make_tracker: Any) -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        one, two = make_tracker(clock), make_tracker(clock)
+        await one.reject("d", 401)  # opens at once: no failure threshold for a rejected credential
+        assert one.is_open("d") and one.rejected("d") == 401
+        await two.refresh(["d"])
+        assert two.rejected("d") == 401
+        reason = "the upstream rejected the credentials (401)"
+        assert two.describe("d") == {"healthy": False, "reason": reason}
+        clock.now += POLICY.cooldown_seconds + 0.1
+        assert await one.admit("d")  # a probe, which still knows what the last answer was
+        assert one.rejected("d") == 401 and not one.is_open("d")
+        await one.reject("d", 403)  # the probe was refused again
+        assert one.rejected("d") == 403
+        clock.now += POLICY.cooldown_seconds + 0.1
+        assert await one.admit("d")
+        await one.success("d")  # the credential works again
+        await two.refresh(["d"])
+        assert (one.rejected("d"), two.rejected("d")) == (0, 0)
+        assert two.describe("d") == {"healthy": True}
+        await make_tracker.close()
+
+    asyncio.run(scenario())
+
+
+def test_other_failures_replace_a_rejection_and_reload_forgets_it(make_tracker: Any) -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        tracker = make_tracker(clock)
+        await tracker.reject("d", 401)
+        clock.now += POLICY.cooldown_seconds + 0.1
+        assert await tracker.admit("d")
+        assert await tracker.failure("d")  # the probe timed out: the last answer was no rejection
+        assert tracker.rejected("d") == 0 and tracker.is_open("d")
+        await tracker.reject("e", 401)
+        await tracker.forget_rejections(["d", "e"])  # their credentials changed (a reload)
+        await tracker.refresh(["d", "e"])
+        assert tracker.rejected("e") == 0 and not tracker.is_open("e")
+        assert tracker.is_open("d")  # a transient breaker is not a credential's business
+        await make_tracker.close()
+
+    asyncio.run(scenario())

@@ -351,6 +351,20 @@ def test_status_patch_only_when_something_changed() -> None:
     assert {c["type"]: c for c in unknown["conditions"]}["Healthy"]["status"] == "Unknown"
 
 
+def test_rejected_credentials_are_the_healthy_reason() -> None:
+    from kubellm.operator._build import Verdict
+
+    verdict = Verdict(True, "Rendered", "serves")
+    for open_until in (NOW.timestamp() + 30, NOW.timestamp() - 30):  # cooling, then waiting for a probe
+        status = deployment_status(md("a"), verdict, "team/a", Health(open_until, 0.0, 401), NOW)
+        healthy = {c["type"]: c for c in status["conditions"]}["Healthy"]
+        assert (healthy["status"], healthy["reason"]) == ("False", "CredentialsRejected")
+        assert healthy["message"].startswith("the upstream rejected the credentials (401)")
+    forbidden = deployment_status(md("a"), verdict, "team/a", Health(NOW.timestamp() + 30, 0.0, 403), NOW)
+    message = {c["type"]: c for c in forbidden["conditions"]}["Healthy"]["message"]
+    assert "(403)" in message
+
+
 def test_api_key_status_reports_spend_and_budget() -> None:
     from kubellm.operator._build import Verdict
 

@@ -464,6 +464,27 @@ def test_deployment_health_is_written_to_status(env: Env) -> None:
         env.delete("ModelDeployment", "flaky")
 
 
+def test_rejected_credentials_are_written_to_status(env: Env) -> None:
+    with FakeOpenAI(api_key=UPSTREAM_KEY, name="locked") as locked:
+        env.secret("locked-upstream", {"apiKey": "sk-revoked-0123456789"})
+        spec = {
+            "model": "locked",
+            "provider": "openai-compatible",
+            "baseUrl": locked.base_url,
+            "credentials": {"secretKeyRef": {"name": "locked-upstream", "key": "apiKey"}},
+        }
+        env.create("ModelDeployment", "locked", spec)
+        wait(lambda: all_routers(env, MASTER_KEY, "locked", 401), 10, "locked served (and refused)")
+
+        def healthy() -> dict[str, Any]:
+            return env.condition("ModelDeployment", "locked", "Healthy")
+
+        wait(lambda: healthy().get("reason") == "CredentialsRejected", 15, "rejection in status")
+        assert healthy()["status"] == "False"
+        assert "the upstream rejected the credentials (401)" in healthy()["message"]
+        env.delete("ModelDeployment", "locked")
+
+
 def test_spend_appears_in_api_key_status(env: Env) -> None:
     spec = {
         "model": "priced",

@@ -443,11 +443,12 @@ def test_no_secret_appears_in_any_output(tmp_path: Path) -> None:
                     outputs.append(body.decode())
             # Upstream failures, including an upstream that quotes the credential back.
             team = openai.OpenAI(base_url=router.v1, api_key=KEYS["TEAM_KEY"], max_retries=0)
+            # The 401 goes last: it keeps the deployment out, so later faults would not be reached.
             for fault in (
-                Fault(status=401, body={"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEY}"}}),
                 Fault(status=400, body={"error": {"message": f"key {UPSTREAM_KEY} may not do that"}}),
                 Fault(status=500, body={"error": {"message": f"crash while using {UPSTREAM_KEY}"}}),
                 Fault(status=429, body={"error": {"message": f"{UPSTREAM_KEY} is rate limited"}}),
+                Fault(status=401, body={"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEY}"}}),
             ):
                 by_env.queue(fault)
                 with pytest.raises(openai.APIStatusError) as info:

@@ -14,6 +14,7 @@ round trips (Replicate) or never leaves the process (mock) overrides :meth:`Prov
 
 from __future__ import annotations
 
+import importlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
@@ -196,8 +197,11 @@ class Provider(ABC):
     #: Deployment fields this provider cannot work without, by their config (camelCase) names.
     required_fields: ClassVar[tuple[str, ...]] = ()
 
-    def check_deployment(self, deployment: DeploymentConfig) -> str | None:
-        """A problem with a deployment's settings, as ``field: reason``, found when the config loads."""
+    def check_deployment(self, deployment: DeploymentConfig, credential: str | None = None) -> str | None:
+        """A problem with a deployment's settings, as ``field: reason``, found when the config loads.
+
+        ``credential`` is the resolved credential where the router loads the config; the operator
+        passes none (it sees only an inline ``apiKey``)."""
         for name in self.required_fields:
             if getattr(deployment, to_snake(name)) is None:
                 return f"{name}: required by provider {self.name!r}"
@@ -217,6 +221,20 @@ class Provider(ABC):
         if not url:
             raise InvalidRequestError(f"deployment {ctx.deployment.name!r} has no baseUrl", param="baseUrl")
         return url.rstrip("/")
+
+
+def missing_extra(provider: str, extra: str, *modules: str) -> str | None:
+    """``provider: ...`` naming the extra to install when an optional dependency cannot be
+    imported, so that the config is refused when it loads rather than every request failing."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return (
+                f"provider: {provider!r} needs the optional dependency {module.split('.')[0]}, which is "
+                f"not installed: pip install 'kubellm[{extra}]'"
+            )
+    return None
 
 
 _CONTEXT_MARKERS = (

@@ -27,7 +27,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
@@ -42,6 +42,7 @@ from ._base import (
     UpstreamClient,
     UpstreamRequest,
     UpstreamResponse,
+    missing_extra,
 )
 from ._bedrock_converse import (
     ConverseStreamTranslator,
@@ -50,6 +51,9 @@ from ._bedrock_converse import (
     openai_to_converse_request,
 )
 from ._embeddings import LocalResponse, embedding_inputs, estimate_tokens, openai_embedding_response, pack
+
+if TYPE_CHECKING:
+    from .._config import DeploymentConfig
 
 COHERE_BATCH = 96
 _API_KEY_PREFIXES = ("ABSK", "bedrock-api-key-")
@@ -125,6 +129,18 @@ class BedrockProvider(Provider):
 
     def __init__(self) -> None:
         self._chain = _DefaultChain()
+
+    def check_deployment(self, deployment: DeploymentConfig, credential: str | None = None) -> str | None:
+        """SigV4 signing and the AWS credential chain need botocore; a Bedrock API key does not."""
+        problem = super().check_deployment(deployment, credential)
+        if problem:
+            return problem
+        text = credential if credential is not None else deployment.api_key
+        if text is None and (deployment.api_key_env or deployment.api_key_file):
+            return None  # read only where the router runs, which checks again with it
+        if text is not None and text.strip().startswith(_API_KEY_PREFIXES):
+            return None
+        return missing_extra(self.name, "bedrock", "botocore.auth", "botocore.awsrequest", "botocore.session")
 
     def region(self, ctx: RequestContext) -> str:
         region = ctx.deployment.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import AuthenticationError, InvalidRequestError
-from ._base import RequestContext, UpstreamClient, UpstreamResponse
+from ._base import RequestContext, UpstreamClient, UpstreamResponse, missing_extra
 from ._google_auth import ServiceAccount, TokenCache, load_service_account
 from .gemini import GoogleGenAIProvider
+
+if TYPE_CHECKING:
+    from .._config import DeploymentConfig
 
 
 class VertexProvider(GoogleGenAIProvider):
@@ -30,6 +33,15 @@ class VertexProvider(GoogleGenAIProvider):
 
     def __init__(self) -> None:
         self.tokens = TokenCache()
+
+    def check_deployment(self, deployment: DeploymentConfig, credential: str | None = None) -> str | None:
+        """Service-account tokens are signed JWTs: without cryptography no request could be made."""
+        return super().check_deployment(deployment, credential) or missing_extra(
+            self.name,
+            "vertex",
+            "cryptography.hazmat.primitives.serialization",
+            "cryptography.hazmat.primitives.asymmetric.padding",
+        )
 
     def account(self, ctx: RequestContext) -> ServiceAccount:
         credential = ctx.api_key

@@ -68,6 +68,8 @@ class FakeOpenAI(FakeServer):
         self.always: Fault | None = None
         #: Requests whose client (the router) went away before the answer was complete.
         self.abandoned = 0
+        #: Requests refused with 401 because they did not carry ``api_key`` (not in ``seen``).
+        self.refused = 0
         #: Set to a list to give each chat answer its own id and record ``(id, usage)`` for every
         #: answer sent whole with its usage (the chaos tests reconcile the ledger against it).
         self.answered: list[tuple[str, dict[str, int]]] | None = None
@@ -96,6 +98,8 @@ class FakeOpenAI(FakeServer):
     async def _common(self, request: web.Request) -> tuple[dict[str, Any] | None, web.StreamResponse | None]:
         auth = request.headers.get("Authorization", "")
         if auth != f"Bearer {self.api_key}":
+            with self._lock:
+                self.refused += 1
             return None, _error(
                 401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key"
             )
