@@ -22,6 +22,7 @@ Hierarchy::
         ├── UpstreamConnectError   502 code=upstream_connect_error
         ├── UpstreamTimeoutError   504 timeout_error
         └── UpstreamProtocolError  502 code=upstream_bad_response
+            └── UpstreamStreamTruncatedError  502 code=upstream_stream_truncated
 """
 
 from __future__ import annotations
@@ -147,6 +148,12 @@ class UpstreamTimeoutError(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     default_code = "upstream_bad_response"
+
+
+class UpstreamStreamTruncatedError(UpstreamProtocolError):
+    """The upstream's stream stopped before the end event its protocol defines."""
+
+    default_code = "upstream_stream_truncated"
 
 
 def error_body(

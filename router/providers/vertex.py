@@ -19,9 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._config import DeploymentConfig
 from .._errors import AuthenticationError, InvalidRequestError
 from ._base import RequestContext, UpstreamClient, UpstreamResponse
-from ._google_auth import ServiceAccount, TokenCache, load_service_account
+from ._google_auth import ServiceAccount, TokenCache, load_service_account, service_account_secrets
 from .gemini import GoogleGenAIProvider
 
 
@@ -30,6 +31,11 @@ class VertexProvider(GoogleGenAIProvider):
 
     def __init__(self) -> None:
         self.tokens = TokenCache()
+
+    def credentials(self, deployment: DeploymentConfig, api_key: str | None) -> list[str]:
+        """The key's secret fields; the access tokens are registered as :class:`TokenCache` gets them."""
+        found = super().credentials(deployment, None)
+        return [*found, *service_account_secrets(api_key)] if api_key else found
 
     def account(self, ctx: RequestContext) -> ServiceAccount:
         credential = ctx.api_key
