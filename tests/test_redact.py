@@ -101,3 +101,31 @@ def test_the_process_wide_registry() -> None:
     secret = "reg-" + "Q7w" * 6
     redact.remember([secret, None, "short"])
     assert redact.active() and scrub_text(f"x {secret} y") == f"x {REDACTED} y"
+
+
+def test_what_each_provider_counts_as_its_credentials() -> None:
+    from kubellm.router._config import DeploymentConfig
+    from kubellm.router.providers import get_provider
+
+    def dep(provider: str, **extra: object) -> DeploymentConfig:
+        return DeploymentConfig.model_validate({"model": "m", "provider": provider, **extra})
+
+    plain = dep(
+        "openai-compatible", headers={"X-Api-Key": "hdr-Secret-0123", "Content-Type": "application/json"}
+    )
+    assert get_provider("openai-compatible").credentials(plain, KEY) == [KEY, "hdr-Secret-0123"]
+    aws = orjson.dumps(
+        {
+            "accessKeyId": "AKIAEXAMPLE12345",
+            "secretAccessKey": "wJalrXUtnFEMI/K7MDENG",
+            "sessionToken": "FQoG-tok",
+        }
+    ).decode()
+    assert get_provider("bedrock").credentials(dep("bedrock"), aws) == [
+        "AKIAEXAMPLE12345", "wJalrXUtnFEMI/K7MDENG", "FQoG-tok"
+    ]  # fmt: skip
+    account = orjson.dumps(
+        {"type": "service_account", "client_email": "a@p.iam.gserviceaccount.com", "private_key": "-----PEM",
+         "private_key_id": "kid-0123456789", "project_id": "p"}
+    ).decode()  # fmt: skip
+    assert get_provider("vertex").credentials(dep("vertex"), account) == ["-----PEM", "kid-0123456789"]
