@@ -400,6 +400,15 @@ class AnthropicEventStream:
         out.append(_event("message_stop", {}))
         return out
 
+    def cut_short(self) -> list[bytes]:
+        """The OpenAI stream ended: an error event unless it ended with ``[DONE]`` or an error.
+
+        The router's own streams always do; this keeps a message_stop from ever being made up.
+        """
+        if self._done:
+            return []
+        return self.fail({"type": "upstream_error", "message": "the stream ended before it was complete"})
+
     def fail(self, error: dict[str, Any]) -> list[bytes]:
         self._done = True
         kind = _STREAM_ERROR_TYPES.get(str(error.get("type")), "api_error")
@@ -418,7 +427,7 @@ async def _relay(chunks: AsyncIterable[Any], events: AnthropicEventStream) -> As
             if out:
                 yield b"".join(out)
         tail = [frame for event in decoder.close() for frame in events.event(event.data)]
-        yield b"".join([*tail, *events.close()])
+        yield b"".join([*tail, *events.cut_short()])
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:

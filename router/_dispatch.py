@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import Response, StreamingResponse
 
 from . import _metrics as metrics
+from . import _redact as redact
 from ._balancer import Headroom, Stats, order_tier
 from ._cache import cache_key, pack_stream, read_quietly, replay, write_quietly
 from ._config import Timeouts
@@ -36,11 +37,13 @@ from ._errors import (
     ServiceUnavailableError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamStreamTruncatedError,
     UpstreamTimeoutError,
 )
 from ._health import rejection_reason
 from ._metering import Meter, Ticket
 from ._observe import finish_request
+from ._redact import scrub_error
 from ._sse import DONE, frame
 from ._tokens import prompt_tokens, requested_completion_tokens
 from .providers import Operation, Payload, RequestContext, StreamTranslator, UpstreamResponse, Usage
@@ -481,10 +484,7 @@ class Dispatcher:
                     raise self._first_token_timeout(dep) from None
             if resp.status >= 400:
                 raw = await resp.read()
-                err = dep.provider.map_error(resp.status, resp.headers, raw)
-                if dep.api_key and dep.api_key in err.message:  # an upstream that quotes the credential
-                    err.message = err.message.replace(dep.api_key, "[redacted]")
-                raise err
+                raise dep.provider.map_error(resp.status, resp.headers, raw)
             if call.stream:
                 response = await self._open_stream(call, dep, resp, ctx, headers, key)
                 handed_off = True
@@ -505,6 +505,10 @@ class Dispatcher:
             if key is not None:
                 await self._store(call, key, b"j" + parsed.body)
             return Response(parsed.body, media_type=JSON, headers=headers)
+        except KubellmError as err:
+            # Upstreams quote the credential they were sent, in any field: scrub the error before
+            # the retry loop, the client, a log line or the other Anthropic-shaped endpoint sees it.
+            raise scrub_error(err) from None
         finally:
             if not handed_off:
                 stats.in_flight -= 1
@@ -531,7 +535,7 @@ class Dispatcher:
         try:
             try:
                 async with asyncio.timeout(ctx.effective_timeouts.first_token):
-                    while not first:
+                    while not first and translator.error is None:
                         try:
                             data = await anext(chunks)
                         except StopAsyncIteration:
@@ -576,11 +580,13 @@ class Dispatcher:
         try:
             yield self._frames(first, keep)
             ttft = time.monotonic() - call.started
-            if not ended:
+            if not ended and translator.error is None:
                 async for data in chunks:
                     out = translator.feed(data)
                     if out:
                         yield self._frames(out, keep)
+                    if translator.error is not None:
+                        break
                     if call.ticket is not None and call.ticket.leases and time.monotonic() > renew_at:
                         renew_at = time.monotonic() + LEASE_RENEW_SECONDS
                         await self.meter.renew(call.ticket)
@@ -595,7 +601,11 @@ class Dispatcher:
             yield DONE
             await self._store(call, key, b"s" + pack_stream(keep))
         except Exception as exc:
-            err = exc if isinstance(exc, KubellmError) else _unreadable(dep, exc)
+            err = scrub_error(exc if isinstance(exc, KubellmError) else _unreadable(dep, exc))
+            if isinstance(err, UpstreamStreamTruncatedError):
+                logging.getLogger("kubellm.router").warning(
+                    "deployment %r: %s (after %d events)", dep.name, err.message, len(keep)
+                )
             status = err.status
             metrics.ERRORS.labels(call.group.name, err.type).inc()
             if _counts_against_deployment(err):
@@ -628,6 +638,12 @@ class Dispatcher:
     @staticmethod
     def _frames(payloads: list[Payload], keep: list[bytes]) -> bytes:
         framed = [frame(p) for p in payloads]
+        for i, f in enumerate(framed):
+            # Only a payload with an "error" key can carry an upstream's error text (error events
+            # themselves become KubellmErrors, scrubbed in _relay). The substring test is a memchr
+            # over bytes already in cache; a full scan per chunk would cost more than the relay.
+            if b'"error"' in f and redact.active():
+                framed[i] = frame(redact.scrub_payload(f[6:-2]))
         keep.extend(f[6:-2] for f in framed)
         return b"".join(framed)
 

@@ -22,9 +22,10 @@ Hierarchy::
         ├── UpstreamConnectError   502 code=upstream_connect_error
         ├── UpstreamTimeoutError   504 timeout_error
         └── UpstreamProtocolError  502 code=upstream_bad_response, or what broke on an open connection:
-                                   upstream_connection_closed (it ended before the answer did),
-                                   upstream_protocol_error (invalid HTTP), upstream_head_too_large,
-                                   upstream_bad_encoding (a Content-Encoding refused or undecodable)
+            │                      upstream_connection_closed (it ended before the answer did),
+            │                      upstream_protocol_error (invalid HTTP), upstream_head_too_large,
+            │                      upstream_bad_encoding (a Content-Encoding refused or undecodable)
+            └── UpstreamStreamTruncatedError  502 code=upstream_stream_truncated
 """
 
 from __future__ import annotations
@@ -150,6 +151,12 @@ class UpstreamTimeoutError(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     default_code = "upstream_bad_response"
+
+
+class UpstreamStreamTruncatedError(UpstreamProtocolError):
+    """The upstream's stream stopped before the end event its protocol defines."""
+
+    default_code = "upstream_stream_truncated"
 
 
 def error_body(

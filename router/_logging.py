@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import orjson
 
+from . import _redact as redact
+
 ENV_LOG_LEVEL = "KUBELLM_LOG_LEVEL"
 #: How often the access-log thread writes what has queued up (seconds).
 WRITE_INTERVAL = 0.05
@@ -66,8 +68,12 @@ class _TypeOnlyQueueHandler(logging.handlers.QueueHandler):
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         record = copy.copy(record)
-        record.msg = record.getMessage()
+        # Log lines are few (requests go to the access log): scanning each for credentials is cheap.
+        record.msg = redact.scrub_text(record.getMessage())
         record.args = None
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict) and redact.active():
+            record.fields = redact.scrub_value(fields)
         if record.exc_info:
             record.error_type = record.exc_info[0].__name__ if record.exc_info[0] else None
         record.exc_info = None
@@ -126,6 +132,10 @@ class AccessLog:
                     "logger": "kubellm.access",
                     "msg": "request",
                 }
+                if "request" in fields and redact.active():
+                    # Payloads (logged by opt-in) are the only free text in an access-log line.
+                    fields["request"] = redact.scrub_value(fields["request"])
+                    fields["response"] = redact.scrub_value(fields.get("response"))
                 lines.append(orjson.dumps({**head, **fields}) + b"\n")
             stream.write(b"".join(lines))
             stream.flush()

@@ -59,7 +59,8 @@ def finish_request(
 ) -> None:
     """Count, log and meter a finished request; ``payloads`` are the OpenAI bodies or chunks it returned."""
     latency = time.monotonic() - call.started
-    if usage is None and status == 200 and payloads and not cached:
+    # A stream that failed part-way still cost what flowed before the failure: estimate it too.
+    if usage is None and payloads and not cached:
         usage = estimate_usage(call, payloads)
     group = call.group.name
     deployment = "cache" if cached else dep.name if dep is not None else ""

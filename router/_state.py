@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import _redact as redact
 from ._config import ConfigError, DeploymentConfig, KeyConfig, ModelGroupConfig, RouterConfig
 from ._limits import LimitRule, rule
 from .providers import Provider, get_provider
@@ -128,6 +129,8 @@ def build_state(config: RouterConfig) -> RouterState:
         problem = provider.check_deployment(dep, credential)
         if problem:
             raise ConfigError(f"deployments[{i}].{problem}")
+        # Registered before the first request, so no error or log line can ever carry them.
+        redact.remember(provider.credentials(dep, credential))
         members.setdefault(dep.model, []).append(Deployment(dep, provider, credential))
     settings = {g.name: g for g in config.model_groups}
     groups = {

@@ -10,7 +10,7 @@ from tests.support.servers import RouterProcess
 
 pytest_plugins = ["tests.support.coverage_matrix"]
 
-UPSTREAM_KEY = "sk-upstream-test"
+UPSTREAM_KEY = "sk-test-key-7Hq2Vw9Lx4"  # no word a router message uses: see router/_redact.py
 MASTER_KEY = "sk-master-test-0123456789"
 
 

@@ -32,8 +32,8 @@ def _readiness(router: RouterProcess) -> dict[str, Any]:
 
 def test_hot_reload_under_traffic_loses_no_request(start_router: Callable[..., RouterProcess]) -> None:
     with (
-        FakeOpenAI(api_key="sk-upstream-test", name="one") as one,
-        FakeOpenAI(api_key="sk-upstream-test", name="two") as two,
+        FakeOpenAI(api_key="sk-test-key-7Hq2Vw9Lx4", name="one") as one,
+        FakeOpenAI(api_key="sk-test-key-7Hq2Vw9Lx4", name="two") as two,
     ):
         router = start_router(
             {
@@ -191,7 +191,7 @@ def test_missing_credential_env_is_named(tmp_path: Any) -> None:
 
 def test_single_model_quick_start(fake_openai: FakeOpenAI) -> None:
     router = RouterProcess(
-        env={"OPENAI_API_KEY": "sk-upstream-test"},
+        env={"OPENAI_API_KEY": "sk-test-key-7Hq2Vw9Lx4"},
         args=["--model", "openai/gpt-4o-mini", "--base-url", fake_openai.base_url],
     )
     with router:

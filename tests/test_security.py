@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import orjson
 import pytest
@@ -681,3 +682,156 @@ def test_upstreams_through_the_https_proxy_of_the_environment(tmp_path: Path) ->
             _chat_and_stream(proc)
         assert len(fake.seen) == 2
         assert set(proxy.lines) == {f"CONNECT upstream.test:{fake.server.port} HTTP/1.1"}
+
+
+# --------------------------------------------------------------------------- quoted credentials
+
+LEAK_KEY = "sk-leak-9fQ2mZr7XkP4wL8sTb3nVy6Hc1Jd"
+LEAK_HEADER = "hdr-secret-Yt5Rw2Qe8Ui4Op7As"
+LEAK_ANTHROPIC = "sk-ant-leak-Gm4Nb7Vc2Xz9Lk5Jh3"
+
+
+def _leak_cases(key: str) -> dict[str, tuple[int, Any]]:
+    """Upstream error answers, by mode, each quoting ``key`` (or a piece of it) somewhere."""
+    return {
+        "message": (
+            400,
+            {"error": {"message": f"Incorrect API key provided: {key}", "type": "x", "code": None}},
+        ),
+        "code": (404, {"error": {"message": "no such model", "type": "invalid_request_error", "code": key}}),
+        "type": (500, {"error": {"message": "boom", "type": key}}),
+        "param": (400, {"error": {"message": "bad", "param": key, "code": "bad_param"}}),
+        "nested": (500, {"error": {"message": {"detail": [{"msg": key}]}}}),
+        "suffix": (400, {"error": {"message": f"key ending in {key[-12:]}", "code": key[-12:]}}),
+        "halves": (403, {"error": {"message": f"{key[:8]}...{key[-8:]} may not", "code": "denied"}}),
+        "header": (500, {"error": {"message": f"bad header {LEAK_HEADER}", "code": LEAK_HEADER}}),
+        "auth": (401, {"error": {"message": f"invalid {key}"}}),
+        "limited": (429, {"error": {"message": f"{key} is rate limited"}}),
+        "text": (502, f"proxy error talking with {key}"),
+    }
+
+
+class QuotingUpstream:
+    """OpenAI- and Anthropic-shaped upstream whose errors quote the credential it was sent.
+
+    The mode is the last user message; stream modes send a few chunks, then an error event.
+    """
+
+    def __init__(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._openai)
+        app.router.add_post("/v1/messages", self._anthropic)
+        self.server = ThreadedApp(app)
+
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        mode = body["messages"][-1]["content"]
+        if body.get("stream") and mode.startswith("stream"):
+            return await self._openai_stream(request, mode)
+        status, doc = _leak_cases(LEAK_KEY)[mode.removeprefix("stream-")]
+        headers = {"Retry-After": LEAK_KEY, "x-upstream-key": LEAK_KEY}
+        if isinstance(doc, str):
+            return web.Response(status=status, text=doc, headers=headers)
+        return web.json_response(doc, status=status, headers=headers)
+
+    async def _openai_stream(self, request: web.Request, mode: str) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-upstream-key": LEAK_KEY})
+        await resp.prepare(request)
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        if mode != "stream-first":
+            for delta in ({"role": "assistant", "content": ""}, {"content": "partial"}):
+                chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        error = {"message": f"generation failed for {LEAK_KEY}", "type": LEAK_KEY, "code": LEAK_KEY[-12:]}
+        await resp.write(b"data: " + orjson.dumps({"error": error, "detail": {"key": LEAK_KEY}}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def _anthropic(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            doc = {
+                "type": "error",
+                "error": {"type": "invalid_request_error", "message": f"key {LEAK_ANTHROPIC}"},
+            }
+            return web.json_response(doc, status=400)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        message = {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": [],
+                   "usage": {"input_tokens": 3, "output_tokens": 1}}  # fmt: skip
+        for name, doc in (
+            ("message_start", {"message": message}),
+            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "partial"}}),
+            (
+                "error",
+                {"error": {"type": "overloaded_error", "message": f"{LEAK_ANTHROPIC[-12:]} overloaded"}},
+            ),
+        ):
+            await resp.write(
+                f"event: {name}\ndata: ".encode() + orjson.dumps({"type": name, **doc}) + b"\n\n"
+            )
+        return resp
+
+
+def _pieces_of(secret: str) -> list[str]:
+    return [secret[i : i + 8] for i in range(len(secret) - 7)]
+
+
+def test_no_piece_of_a_quoted_credential_reaches_any_output() -> None:
+    """Redaction rewrote error.message only, and only the whole key: error.code (and type, copied
+    into code) reached the client whole, as did a quoted 12-character suffix and every in-stream
+    error event. Every field, every stream event and every log line is scrubbed now."""
+    upstream = QuotingUpstream()
+    with upstream.server:
+        config = {
+            "deployments": [
+                {
+                    "model": "leaky", "provider": "openai-compatible",
+                    "baseUrl": upstream.server.base_url + "/v1",
+                    "apiKey": LEAK_KEY, "headers": {"X-Custom-Auth": LEAK_HEADER}, "logPayloads": True,
+                },
+                {
+                    "model": "claude-leaky", "provider": "anthropic", "baseUrl": upstream.server.base_url,
+                    "apiKey": LEAK_ANTHROPIC,
+                },
+            ],
+            "settings": {"numRetries": 0, "cooldown": {"failureThreshold": 1000}},
+        }  # fmt: skip
+        outputs: list[str] = []
+        with RouterProcess(config, args=["--log-level", "debug"]) as router:
+            client = openai.OpenAI(base_url=router.v1, api_key="x", max_retries=0)
+            claude = anthropic.Anthropic(base_url=router.base_url, api_key="x", max_retries=0)
+            for mode in _leak_cases(LEAK_KEY):
+                messages: Any = [{"role": "user", "content": mode}]
+                with pytest.raises(openai.APIStatusError) as info:
+                    client.chat.completions.create(model="leaky", messages=messages)
+                outputs += [info.value.response.text, str(info.value.response.headers)]
+                with pytest.raises(anthropic.APIStatusError) as caught:
+                    claude.messages.create(model="leaky", max_tokens=5, messages=messages)
+                outputs += [caught.value.response.text, str(caught.value.response.headers)]
+            for mode in ("stream-mid", "stream-first"):
+                messages = [{"role": "user", "content": mode}]
+                for path, body in (
+                    ("/v1/chat/completions", {"model": "leaky", "messages": messages, "stream": True}),
+                    (
+                        "/v1/messages",
+                        {"model": "leaky", "max_tokens": 5, "messages": messages, "stream": True},
+                    ),
+                    ("/v1/chat/completions", {"model": "claude-leaky", "messages": messages, "stream": True}),
+                    ("/v1/messages", {"model": "claude-leaky", "max_tokens": 5, "messages": messages}),
+                ):
+                    status, raw, headers = request(router, "POST", path, None, orjson.dumps(body))
+                    assert status in (200, 400, 502), raw
+                    outputs += [raw.decode(errors="replace"), str(headers)]
+                with pytest.raises(openai.APIError) as err:  # a 502, or an error event mid-stream
+                    list(client.chat.completions.create(model="leaky", messages=messages, stream=True))
+                outputs += [str(err.value.body), err.value.message]
+            time.sleep(0.3)  # the access log is written in batches
+        logs = router.logs()
+    everything = "\n".join([*outputs, logs])
+    assert '"request":{"model":"leaky"' in logs  # the payload-logging access lines were written
+    assert "[redacted]" in everything
+    for secret in (LEAK_KEY, LEAK_HEADER, LEAK_ANTHROPIC):
+        leaked = [p for p in _pieces_of(secret) if p in everything]
+        assert not leaked, (secret, leaked)

@@ -33,6 +33,7 @@ from .._errors import (
     PermissionDeniedError,
     RateLimitError,
     UpstreamStatusError,
+    UpstreamStreamTruncatedError,
 )
 
 if TYPE_CHECKING:
@@ -162,20 +163,40 @@ class UpstreamClient(Protocol):
 
 
 class StreamTranslator(ABC):
-    """Per-request state machine from upstream stream bytes to OpenAI chunk payloads."""
+    """Per-request state machine from upstream stream bytes to OpenAI chunk payloads.
+
+    Each protocol says how a stream ends (OpenAI's ``data: [DONE]``, Anthropic's
+    ``message_stop``...). A translator sets :attr:`complete` when it has seen that end;
+    :meth:`finish` turns a body that stopped short of it into :attr:`error`, so a
+    connection closed early never reaches the client as a whole answer.
+    """
 
     #: Usage reported by the upstream, known once the stream ends.
     usage: Usage | None = None
     #: Set when the upstream signalled an error inside the stream.
     error: KubellmError | None = None
+    #: Set once the upstream sent the last event its protocol defines.
+    complete: bool = False
+    #: That last event, as the truncation error names it (never spelt "[DONE]": naive clients
+    #: look for that string anywhere in the stream).
+    terminator: ClassVar[str] = "the final DONE event"
 
     @abstractmethod
     def feed(self, data: bytes) -> list[Payload]:
         """Consume the next bytes of the upstream body; return chunks ready to send."""
 
-    def finish(self) -> list[Payload]:
-        """The upstream body ended; return any chunks still held back."""
+    def flush(self) -> list[Payload]:
+        """The upstream body ended; return any chunks still held back (subclasses override this)."""
         return []
+
+    def finish(self) -> list[Payload]:
+        """The upstream body ended: the held-back chunks, and :attr:`error` set if it ended early."""
+        out = self.flush()
+        if self.error is None and not self.complete:
+            self.error = UpstreamStreamTruncatedError(
+                f"the upstream stream ended before its end event ({self.terminator}): the answer is cut short"
+            )
+        return out
 
 
 class Provider(ABC):
@@ -207,6 +228,16 @@ class Provider(ABC):
                 return f"{name}: required by provider {self.name!r}"
         return None
 
+    def credentials(self, deployment: DeploymentConfig, api_key: str | None) -> list[str]:
+        """Every secret this deployment's requests carry upstream, for :mod:`.._redact`.
+
+        The resolved credential and the values of the deployment's own headers (a custom
+        ``X-Api-Key``, say); providers that derive other secrets from it add those.
+        """
+        found = [api_key] if api_key else []
+        found += [v for k, v in deployment.headers.items() if k.lower() not in _PLAIN_HEADERS]
+        return found
+
     def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:
         return map_status_error(status, headers, extract_error_message(raw), provider=self.name)
 
@@ -236,6 +267,10 @@ def missing_extra(provider: str, extra: str, *modules: str) -> str | None:
             )
     return None
 
+#: Deployment headers whose values are protocol, not secrets (redacting them would garble messages).
+_PLAIN_HEADERS = frozenset(
+    {"content-type", "accept", "user-agent", "anthropic-version", "anthropic-beta", "api-version"}
+)
 
 _CONTEXT_MARKERS = (
     "context_length_exceeded",

@@ -338,7 +338,13 @@ def converse_response_to_openai(raw: bytes, ctx: RequestContext, provider: str) 
 
 
 class ConverseStreamTranslator(StreamTranslator):
-    """ConverseStream's event-stream frames to OpenAI chunks, as they arrive."""
+    """ConverseStream's event-stream frames to OpenAI chunks, as they arrive.
+
+    The stream ends with ``messageStop`` then ``metadata`` (the usage): a stream cut between
+    the two lost its usage, so it is incomplete too.
+    """
+
+    terminator = "messageStop and metadata"
 
     def __init__(self, ctx: RequestContext, provider: str) -> None:
         self._provider = provider
@@ -354,10 +360,8 @@ class ConverseStreamTranslator(StreamTranslator):
             self._event(message, out)
         return out
 
-    def finish(self) -> list[Payload]:
+    def flush(self) -> list[Payload]:
         self._decoder.close()
-        if not self._finished:
-            self.error = UpstreamProtocolError(f"{self._provider}: the stream ended before messageStop")
         return []
 
     def _event(self, message: EventMessage, out: list[Payload]) -> None:
@@ -401,6 +405,7 @@ class ConverseStreamTranslator(StreamTranslator):
             self._finished = True
             out.append(self._builder.finish(reason))
         elif event == "metadata":
+            self.complete = self._finished
             self.usage = converse_usage_to_openai(payload.get("usage"))
             chunk = self._builder.usage(self.usage) if self.usage is not None else None
             if chunk is not None:

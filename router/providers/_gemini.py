@@ -156,6 +156,8 @@ def gemini_response_to_openai(raw: bytes, ctx: RequestContext, provider: str) ->
 class GeminiStreamTranslator(StreamTranslator):
     """``alt=sse`` events, each a whole GenerateContentResponse, to OpenAI chunks."""
 
+    terminator = "a finishReason for every candidate"
+
     def __init__(self, ctx: RequestContext, provider: str) -> None:
         self._ctx = ctx
         self._provider = provider
@@ -169,12 +171,11 @@ class GeminiStreamTranslator(StreamTranslator):
     def feed(self, data: bytes) -> list[Payload]:
         return self._events(self._sse.feed(data))
 
-    def finish(self) -> list[Payload]:
+    def flush(self) -> list[Payload]:
         out = self._events(self._sse.close())
-        if not self._finished:
-            self.error = UpstreamProtocolError(f"{self._provider}: the stream ended before a finish reason")
-            return out
-        if self.usage is not None:
+        # No end event: the stream is whole once every candidate it began has its finishReason.
+        self.complete = bool(self._finished) and self._finished.issuperset(self._builders)
+        if self.complete and self.usage is not None:
             chunk = self._builder(0).usage(self.usage)
             if chunk is not None:
                 out.append(chunk)

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from .. import _redact as redact
 from .._errors import AuthenticationError, InvalidRequestError
 from ._base import RequestContext, UpstreamClient, UpstreamRequest
 
@@ -71,6 +72,18 @@ class ServiceAccount:
 
 
 _PARSED: dict[str, ServiceAccount] = {}
+
+
+def service_account_secrets(credential: str) -> list[str]:
+    """The secret fields of a service-account key JSON (its e-mail and project are no secret, and
+    redacting them would garble Google's messages); the whole text if it is not one."""
+    try:
+        doc = orjson.loads(credential)
+    except orjson.JSONDecodeError:
+        return [credential]
+    if not isinstance(doc, dict):
+        return [credential]
+    return [v for k in ("private_key", "private_key_id") if isinstance(v := doc.get(k), str)]
 
 
 def load_service_account(credential: str, provider: str) -> ServiceAccount:
@@ -168,4 +181,5 @@ class TokenCache:
 
     def put(self, account: ServiceAccount, token: str, lifetime: float) -> None:
         """Remember a token; it is used until :data:`REFRESH_MARGIN` before it expires."""
+        redact.remember([token])  # before any request carries it
         self._tokens[account.cache_key] = (token, time.monotonic() + lifetime - REFRESH_MARGIN)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from .._errors import UpstreamProtocolError
+from .._errors import UpstreamError, UpstreamProtocolError
 from .._sse import SSEDecoder, SSEEvent
 from ._base import (
     Operation,
@@ -21,6 +21,7 @@ from ._base import (
     StreamTranslator,
     UpstreamRequest,
     Usage,
+    extract_error_message,
 )
 
 _PATHS = {
@@ -31,18 +32,24 @@ _PATHS = {
 
 
 class OpenAIPassthroughTranslator(StreamTranslator):
-    """Forwards OpenAI chunks untouched, noting usage and hiding what the client did not ask for."""
+    """Forwards OpenAI chunks untouched, noting usage and hiding what the client did not ask for.
 
-    __slots__ = ("_decoder", "_include_usage")
+    An ``{"error": …}`` event (OpenAI, vLLM, TGI and others send one when generation fails
+    mid-stream) becomes :attr:`error` instead of passing through as the upstream wrote it: the
+    dispatcher renders it as the router's own error event, scrubbed of credentials.
+    """
 
-    def __init__(self, include_usage: bool) -> None:
+    __slots__ = ("_decoder", "_include_usage", "_provider")
+
+    def __init__(self, include_usage: bool, provider: str = "upstream") -> None:
         self._decoder = SSEDecoder()
         self._include_usage = include_usage
+        self._provider = provider
 
     def feed(self, data: bytes) -> list[Payload]:
         return self.forward(self._decoder.feed(data))
 
-    def finish(self) -> list[Payload]:
+    def flush(self) -> list[Payload]:
         return self.forward(self._decoder.close())
 
     def forward(self, events: list[SSEEvent]) -> list[Payload]:
@@ -50,8 +57,16 @@ class OpenAIPassthroughTranslator(StreamTranslator):
         out: list[Payload] = []
         for event in events:
             data: bytes = event.data
-            if not data or data == b"[DONE]":
+            if self.complete:
+                break
+            if not data:
                 continue
+            if data == b"[DONE]":
+                self.complete = True
+                break
+            # A cheap test first: only a payload with an "error" key can be an error event.
+            if b'"error"' in data and self._error_event(data):
+                break
             if b'"usage"' in data:
                 try:
                     chunk = orjson.loads(data)
@@ -67,6 +82,18 @@ class OpenAIPassthroughTranslator(StreamTranslator):
                         data = orjson.dumps(chunk)
             out.append(data)
         return out
+
+    def _error_event(self, data: bytes) -> bool:
+        """Whether ``data`` is an error event (then :attr:`error` is set from it)."""
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(doc, dict) or doc.get("error") in (None, "") or doc.get("choices"):
+            return False
+        message, code = extract_error_message(data)
+        self.error = UpstreamError(f"{self._provider}: {message}", code=code or "upstream_stream_error")
+        return True
 
 
 class OpenAIShapedProvider(Provider):
@@ -108,4 +135,4 @@ class OpenAIShapedProvider(Provider):
         return ProviderResponse(raw, Usage.from_openai(doc.get("usage")))
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
-        return OpenAIPassthroughTranslator(ctx.include_usage)
+        return OpenAIPassthroughTranslator(ctx.include_usage, self.name)

@@ -108,6 +108,8 @@ def _json_doc(raw: bytes, what: str) -> dict[str, Any]:
 class AnthropicStreamTranslator(StreamTranslator):
     """Anthropic stream events, as they arrive, into OpenAI chunks."""
 
+    terminator = "the final message stop event"
+
     def __init__(self, ctx: RequestContext) -> None:
         self._decoder = SSEDecoder()
         self._chunks = ChunkBuilder(ctx)
@@ -120,11 +122,8 @@ class AnthropicStreamTranslator(StreamTranslator):
     def feed(self, data: bytes) -> list[Payload]:
         return self._handle(self._decoder.feed(data))
 
-    def finish(self) -> list[Payload]:
-        out = self._handle(self._decoder.close())
-        if not self._stopped and self.error is None:
-            self.error = UpstreamProtocolError("anthropic: the stream ended before message_stop")
-        return out
+    def flush(self) -> list[Payload]:
+        return self._handle(self._decoder.close())
 
     def _handle(self, events: list[SSEEvent]) -> list[Payload]:
         out: list[Payload] = []
@@ -142,9 +141,11 @@ class AnthropicStreamTranslator(StreamTranslator):
                 out += self._delta(doc.get("index", 0), doc.get("delta") or {})
             elif kind == "message_delta":
                 self._usage.update({k: v for k, v in (doc.get("usage") or {}).items() if v is not None})
+                # The final counts: should message_stop never come, the ledger still has them.
+                self.usage = anthropic_usage_to_openai(self._usage)
                 out.append(self._finish(doc.get("delta", {}).get("stop_reason")))
             elif kind == "message_stop":
-                self._stopped = True
+                self._stopped = self.complete = True
                 if not self._finished:
                     out.append(self._finish(None))
                 self.usage = anthropic_usage_to_openai(self._usage)

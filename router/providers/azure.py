@@ -92,14 +92,14 @@ class AzureStreamTranslator(OpenAIPassthroughTranslator):
     """OpenAI passthrough that drops Azure's prompt-filter preamble and fails on a filtered finish."""
 
     def __init__(self, include_usage: bool) -> None:
-        super().__init__(include_usage)
+        super().__init__(include_usage, "azure")
         self._emitted = False
         self._stopped = False
 
     def feed(self, data: bytes) -> list[Payload]:
         return self._emit(self._decoder.feed(data))
 
-    def finish(self) -> list[Payload]:
+    def flush(self) -> list[Payload]:
         return self._emit(self._decoder.close())
 
     def _emit(self, events: list[SSEEvent]) -> list[Payload]:

@@ -32,6 +32,8 @@ from urllib.parse import quote
 
 import orjson
 
+from .. import _redact as redact
+from .._config import DeploymentConfig
 from .._errors import InvalidRequestError, KubellmError, UpstreamProtocolError
 from ._base import (
     Operation,
@@ -107,6 +109,8 @@ class _DefaultChain:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._source: Any = None
+        #: The credentials last handed out (botocore refreshes them behind ``_source``).
+        self.last: Any = None
 
     def get(self) -> Any:
         with self._lock:
@@ -120,7 +124,11 @@ class _DefaultChain:
                     "AWS chain (environment, profile, web identity, instance role)",
                     code="missing_credential",
                 )
-            return self._source.get_frozen_credentials()
+            frozen = self._source.get_frozen_credentials()
+            if frozen is not self.last:
+                self.last = frozen
+                redact.remember([frozen.access_key, frozen.secret_key, frozen.token])
+            return frozen
 
 
 class BedrockProvider(Provider):
@@ -141,6 +149,20 @@ class BedrockProvider(Provider):
         if text is not None and text.strip().startswith(_API_KEY_PREFIXES):
             return None
         return missing_extra(self.name, "bedrock", "botocore.auth", "botocore.awsrequest", "botocore.session")
+
+    def credentials(self, deployment: DeploymentConfig, api_key: str | None) -> list[str]:
+        """The access key id, secret key and session token rather than the JSON they came in, whose
+        field names are no secret; the default chain's keys are registered when it resolves them."""
+        found = super().credentials(deployment, None)
+        if not api_key:
+            return found
+        try:
+            parsed = parse_aws_credential(api_key)
+        except InvalidRequestError:
+            return [*found, api_key]
+        if isinstance(parsed, str):
+            return [*found, parsed]
+        return [*found, parsed.access_key, parsed.secret_key, *([parsed.token] if parsed.token else [])]
 
     def region(self, ctx: RequestContext) -> str:
         region = ctx.deployment.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")

@@ -270,6 +270,8 @@ def cohere_response_to_openai(doc: dict[str, Any], ctx: RequestContext) -> tuple
 class CohereStreamTranslator(StreamTranslator):
     """Cohere v2 chat stream events to OpenAI chunks, as they arrive."""
 
+    terminator = "message-end"
+
     def __init__(self, ctx: RequestContext) -> None:
         self._ctx = ctx
         self._decoder = SSEDecoder()
@@ -284,12 +286,10 @@ class CohereStreamTranslator(StreamTranslator):
             self._event(event.data, out)
         return out
 
-    def finish(self) -> list[Payload]:
+    def flush(self) -> list[Payload]:
         out: list[Payload] = []
         for event in self._decoder.close():
             self._event(event.data, out)
-        if not self._ended and self.error is None:
-            self.error = UpstreamProtocolError("cohere: the stream ended before its message-end event")
         return out
 
     def _event(self, data: bytes, out: list[Payload]) -> None:
@@ -335,7 +335,7 @@ class CohereStreamTranslator(StreamTranslator):
             self._end(delta, out)
 
     def _end(self, delta: dict[str, Any], out: list[Payload]) -> None:
-        self._ended = True
+        self._ended = self.complete = True
         self.usage = cohere_usage_to_usage(delta.get("usage"))
         reason = delta.get("finish_reason")
         finish = cohere_finish_reason_to_openai(reason)

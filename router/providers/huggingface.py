@@ -28,14 +28,11 @@ import orjson
 from .._errors import (
     ContextLengthExceededError,
     KubellmError,
-    UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
 )
-from .._sse import SSEEvent
 from ._base import (
     Operation,
-    Payload,
     ProviderResponse,
     RequestContext,
     StreamTranslator,
@@ -82,25 +79,10 @@ def hf_vectors_to_list(doc: Any, count: int) -> list[list[float]]:
 
 
 class HuggingFaceStreamTranslator(OpenAIPassthroughTranslator):
-    """OpenAI passthrough that recognises TGI's in-stream ``{"error": …}`` events."""
+    """OpenAI passthrough; TGI's in-stream ``{"error": …}`` events are the base class's error events."""
 
-    def feed(self, data: bytes) -> list[Payload]:
-        return self._checked(self._decoder.feed(data))
-
-    def finish(self) -> list[Payload]:
-        return self._checked(self._decoder.close())
-
-    def _checked(self, events: list[SSEEvent]) -> list[Payload]:
-        kept = []
-        for event in events:
-            if self.error is not None:
-                break
-            if event.data.startswith(b'{"error"'):
-                message, _ = extract_error_message(event.data)
-                self.error = UpstreamError(f"huggingface: {message}", code="upstream_stream_error")
-                break
-            kept.append(event)
-        return self.forward(kept)
+    def __init__(self, include_usage: bool) -> None:
+        super().__init__(include_usage, "huggingface")
 
 
 def openai_response_format_to_tgi(fmt: Any) -> dict[str, Any] | None:

@@ -258,6 +258,8 @@ class _StreamSession:
 class ReplicateStreamTranslator(StreamTranslator):
     """Replicate's ``output``/``error``/``done`` events to OpenAI chunks."""
 
+    terminator = "event: done"
+
     def __init__(self, ctx: RequestContext, session: _StreamSession | None = None) -> None:
         self._session = session or _StreamSession()
         pid = self._session.prediction_id
@@ -269,12 +271,10 @@ class ReplicateStreamTranslator(StreamTranslator):
     def feed(self, data: bytes) -> list[Payload]:
         return self._events(self._decoder.feed(data))
 
-    def finish(self) -> list[Payload]:
+    def flush(self) -> list[Payload]:
         out = self._events(self._decoder.close())
-        if not self._done and self.error is None:
-            self._fail(UpstreamProtocolError("replicate: the stream ended before its 'done' event"))
         self.usage = replicate_usage(self._session.final)
-        if self.error is None:
+        if self._done and self.error is None:
             out.append(self._chunks.finish(replicate_finish_reason(self._session.final, self.usage)))
             usage = self._chunks.usage(self.usage) if self.usage is not None else None
             if usage is not None:
@@ -298,7 +298,7 @@ class ReplicateStreamTranslator(StreamTranslator):
                     self._fail(replicate_prediction_error({"status": reason}))
                 elif reason == "error":
                     self._fail(replicate_error_to_openai("the model reported an error"))
-                self._done = True
+                self._done = self.complete = True
         return out
 
     def _fail(self, err: KubellmError) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import AuthenticationError, InvalidRequestError
 from ._base import RequestContext, UpstreamClient, UpstreamResponse, missing_extra
-from ._google_auth import ServiceAccount, TokenCache, load_service_account
+from ._google_auth import ServiceAccount, TokenCache, load_service_account, service_account_secrets
 from .gemini import GoogleGenAIProvider
 
 if TYPE_CHECKING:
@@ -42,6 +42,11 @@ class VertexProvider(GoogleGenAIProvider):
             "cryptography.hazmat.primitives.serialization",
             "cryptography.hazmat.primitives.asymmetric.padding",
         )
+
+    def credentials(self, deployment: DeploymentConfig, api_key: str | None) -> list[str]:
+        """The key's secret fields; the access tokens are registered as :class:`TokenCache` gets them."""
+        found = super().credentials(deployment, None)
+        return [*found, *service_account_secrets(api_key)] if api_key else found
 
     def account(self, ctx: RequestContext) -> ServiceAccount:
         credential = ctx.api_key

@@ -55,7 +55,11 @@ def _error(
 
 class FakeOpenAI(FakeServer):
     def __init__(
-        self, api_key: str = "sk-upstream-test", name: str = "fake", reply: str | None = None, chunks: int = 5
+        self,
+        api_key: str = "sk-test-key-7Hq2Vw9Lx4",
+        name: str = "fake",
+        reply: str | None = None,
+        chunks: int = 5,
     ) -> None:
         self.api_key = api_key
         self.name = name
