@@ -20,14 +20,21 @@ from starlette.responses import Response
 from ._budget import period_window
 from ._errors import InvalidRequestError, KubellmError, PermissionDeniedError
 from ._ledger import Totals
+from ._pricing import format_usd
 from ._proxy import JSON, authenticate, error_response
 
 if TYPE_CHECKING:
     from ._proxy import Router
 
 
+def _plain(obj: object) -> str:
+    if isinstance(obj, Decimal):
+        return format_usd(obj)
+    return str(obj)
+
+
 def _json(doc: Any) -> Response:
-    return Response(orjson.dumps(doc, default=str), media_type=JSON)
+    return Response(orjson.dumps(doc, default=_plain), media_type=JSON)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -39,7 +46,7 @@ def _totals(t: Totals) -> dict[str, Any]:
         "requests": t.requests,
         "promptTokens": t.prompt_tokens,
         "completionTokens": t.completion_tokens,
-        "spendUsd": str(t.cost),
+        "spendUsd": format_usd(t.cost),
     }
 
 
@@ -95,12 +102,12 @@ def register_admin_routes(app: FastAPI, router: Router) -> None:
             since = start
             spent = await router.meter.budgets.spent(f"key:{cfg.name}", cfg.budget.period, now)
             doc["budget"] = {
-                "amountUsd": str(cfg.budget.amount_usd),
+                "amountUsd": format_usd(cfg.budget.amount_usd),
                 "period": cfg.budget.period,
                 "periodStart": _iso(start),
                 "resetsAt": _iso(end),
-                "spentUsd": str(spent),
-                "remainingUsd": str(max(Decimal(0), cfg.budget.amount_usd - spent)),
+                "spentUsd": format_usd(spent),
+                "remainingUsd": format_usd(max(Decimal(0), cfg.budget.amount_usd - spent)),
             }
         await router.meter.ledger.flush()
         usage = await router.meter.ledger.store.aggregate(since, now + 1, "key")

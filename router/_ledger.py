@@ -45,7 +45,7 @@ from typing import Any, Literal, Protocol, cast
 import orjson
 from redis.asyncio import Redis
 
-from ._pricing import from_pico, quantize, to_pico
+from ._pricing import format_usd, from_pico, quantize, to_pico
 from ._redis import Arg, Script
 
 log = logging.getLogger("kubellm.ledger")
@@ -172,7 +172,7 @@ class SqliteLedger:
                 r.prompt_tokens,
                 r.completion_tokens,
                 r.cached_tokens,
-                str(r.cost),
+                format_usd(r.cost),
                 to_pico(r.cost),
                 r.latency_ms,
                 r.ttft_ms,
@@ -600,5 +600,5 @@ class LedgerWriter:
 
 def _decimal(obj: object) -> str:
     if isinstance(obj, Decimal):
-        return str(obj)
+        return format_usd(obj)
     raise TypeError

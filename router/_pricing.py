@@ -37,6 +37,20 @@ def from_pico(amount: int) -> Decimal:
     return Decimal(amount).scaleb(-12).quantize(PICO)
 
 
+def format_usd(amount: Decimal) -> str:
+    """Money as every output shows it: a plain decimal, exact, never an exponent (``str`` of a
+    12-place zero is ``0E-12``), no trailing zeros and no negative zero.
+
+    ``normalize`` is avoided on purpose: it rounds to the context's 28 digits.
+    """
+    if not amount.is_finite():
+        raise ValueError(f"not an amount of money: {amount}")
+    text = format(amount, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
 def quantize(amount: Decimal) -> Decimal:
     """``amount`` rounded to whole pico-USD, as every store keeps it."""
     return from_pico(to_pico(amount))
