@@ -279,3 +279,67 @@ def test_new_sink_config_is_validated() -> None:
         parse_config({"settings": {"sinks": [{"type": "traceloop"}]}})
     with pytest.raises(ConfigError, match="dsn"):  # no inline credentials
         parse_config({"settings": {"sinks": [{"type": "sentry", "dsnEnv": "D", "dsn": "https://k@h/1"}]}})
+
+
+def test_sentry_429_is_retried_after_its_retry_after_and_a_401_dropped() -> None:
+    with FakeSentry() as limited, FakeSentry() as wrong_key:
+        limited.fail_next(429)
+        bad_dsn = wrong_key.dsn().replace(wrong_key.public_key, "f" * 32)
+        config = {
+            "deployments": [
+                openai_deployment(FakeOpenAI(api_key=UPSTREAM_KEY), name="dead", baseUrl="http://127.0.0.1:1")
+            ],
+            "settings": {
+                "numRetries": 0,
+                "sinks": [
+                    {"type": "sentry", "name": "limited", "dsnEnv": "DSN_A", **FAST},
+                    {"type": "sentry", "name": "wrong", "dsnEnv": "DSN_B", **FAST},
+                ],
+            },
+        }
+        env = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY, "DSN_A": limited.dsn(), "DSN_B": bad_dsn}
+        with RouterProcess(config, env=env) as router:
+            client = openai.OpenAI(base_url=router.v1, api_key="unused", max_retries=0)
+            with pytest.raises(openai.APIStatusError) as info:  # the upstream refuses connections
+                client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+            assert info.value.status_code >= 500
+            (event,) = limited.wait_for(1)
+            assert event["exception"]["values"][0]["type"] == "upstream_connect_error"
+            assert event["fingerprint"] == [
+                "kubellm",
+                "upstream_error",
+                "upstream_connect_error",
+                "gpt-test",
+                "dead",
+            ]
+            assert limited.requests == 2 and metric(router, "kubellm_sink_errors_total", "limited") == 1
+            assert wait_metric(router, "kubellm_sink_dropped_total", "wrong", 1) == 1
+            assert wrong_key.requests == 1 and wrong_key.rejected == ["invalid api key"]  # not retried
+            assert "f" * 32 not in router.logs()
+
+
+@pytest.mark.parametrize(
+    ("dsn", "url", "key"),
+    [
+        ("https://abc@o1.ingest.sentry.io/42", "https://o1.ingest.sentry.io/api/42/envelope/", "abc"),
+        (
+            "https://abc:secret@sentry.example.com:9000/sub/7",
+            "https://sentry.example.com:9000/sub/api/7/envelope/",
+            "abc",
+        ),
+    ],
+)
+def test_dsn_names_the_envelope_endpoint(dsn: str, url: str, key: str) -> None:
+    from kubellm.router.sinks._sentry import parse_dsn
+
+    assert parse_dsn(dsn) == (url, key)
+
+
+@pytest.mark.parametrize("dsn", ["https://sentry.io/42", "https://k@sentry.io/abc", "ftp://k@h/1"])
+def test_a_bad_dsn_is_refused_without_quoting_it(dsn: str) -> None:
+    from kubellm.router.sinks._base import SinkSetupError
+    from kubellm.router.sinks._sentry import parse_dsn
+
+    with pytest.raises(SinkSetupError) as info:
+        parse_dsn(dsn)
+    assert dsn not in str(info.value)
