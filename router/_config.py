@@ -287,7 +287,18 @@ class OtelSettings(_Model):
 
 
 #: Sink types; `otlp` is the OpenTelemetry exporter, the others POST JSON (see docs/observability.md).
-SinkType = Literal["webhook", "otlp", "langfuse", "posthog", "mixpanel", "lunary", "helicone"]
+SinkType = Literal[
+    "webhook",
+    "otlp",
+    "langfuse",
+    "posthog",
+    "mixpanel",
+    "lunary",
+    "helicone",
+    "sentry",
+    "supabase",
+    "traceloop",
+]
 
 
 class SinkConfig(_Model):
@@ -297,12 +308,15 @@ class SinkConfig(_Model):
     """
 
     type: SinkType = Field(
-        ..., description="`webhook`, `otlp`, `langfuse`, `posthog`, `mixpanel`, `lunary` or `helicone`."
+        ...,
+        description="`webhook`, `otlp`, `langfuse`, `posthog`, `mixpanel`, `lunary`, `helicone`, `sentry`, "
+        "`supabase` or `traceloop`.",
     )
     name: str | None = Field(None, description="Label in `kubellm_sink_*` metrics. Default: the type.")
     url: str | None = Field(
         None,
-        description="Webhook URL, OTLP base URL, or the service's base URL (default: its cloud endpoint).",
+        description="Webhook URL, OTLP base URL, the Supabase project URL, or the service's base URL "
+        "(default: its cloud endpoint; Traceloop: `https://api.traceloop.com`).",
     )
     headers_env: str | None = Field(
         None, description="Environment variable holding extra request headers as a JSON object."
@@ -310,7 +324,17 @@ class SinkConfig(_Model):
     api_key_env: str | None = Field(
         None,
         description="Environment variable holding the PostHog project API key, Mixpanel project token, "
-        "Lunary public key or Helicone API key.",
+        "Lunary public key, Helicone API key, Supabase API key (one allowed to insert into `table`) or "
+        "Traceloop API key.",
+    )
+    dsn_env: str | None = Field(None, description="`sentry`: environment variable with the project's DSN.")
+    environment: str | None = Field(None, description="`sentry`: the events' `environment`.")
+    table: str = Field(
+        "kubellm_requests",
+        description="`supabase`: the table rows are inserted into (see its SQL in the docs).",
+    )
+    db_schema: str | None = Field(
+        None, description="`supabase`: the table's schema, when it is not one the API exposes by default."
     )
     public_key_env: str | None = Field(
         None, description="Langfuse: environment variable with the public key."
@@ -331,8 +355,10 @@ class SinkConfig(_Model):
         False,
         description="Send prompts and answers, for requests whose key or deployment has `logPayloads`.",
     )
-    service_name: str = Field("kubellm", description="`otlp`: `service.name` of the exported spans.")
-    sample_ratio: float = Field(1.0, ge=0, le=1, description="`otlp`: share of requests traced.")
+    service_name: str = Field(
+        "kubellm", description="`otlp`, `traceloop`: `service.name` of the exported spans."
+    )
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="`otlp`, `traceloop`: share of requests traced.")
 
     @model_validator(mode="after")
     def _required(self) -> SinkConfig:
@@ -344,6 +370,9 @@ class SinkConfig(_Model):
             "mixpanel": ("api_key_env",),
             "lunary": ("api_key_env",),
             "helicone": ("api_key_env",),
+            "sentry": ("dsn_env",),
+            "supabase": ("url", "api_key_env"),
+            "traceloop": ("api_key_env",),
         }[self.type]
         missing = [to_camel(f) for f in needs if not getattr(self, f)]
         if missing:

@@ -93,6 +93,9 @@ class Call:
     ticket: Ticket | None = None
     #: The client's W3C trace context (``traceparent``, ``tracestate``), joined by the OTel spans.
     trace_context: tuple[str, str | None] | None = None
+    #: Why the request failed, and the model groups it tried: what error sinks (Sentry) report.
+    error: KubellmError | None = None
+    groups_tried: tuple[str, ...] = ()
     _prompt_tokens: int | None = None
 
     @property
@@ -206,6 +209,7 @@ class Dispatcher:
                     chain.append(target)
         assert last is not None
         metrics.ERRORS.labels(call.group.name, last.type).inc()
+        call.error, call.groups_tried = last, tuple(g.name for g in chain)
         self.finish(call, None, last.status, None, None)
         headers = {
             "x-request-id": call.request_id,
@@ -607,6 +611,7 @@ class Dispatcher:
                     "deployment %r: %s (after %d events)", dep.name, err.message, len(keep)
                 )
             status = err.status
+            call.error = err
             metrics.ERRORS.labels(call.group.name, err.type).inc()
             if _counts_against_deployment(err):
                 await self.health.failure(dep.name)

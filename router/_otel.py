@@ -213,6 +213,30 @@ def client_attributes(f: Facts) -> dict[str, Any]:
     return attrs
 
 
+#: kubellm operation -> OpenLLMetry's ``llm.request.type``.
+_LLM_REQUEST_TYPE = {"chat": "chat", "text_completion": "completion", "embeddings": "embedding"}
+
+
+def openllmetry_attributes(f: Facts, *, payloads: bool) -> dict[str, Any]:
+    """The attributes Traceloop's OpenLLMetry conventions read besides the GenAI ones."""
+    attrs: dict[str, Any] = {"llm.request.type": _LLM_REQUEST_TYPE.get(f.gen_ai_operation, "unknown")}
+    if f.usage is not None:
+        attrs["gen_ai.usage.prompt_tokens"] = f.usage.prompt_tokens
+        attrs["gen_ai.usage.completion_tokens"] = f.usage.completion_tokens
+        attrs["llm.usage.total_tokens"] = f.usage.total_tokens
+    if payloads:
+        for i, msg in enumerate(input_messages(f)):
+            attrs[f"gen_ai.prompt.{i}.role"] = msg["role"]
+            text = "".join(str(p.get("content", "")) for p in msg["parts"] if p.get("type") == "text")
+            attrs[f"gen_ai.prompt.{i}.content"] = text
+        for i, choice in enumerate(f.choices):
+            attrs[f"gen_ai.completion.{i}.role"] = "assistant"
+            attrs[f"gen_ai.completion.{i}.content"] = choice.content
+            if choice.finish_reason:
+                attrs[f"gen_ai.completion.{i}.finish_reason"] = choice.finish_reason
+    return attrs
+
+
 class OtlpSink(Sink):
     kind = "otlp"
 
@@ -224,9 +248,15 @@ class OtlpSink(Sink):
         headers: dict[str, str],
         service_name: str,
         sample_ratio: float,
+        openllmetry: bool = False,
+        include_payloads: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(name, **options)
+        #: Add OpenLLMetry's attributes (the ``traceloop`` preset).
+        self.openllmetry = openllmetry
+        #: ``otlp`` sends payloads whenever the request opted in; ``traceloop`` also needs includePayloads.
+        self.include_payloads = include_payloads
         from .. import __version__
 
         self.endpoint = traces_url(endpoint)
@@ -268,7 +298,10 @@ class OtlpSink(Sink):
                 start_time=f.start_ns,
                 attributes=client_attributes(f),
             )
-        if f.payloads_allowed:
+        payloads = f.payloads_allowed and self.include_payloads
+        if self.openllmetry and inference is not server:
+            inference.set_attributes(openllmetry_attributes(f, payloads=payloads))
+        if payloads:
             details = {"gen_ai.input.messages": orjson.dumps(input_messages(f)).decode()}
             if f.gen_ai_operation != "embeddings":
                 details["gen_ai.output.messages"] = orjson.dumps(output_messages(f)).decode()

@@ -1,8 +1,8 @@
 """Observability sinks: where finished requests go besides metrics and the access log.
 
 ``settings.otel`` (OpenTelemetry traces over OTLP) and ``settings.sinks`` (a
-generic webhook, Langfuse, PostHog, Mixpanel, Lunary, Helicone, more OTLP
-endpoints) are started once, when the router starts, and run on one daemon
+generic webhook, Langfuse, PostHog, Mixpanel, Lunary, Helicone, Sentry, Supabase,
+Traceloop, more OTLP endpoints) are started once, when the router starts, and run on one daemon
 thread with its own event loop, so nothing they do (encoding, HTTP, retries)
 competes with the loop that serves requests.
 
@@ -21,13 +21,25 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .sinks._base import Sink, SinkSetupError, env_headers
+from .sinks._base import Sink, SinkSetupError, env_headers, env_secret
 from .sinks._record import Record
+from .sinks._sentry import SentrySink
+from .sinks._supabase import SupabaseSink
 from .sinks._vendors import VENDORS
+
+#: The sink types built by ``from_config``; ``otlp`` and ``traceloop`` are the OTel exporter.
+FACTORIES: dict[str, Callable[[str, SinkConfig], Sink]] = {
+    **{kind: cls.from_config for kind, cls in VENDORS.items()},
+    "sentry": SentrySink.from_config,
+    "supabase": SupabaseSink.from_config,
+}
+#: Traceloop (OpenLLMetry) takes OTLP/HTTP protobuf traces with a bearer API key.
+TRACELOOP_URL = "https://api.traceloop.com"
 
 if TYPE_CHECKING:
     from ._config import RouterSettings, SinkConfig
@@ -43,11 +55,19 @@ def _otlp(name: str, cfg: SinkConfig) -> Sink:
         from ._otel import OtlpSink
     except ImportError:
         raise SinkSetupError("the OpenTelemetry SDK is not installed; install kubellm[otel]") from None
-    assert cfg.url is not None
+    headers = env_headers(cfg.headers_env)
+    url = cfg.url
+    if cfg.type == "traceloop":
+        key = env_secret(cfg.api_key_env, "apiKeyEnv (Traceloop API key)")
+        headers["Authorization"] = f"Bearer {key}"
+        url = url or TRACELOOP_URL
+    assert url is not None
     return OtlpSink(
         name,
-        endpoint=cfg.url,
-        headers=env_headers(cfg.headers_env),
+        endpoint=url,
+        headers=headers,
+        openllmetry=cfg.type == "traceloop",
+        include_payloads=cfg.type != "traceloop" or cfg.include_payloads,
         service_name=cfg.service_name,
         sample_ratio=cfg.sample_ratio,
         batch_size=cfg.batch_size,
@@ -98,7 +118,8 @@ def build_sinks(settings: RouterSettings) -> list[Sink]:
     sinks: list[Sink] = []
     for name, cfg in sink_configs(settings):
         try:
-            sinks.append(_otlp(name, cfg) if cfg.type == "otlp" else VENDORS[cfg.type].from_config(name, cfg))
+            otel = cfg.type in ("otlp", "traceloop")
+            sinks.append(_otlp(name, cfg) if otel else FACTORIES[cfg.type](name, cfg))
         except SinkSetupError as err:
             log.error("sink %s (%s) is disabled: %s", name, cfg.type, err)
     return sinks

@@ -423,6 +423,41 @@ def test_shared_state_wiring() -> None:
     assert component(minimal, "Deployment", "router")["spec"]["replicas"] == 1
 
 
+def test_sinks_and_their_credentials_reach_the_router_settings_and_env(tmp_path: Path) -> None:
+    """router.sinks become settings.sinks; their credentials are env vars from Secrets, never values."""
+    values = tmp_path / "sinks-values.yaml"
+    sinks = [
+        {"type": "sentry", "dsnEnv": "SENTRY_DSN", "environment": "prod"},
+        {"type": "supabase", "url": "https://x.supabase.co", "apiKeyEnv": "SUPABASE_KEY"},
+        {"type": "traceloop", "apiKeyEnv": "TRACELOOP_KEY"},
+    ]
+    credentials = [
+        {"name": "SENTRY_DSN", "secretName": "sentry", "secretKey": "dsn"},
+        {"name": "SUPABASE_KEY", "secretName": "supabase", "secretKey": "service-key"},
+        {"name": "TRACELOOP_KEY", "secretName": "traceloop", "secretKey": "api-key"},
+    ]
+    values.write_text(yaml.safe_dump({"router": {"sinks": sinks, "sinkCredentials": credentials}}))
+    docs = render([values])
+    settings = yaml.safe_load(find(docs, "ConfigMap", f"{RELEASE}-settings")["data"]["settings.yaml"])
+    assert settings["sinks"] == sinks
+    from kubellm.router import parse_config
+
+    assert [s.type for s in parse_config({"settings": settings}).settings.sinks] == [
+        "sentry",
+        "supabase",
+        "traceloop",
+    ]
+    env = env_of(container(component(docs, "Deployment", "router")))
+    for cred in credentials:
+        assert env[cred["name"]]["valueFrom"]["secretKeyRef"] == {
+            "name": cred["secretName"],
+            "key": cred["secretKey"],
+        }
+    assert "sinks" not in yaml.safe_load(
+        find(rendered(), "ConfigMap", f"{RELEASE}-settings")["data"]["settings.yaml"]
+    )
+
+
 def test_redis_auth_variants() -> None:
     no_auth = rendered(sets=["redis.auth.enabled=false"])
     assert [d["metadata"]["name"] for d in kinds(no_auth, "Secret")] == [f"{RELEASE}-master-key"]
@@ -693,11 +728,15 @@ SCHEMA_REJECTS = [
     (["--set", "image.digest=latest"], "digest"),
     (["--set", "redis.persistence.accessModes[0]=Sometimes"], "accessModes"),
     (["--set-string", "router.port=8000"], "port"),
+    (["--set", "router.sinks[0].type=sentry", "--set", "router.sinks[0].dsn=https://k@h/1"], "dsn"),
+    (["--set", "router.sinks[0].type=splunk"], "type"),
+    (["--set", "router.settings.sinks[0].type=webhook"], "sinks"),
 ]
 #: Combinations the schema cannot express fail in the templates, with a message (`helm lint`
 #: reports a template's `fail` as [INFO] only, so these are checked with `helm template`).
 TEMPLATE_REJECTS = [
     (["--set", "externalRedis.url=redis://x:6379/0"], "both set"),
+    (["--set", "router.sinks[0].type=sentry", "--set", "router.sinks[0].dsnEnv=SENTRY_DSN"], "SENTRY_DSN"),
     (
         ["--set", "redis.enabled=false", "--set", "externalRedis.url=redis://u:p@x:6379/0"],
         "must not contain credentials",

@@ -216,6 +216,8 @@ class HttpSink(Sink):
         self.url = url
         self.headers = {"Content-Type": self.content_type, **headers}
         self._session: aiohttp.ClientSession | None = None
+        #: The body of the latest non-2xx answer, for sinks that explain a refusal in their log.
+        self.last_body = b""
 
     async def open(self, session: aiohttp.ClientSession) -> None:
         await super().open(session)
@@ -241,6 +243,7 @@ class HttpSink(Sink):
         if 200 <= status < 300:
             self.check(status, body)
             return
+        self.last_body = body[:4096]
         wait: float | None = None
         if retry_after is not None:
             try:

@@ -106,6 +106,13 @@ class Facts:
     key_metadata: dict[str, str]
     status: int
     error_type: str | None
+    #: The router's error (OpenAI ``type`` and ``code``) for a failed request, when it named one.
+    error_kind: str | None
+    error_code: str | None
+    #: The error text; it can quote the upstream (and so the prompt): sent only with the payload opt-in.
+    error_message: str | None
+    #: The model groups a failed request went through: more than one when fallbacks ran out.
+    groups_tried: tuple[str, ...]
     stream: bool
     cached: bool
     attempts: int
@@ -277,6 +284,7 @@ def _derive(rec: Record) -> Facts:
         params["max_tokens"] = max_tokens
     start_ns = rec.end_ns - int(rec.latency * 1e9)
     usage = rec.usage
+    err = call.error if rec.status >= 400 else None
     return Facts(
         request_id=call.request_id,
         operation=operation.value,
@@ -296,6 +304,10 @@ def _derive(rec: Record) -> Facts:
         key_metadata=dict(key_config.metadata) if key_config else {},
         status=rec.status,
         error_type=str(rec.status) if rec.status >= 400 else None,
+        error_kind=err.type if err is not None else None,
+        error_code=err.code if err is not None else None,
+        error_message=err.message if err is not None else None,
+        groups_tried=call.groups_tried,
         stream=call.stream,
         cached=rec.cached,
         attempts=call.attempts,

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .._config import SinkConfig
 
 
-def _options(cfg: SinkConfig) -> dict[str, Any]:
+def sink_options(cfg: SinkConfig) -> dict[str, Any]:
     return {
         "batch_size": cfg.batch_size,
         "flush_interval": cfg.flush_interval_seconds,
@@ -57,7 +57,9 @@ class VendorSink(HttpSink):
 
     def __init__(self, name: str, cfg: SinkConfig, auth: dict[str, str]) -> None:
         base = (cfg.url or self.default_url).rstrip("/")
-        super().__init__(name, base + self.path, {**env_headers(cfg.headers_env), **auth}, **_options(cfg))
+        super().__init__(
+            name, base + self.path, {**env_headers(cfg.headers_env), **auth}, **sink_options(cfg)
+        )
         self.include_payloads = cfg.include_payloads
 
     def payloads(self, f: Facts) -> bool:

@@ -96,7 +96,8 @@ class Receiver:
             time.sleep(0.05)
         raise AssertionError(f"{type(self).__name__}: expected {count} events, got {len(self.events)}")
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def gate(self) -> int | None:
+        """Count the request, hang if told to; the injected failure status for it, if any."""
         with self._lock:
             self.requests += 1
             fail = self.fail_statuses.pop(0) if self.fail_statuses else None
@@ -106,6 +107,10 @@ class Receiver:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.hang):
                     await self._released.wait()
+        return fail
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        fail = await self.gate()
         if fail is not None:
             return web.json_response({"error": "injected failure"}, status=fail)
         problem = self.authenticate(request)

@@ -184,6 +184,9 @@ config: router.settings, with the parts the chart wires itself (master key, drai
 {{- $settings := deepCopy (default dict .Values.router.settings) -}}
 {{- $_ := set $settings "masterKeyEnv" "KUBELLM_MASTER_KEY" -}}
 {{- $_ := set $settings "drainDelaySeconds" .Values.router.drainDelaySeconds -}}
+{{- with .Values.router.sinks -}}
+{{- $_ := set $settings "sinks" . -}}
+{{- end -}}
 {{- if include "kubellm.redis.used" . -}}
 {{- $redis := dict "urlEnv" "KUBELLM_REDIS_URL" "keyPrefix" .Values.redis.keyPrefix "failOpen" .Values.redis.failOpen -}}
 {{- if include "kubellm.redis.passwordSecretName" . -}}
@@ -201,6 +204,16 @@ config: router.settings, with the parts the chart wires itself (master key, drai
 {{- end -}}
 {{- if and .Values.externalRedis.url (contains "@" .Values.externalRedis.url) -}}
 {{- fail "externalRedis.url must not contain credentials: put the password in externalRedis.existingSecret" -}}
+{{- end -}}
+{{- $declared := list -}}
+{{- range .Values.router.sinkCredentials }}{{ $declared = append $declared .name }}{{ end -}}
+{{- range .Values.router.extraEnv }}{{ $declared = append $declared .name }}{{ end -}}
+{{- range $i, $sink := .Values.router.sinks -}}
+{{- range $k, $v := $sink -}}
+{{- if and (hasSuffix "Env" $k) (not (has $v $declared)) -}}
+{{- fail (printf "router.sinks[%d].%s names %s, which neither router.sinkCredentials nor router.extraEnv sets" $i $k $v) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.router.autoscaling.enabled (gt (int .Values.router.autoscaling.minReplicas) (int .Values.router.autoscaling.maxReplicas)) -}}
 {{- fail "router.autoscaling.minReplicas must not exceed maxReplicas" -}}
