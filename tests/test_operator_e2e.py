@@ -545,7 +545,13 @@ def test_router_waits_for_its_first_config(env: Env) -> None:
         args=["--kube-secret", f"{SYSTEM}/late-config", "--kubeconfig", str(admin_kc)]
     ).start(wait=False)
     try:
-        time.sleep(1.0)
+        def answer() -> tuple[int, bytes] | None:
+            try:
+                return http_get(late.base_url + "/health/readiness")
+            except OSError:
+                return None  # not listening yet: startup on a busy machine takes a while
+
+        wait(lambda: answer() is not None, 20, "the router listens")
         status, body = http_get(late.base_url + "/health/readiness")
         assert status == 503 and json.loads(body)["status"] == "waiting-for-config", body
         _, config = env.kube.request("GET", f"/api/v1/namespaces/{SYSTEM}/secrets/kubellm-router-config")

@@ -179,9 +179,10 @@ def test_stream_translator_is_independent_of_byte_boundaries() -> None:
     reply = Reply(tool_calls=calls, tool_plan="I will check both.", finish_reason="TOOL_CALL")
     raw = stream_bytes(reply, usage_for("a b c", reply)).replace(b"\n", b"\r\n", 7)
     provider = CohereProvider()
+    ctx = _ctx(stream=True, include_usage=True)  # one context: chunks carry its `created` second
 
     def run(pieces: list[bytes]) -> list[Any]:
-        translator = provider.stream_translator(_ctx(stream=True, include_usage=True))
+        translator = provider.stream_translator(ctx)
         out = [p for piece in pieces for p in translator.feed(piece)] + translator.finish()
         assert translator.error is None and translator.usage is not None
         assert (translator.usage.prompt_tokens, translator.usage.cached_tokens) == (67, 16)

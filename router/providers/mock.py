@@ -95,11 +95,21 @@ class Answer:
         return count_tokens(self.text)
 
 
+def _call_answered(messages: list[Any]) -> bool:
+    """Whether tool results follow the last assistant turn (a user may add text after them)."""
+    for message in reversed(messages):
+        if isinstance(message, dict):
+            if message.get("role") == "tool":
+                return True
+            if message.get("role") == "assistant":
+                return False
+    return False
+
+
 def _chosen_tool(body: dict[str, Any]) -> dict[str, Any] | None:
     """The function the model calls, or None when it answers in text."""
     tools = [t["function"] for t in body.get("tools") or [] if isinstance(t, dict) and "function" in t]
-    messages = body.get("messages") or []
-    if not tools or (messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"):
+    if not tools or _call_answered(body.get("messages") or []):
         return None  # no tools, or the last call is answered: say what came back
     choice = body.get("tool_choice")
     if choice == "none":

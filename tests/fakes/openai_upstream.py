@@ -283,6 +283,13 @@ class FakeOpenAI(FakeServer):
         if "prompt" not in body:
             return _error(400, "'prompt' is a required property", "invalid_request_error", "prompt")
         text = self._text(body)
+        usage = {
+            "prompt_tokens": 3,
+            "completion_tokens": len(text.split()),
+            "total_tokens": 3 + len(text.split()),
+        }
+        if body.get("stream"):
+            return await self._stream_completion(request, body, text, usage)
         return web.json_response(
             {
                 "id": "cmpl-fake",
@@ -290,13 +297,37 @@ class FakeOpenAI(FakeServer):
                 "created": 1,
                 "model": body["model"],
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
-                "usage": {
-                    "prompt_tokens": 3,
-                    "completion_tokens": len(text.split()),
-                    "total_tokens": 3 + len(text.split()),
-                },
+                "usage": usage,
             }
         )
+
+    async def _stream_completion(
+        self, request: web.Request, body: dict[str, Any], text: str, usage: dict[str, int]
+    ) -> web.StreamResponse:
+        """A streamed legacy completion: ``text_completion`` chunks, then ``data: [DONE]``."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        base = {"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": body["model"]}
+        words = text.split()
+        events: list[dict[str, Any]] = [
+            {
+                **base,
+                "choices": [
+                    {"index": 0, "text": (" " if i else "") + w, "logprobs": None, "finish_reason": None}
+                ],
+            }
+            for i, w in enumerate(words)
+        ]
+        events.append(
+            {**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]}
+        )
+        if (body.get("stream_options") or {}).get("include_usage") and self.report_usage:
+            events.append({**base, "choices": [], "usage": usage})
+        for event in events:
+            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body, failure = await self._common(request)
