@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from . import _http
 from . import _metrics as metrics
 from ._admin import register_admin_routes
 from ._anthropic_inbound import handle_messages
@@ -186,6 +187,7 @@ def _drain_on_sigterm(router: Router) -> None:
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         router.draining = True
+        _http.start_draining()
         delay = router.state.config.settings.drain_delay_seconds
         log.info("SIGTERM: draining; readiness is false, shutting down in %.1fs", delay)
         loop.call_soon_threadsafe(loop.call_later, delay, uvicorn_handler, signum, frame)

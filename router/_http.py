@@ -20,6 +20,13 @@ timestamps that a sweep checks a few times a second, so moving one is an assignm
 created and cancelled per request (three per request before) showed in profiles. A deadline is
 enforced at most ``SWEEP_SECONDS`` late.
 
+**Draining** (:func:`start_draining`, called on SIGTERM): every response from then on carries
+``Connection: close``, so a keep-alive client closes the connection after its answer and opens its
+next one to a pod that is not shutting down. Idle keep-alive connections stay open and are served
+until the drain delay ends (a client picks a pooled connection at any moment, and a close racing
+its request is a failed request); then uvicorn's shutdown closes those still idle, which by then
+saw no request for the whole delay.
+
 Model endpoints take the fast path of :mod:`._direct` from here; every other route goes to ASGI.
 """
 
@@ -74,6 +81,23 @@ class _Sweep:
 
 
 _SWEEPS: weakref.WeakKeyDictionary[ServerState, _Sweep] = weakref.WeakKeyDictionary()
+_draining = False
+
+
+def start_draining() -> None:
+    """From now on every response closes its connection (``Connection: close``), in this process.
+
+    Requests already in progress whose response has not started close after it, too.
+    """
+    global _draining
+    _draining = True
+    for sweep in list(_SWEEPS.values()):
+        for connection in list(sweep.connections):
+            connection.close_after_response()
+
+
+def draining() -> bool:
+    return _draining
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -139,6 +163,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(head + b"connection: close\r\n\r\n" + body)
         self.transport.close()
 
+    def close_after_response(self) -> None:
+        """Answer what is in progress or queued with ``Connection: close`` (a response already started
+        keeps what its head said; uvicorn's shutdown closes that connection once it is idle)."""
+        cycles = [c for c, _ in self.pipeline]
+        if self.cycle is not None:
+            cycles.append(self.cycle)
+        for cycle in cycles:
+            if not cycle.response_started:
+                cycle.keep_alive = False
+
     def send_400_response(self, msg: str) -> None:
         """uvicorn answers a request the parser refuses in plain text; clients get JSON everywhere."""
         self._refuse(400, f"malformed HTTP request: {msg}", "invalid_http_request")
@@ -195,6 +229,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head, self._in_body = False, True
         self._arm()
         super().on_headers_complete()
+        if _draining and self.cycle is not None:
+            self.cycle.keep_alive = False
         if self.flow.read_paused:
             self._disarm()  # pipelined behind a request in progress: its body is not read yet
 

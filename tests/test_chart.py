@@ -332,6 +332,7 @@ def test_router_shutdown_outlasts_drain_and_grace(values: Path) -> None:
     drain = float(settings["drainDelaySeconds"])
     sleep = float(c["lifecycle"]["preStop"]["exec"]["command"][1])
     assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep" and sleep > 0
+    assert drain > 0  # keep-alive clients are told `Connection: close` before the router stops
     assert pod_spec(router)["terminationGracePeriodSeconds"] > sleep + drain + grace
     assert router["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 

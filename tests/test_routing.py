@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import signal
 import threading
 import time
@@ -500,3 +501,63 @@ def test_whole_group_saturated_is_429_or_queued(
         {"deployments": [openai_deployment(a, name="a", limits=limits)], "settings": {"queueWaitSeconds": 5}}
     )
     assert _concurrent(queued, 3) == [200, 200, 200]
+
+
+def _keep_alive_client(
+    router: RouterProcess, stream: bool, deadline: float, out: dict[str, list[str]], name: str
+) -> None:
+    """One client on one kept-alive connection, without retries: requests back to back until a
+    response says ``Connection: close`` (a real client then reconnects, to another pod)."""
+    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=10)
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
+    served = 0
+    try:
+        while time.monotonic() < deadline:
+            conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+            resp = conn.getresponse()
+            text = resp.read()
+            if resp.status != 200 or (b"[DONE]" not in text if stream else b"choices" not in text):
+                out["failed"].append(f"{name}: {resp.status} {text[:200]!r}")
+                return
+            served += 1
+            if (resp.getheader("connection") or "").lower() == "close":
+                out["closed"].append(f"{name} after {served}")
+                return
+        out["failed"].append(f"{name}: never told to close its connection")
+    except (OSError, http.client.HTTPException) as exc:
+        out["failed"].append(f"{name}: {type(exc).__name__}: {exc} after {served} requests")
+    finally:
+        conn.close()
+
+
+def test_drain_hands_keep_alive_clients_off_without_a_failure(
+    start_router: Callable[..., RouterProcess],
+) -> None:
+    """Defect 1 of issue 15 (a rollout dropped keep-alive requests): after SIGTERM every response
+    carries `Connection: close`, and kept-alive connections are served, not closed under a client
+    about to reuse them, until the drain delay ends. Clients without retries, streamed and not,
+    each reuse one connection back to back across the SIGTERM: none may fail, and each must be
+    told to close (before the fix nothing said so, and uvicorn closed the pooled connections)."""
+    router = start_router(
+        {
+            "deployments": [{"name": "mock", "model": "m", "provider": "mock", "mock": {"chunkDelayMs": 5}}],
+            "settings": {"drainDelaySeconds": 2},
+        }
+    )
+    out: dict[str, list[str]] = {"failed": [], "closed": []}
+    deadline = time.monotonic() + 15
+    threads = [
+        threading.Thread(target=_keep_alive_client, args=(router, i % 2 == 0, deadline, out, f"client{i}"))
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    router.signal(signal.SIGTERM)
+    for t in threads:
+        t.join(20)
+    assert out["failed"] == []
+    assert len(out["closed"]) == len(threads)
+    assert router.proc is not None
+    assert router.proc.wait(15) in (0, -signal.SIGTERM)
