@@ -15,7 +15,7 @@ import kopf
 from ._crds import GROUP, VERSION
 from ._keys import APIKEY_LABEL, KeySecretConflict, api_key_for_secret, ensure_key_secret
 from ._reconcile import Reconciler
-from ._runtime import connection_info
+from ._runtime import connection_info, wait_for_crds
 from ._status import rfc3339
 
 REGISTRY = kopf.OperatorRegistry()
@@ -35,6 +35,8 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.startup(registry=REGISTRY)
 async def startup(memo: kopf.Memo, **_: Any) -> None:
+    # kopf starts watching and the reconciler its first pass only after startup handlers return.
+    await wait_for_crds(_reconciler(memo).client)
     _reconciler(memo).start()  # kopf's settings come from _runtime.operator_settings()
 
 

@@ -20,9 +20,10 @@ import yaml
 from pydantic import ValidationError
 
 from kubellm.router._config import ConfigError, RouterSettings, validation_message
-from kubellm.router._kube import KubeClient, KubeConfig, auto_config
+from kubellm.router._kube import KubeClient, KubeConfig, KubeError, auto_config
 
 from ._build import Body, BuildResult, build_config, is_kind
+from ._crds import GROUP, VERSION
 
 if TYPE_CHECKING:
     import kopf
@@ -31,7 +32,48 @@ log = logging.getLogger("kubellm.operator")
 
 FINALIZER = "kubellm.io/finalizer"
 KOPF_PREFIX = "operator.kubellm.io"
+PLURALS = ("modeldeployments", "modelgroups", "apikeys")
 
+
+async def wait_for_crds(client: KubeClient, *, interval: float = 1.0) -> None:
+    """Return once the API server serves the three kinds, i.e. their CRDs are Established.
+
+    Installed together with its CRDs (one `helm install`), the operator can start before the API
+    server serves them; reconciling then fails (404, or 429 "storage is (re)initializing" just after
+    discovery lists them). Discovery and a one-item list of each kind need no permission on
+    CustomResourceDefinitions; a 403 on the list (namespaced RBAC) still means the kind is served.
+    """
+    waiting_logged = False
+    while True:
+        missing = await _kinds_not_served(client)
+        if not missing:
+            if waiting_logged:
+                log.info("the API server serves %s/%s: starting", GROUP, VERSION)
+            return
+        if not waiting_logged:
+            log.info("waiting for the API server to serve %s.%s (CRDs not Established yet)",
+                     ", ".join(missing), GROUP)  # fmt: skip
+            waiting_logged = True
+        await asyncio.sleep(interval)
+
+
+async def _kinds_not_served(client: KubeClient) -> list[str]:
+    base = f"/apis/{GROUP}/{VERSION}"
+    try:
+        doc = await client.get(base)
+    except KubeError:
+        return list(PLURALS)  # 404 until the group exists; unreachable: the same, try again
+    served = {str(r.get("name")) for r in doc.get("resources") or []}
+    missing = [p for p in PLURALS if p not in served]
+    for plural in PLURALS:
+        if plural in missing:
+            continue
+        try:
+            await client.get(f"{base}/{plural}", limit="1")
+        except KubeError as exc:
+            if exc.status != 403:
+                missing.append(plural)
+    return missing
 
 def operator_settings(*, namespaced: bool = False) -> kopf.OperatorSettings:
     import kopf

@@ -717,3 +717,32 @@ def test_kubeconfig_and_in_cluster_credentials(tmp_path: Path, monkeypatch: pyte
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc"))
     assert auto_config().namespace == "team"
+
+
+def test_operator_waits_for_its_crds_before_reconciling(tmp_path: Path) -> None:
+    """Defect 4 of issue 15: `helm install` creates the CRDs and the operator together, so the
+    operator can start before the API server serves its kinds. It waits (saying so) instead of
+    running a first reconcile that fails, then renders the config once the CRDs are Established."""
+    with KubeControlPlane() as kube:
+        kube.kubectl("create", "namespace", SYSTEM)
+        kube.kubectl("create", "namespace", NS)
+        settings = tmp_path / "settings.yaml"
+        settings.write_text(yaml.safe_dump({"masterKeyHash": hashlib.sha256(MASTER_KEY.encode()).hexdigest()}))
+        operator = OperatorProcess(kube.kubeconfig_path, settings, tmp_path, "early", "--no-leader-election")
+        operator.start()
+        try:
+            deadline = time.monotonic() + 30
+            while "waiting for the API server to serve" not in operator.logs():
+                assert operator.proc is not None and operator.proc.poll() is None, operator.logs()
+                assert time.monotonic() < deadline, operator.logs()
+                time.sleep(0.2)
+            time.sleep(2)  # a few polls while the kinds are missing
+            kube.kubectl("apply", "-f", str(ROOT / "crds"))
+            secret = f"/api/v1/namespaces/{SYSTEM}/secrets/kubellm-router-config"
+            kube.wait_until(lambda: kube.request("GET", secret)[0] == 200, timeout=60)
+        finally:
+            operator.stop()
+        log = operator.logs()
+        assert "starting" in log
+        for bad in ("Traceback", "404", "ERROR", "failed"):
+            assert bad not in log, log
