@@ -727,7 +727,8 @@ def test_operator_waits_for_its_crds_before_reconciling(tmp_path: Path) -> None:
         kube.kubectl("create", "namespace", SYSTEM)
         kube.kubectl("create", "namespace", NS)
         settings = tmp_path / "settings.yaml"
-        settings.write_text(yaml.safe_dump({"masterKeyHash": hashlib.sha256(MASTER_KEY.encode()).hexdigest()}))
+        master_hash = hashlib.sha256(MASTER_KEY.encode()).hexdigest()
+        settings.write_text(yaml.safe_dump({"masterKeyHash": master_hash}))
         operator = OperatorProcess(kube.kubeconfig_path, settings, tmp_path, "early", "--no-leader-election")
         operator.start()
         try:
