@@ -207,7 +207,11 @@ class Sink:
 
 
 class HttpSink(Sink):
-    """A sink that POSTs one request body per batch; 408, 429 and 5xx answers are retried."""
+    """A sink that POSTs one request body per batch; 408, 429 and 5xx answers are retried.
+
+    A sink whose :meth:`encode` returns a list of bodies (vendors that take one event per request)
+    gets one POST each; bodies already accepted are removed, so a retry resends only the rest.
+    """
 
     content_type: ClassVar[str] = "application/json"
 
@@ -227,23 +231,31 @@ class HttpSink(Sink):
         """Inspect a 2xx answer; vendors that report per-event errors in it override this."""
 
     async def deliver(self, prepared: Any) -> None:
+        if not isinstance(prepared, list):
+            await self._post(prepared)
+            return
+        while prepared:
+            await self._post(prepared[0])
+            prepared.pop(0)
+
+    async def _post(self, body: bytes) -> None:
         assert self._session is not None
         try:
             async with self._session.post(
                 self.url,
-                data=prepared,
+                data=body,
                 headers=self.headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
-                body = await resp.read()
+                answer = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DeliveryError(type(exc).__name__, retryable=True) from None
         if 200 <= status < 300:
-            self.check(status, body)
+            self.check(status, answer)
             return
-        self.last_body = body[:4096]
+        self.last_body = answer[:4096]
         wait: float | None = None
         if retry_after is not None:
             try:

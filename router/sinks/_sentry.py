@@ -178,11 +178,6 @@ class SentrySink(HttpSink):
     def encode(self, batch: list[Record]) -> list[bytes]:
         return [self.envelope(self.event(r.facts)) for r in batch]
 
-    async def deliver(self, prepared: Any) -> None:
-        while prepared:
-            await super().deliver(prepared[0])
-            prepared.pop(0)
-
     @classmethod
     def from_config(cls, name: str, cfg: SinkConfig) -> Sink:
         return cls(name, cfg, env_secret(cfg.dsn_env, "dsnEnv (Sentry DSN)"))

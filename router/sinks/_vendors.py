@@ -383,12 +383,6 @@ class HeliconeSink(VendorSink):
     def encode(self, batch: list[Record]) -> list[bytes]:
         return [self.log(r.facts) for r in batch]
 
-    async def deliver(self, prepared: Any) -> None:
-        # Logs already accepted are removed, so a retry resends only the rest.
-        while prepared:
-            await super().deliver(prepared[0])
-            prepared.pop(0)
-
     @classmethod
     def from_config(cls, name: str, cfg: SinkConfig) -> Sink:
         key = env_secret(cfg.api_key_env, "apiKeyEnv (Helicone API key)")
