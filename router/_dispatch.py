@@ -43,7 +43,6 @@ from ._errors import (
 from ._health import rejection_reason
 from ._metering import Meter, Ticket
 from ._observe import finish_request
-from ._redact import scrub_error
 from ._sse import DONE, frame
 from ._tokens import prompt_tokens, requested_completion_tokens
 from .providers import Operation, Payload, RequestContext, StreamTranslator, UpstreamResponse, Usage
@@ -342,11 +341,14 @@ class Dispatcher:
                 if window is not None and call.prompt_tokens > window:
                     too_long += 1
                     continue
-                if dep.name in rejected or (self.health.is_open(dep.name) and self.health.rejected(dep.name)):
+                if dep.name in rejected:
                     denied = denied or dep
                     continue
                 if self.health.is_open(dep.name):
-                    cooling += 1
+                    if self.health.rejected(dep.name):
+                        denied = denied or dep
+                    else:
+                        cooling += 1
                     continue
                 usable.append(dep)
             headroom = await self._headroom(usable) if group.settings.strategy == "usage-based" else None
@@ -512,7 +514,7 @@ class Dispatcher:
         except KubellmError as err:
             # Upstreams quote the credential they were sent, in any field: scrub the error before
             # the retry loop, the client, a log line or the other Anthropic-shaped endpoint sees it.
-            raise scrub_error(err) from None
+            raise redact.scrub_error(err) from None
         finally:
             if not handed_off:
                 stats.in_flight -= 1
@@ -605,7 +607,7 @@ class Dispatcher:
             yield DONE
             await self._store(call, key, b"s" + pack_stream(keep))
         except Exception as exc:
-            err = scrub_error(exc if isinstance(exc, KubellmError) else _unreadable(dep, exc))
+            err = redact.scrub_error(exc if isinstance(exc, KubellmError) else _unreadable(dep, exc))
             if isinstance(err, UpstreamStreamTruncatedError):
                 logging.getLogger("kubellm.router").warning(
                     "deployment %r: %s (after %d events)", dep.name, err.message, len(keep)
@@ -643,12 +645,13 @@ class Dispatcher:
     @staticmethod
     def _frames(payloads: list[Payload], keep: list[bytes]) -> bytes:
         framed = [frame(p) for p in payloads]
-        for i, f in enumerate(framed):
-            # Only a payload with an "error" key can carry an upstream's error text (error events
-            # themselves become KubellmErrors, scrubbed in _relay). The substring test is a memchr
-            # over bytes already in cache; a full scan per chunk would cost more than the relay.
-            if b'"error"' in f and redact.active():
-                framed[i] = frame(redact.scrub_payload(f[6:-2]))
+        if redact.active():
+            for i, f in enumerate(framed):
+                # Only a payload with an "error" key can carry an upstream's error text (error events
+                # themselves become KubellmErrors, scrubbed in _relay). The substring test is a memchr
+                # over bytes already in cache; a full scan per chunk would cost more than the relay.
+                if b'"error"' in f:
+                    framed[i] = frame(redact.scrub_payload(f[6:-2]))
         keep.extend(f[6:-2] for f in framed)
         return b"".join(framed)
 

@@ -102,11 +102,11 @@ def upstreams() -> Iterator[tuple[CutShort, CutShort]]:
         yield oa, an
 
 
-@pytest.fixture(scope="module")
-def router(upstreams: tuple[CutShort, CutShort]) -> Iterator[RouterProcess]:
+def _config(upstreams: tuple[CutShort, CutShort], **extra: Any) -> dict[str, Any]:
+    """One OpenAI-shaped and one Anthropic deployment on the cut-short upstreams, never retried."""
     oa, an = upstreams
-    base = {"apiKey": "sk-cut-0123456789abcdef", "pricing": {"inputPerMillion": "1", "outputPerMillion": "1"}}
-    config = {
+    base = {"apiKey": "sk-cut-0123456789abcdef", **extra}
+    return {
         "deployments": [
             {
                 "model": "oa",
@@ -118,7 +118,12 @@ def router(upstreams: tuple[CutShort, CutShort]) -> Iterator[RouterProcess]:
         ],
         "settings": {"numRetries": 0, "cooldown": {"failureThreshold": 1000}},
     }
-    with RouterProcess(config) as proc:
+
+
+@pytest.fixture(scope="module")
+def router(upstreams: tuple[CutShort, CutShort]) -> Iterator[RouterProcess]:
+    pricing = {"inputPerMillion": "1", "outputPerMillion": "1"}
+    with RouterProcess(_config(upstreams, pricing=pricing)) as proc:
         yield proc
 
 
@@ -183,21 +188,7 @@ def test_messages_endpoint_gets_an_error_event_and_no_message_stop(router: Route
 def test_the_ledger_records_a_failure_with_the_tokens_that_flowed(
     upstreams: tuple[CutShort, CutShort],
 ) -> None:
-    oa, an = upstreams
-    base = {"apiKey": "sk-cut-0123456789abcdef"}
-    config = {
-        "deployments": [
-            {
-                "model": "oa",
-                "provider": "openai-compatible",
-                "baseUrl": f"http://127.0.0.1:{oa.port}/v1",
-                **base,
-            },
-            {"model": "an", "provider": "anthropic", "baseUrl": f"http://127.0.0.1:{an.port}", **base},
-        ],
-        "settings": {"numRetries": 0, "cooldown": {"failureThreshold": 1000}},
-    }
-    with RouterProcess(config) as router:
+    with RouterProcess(_config(upstreams)) as router:
         ids = {
             model: _raw_stream(
                 router, "/v1/chat/completions", {"model": model, "messages": MESSAGES, "stream": True}

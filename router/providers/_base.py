@@ -267,6 +267,7 @@ def missing_extra(provider: str, extra: str, *modules: str) -> str | None:
             )
     return None
 
+
 #: Deployment headers whose values are protocol, not secrets (redacting them would garble messages).
 _PLAIN_HEADERS = frozenset(
     {"content-type", "accept", "user-agent", "anthropic-version", "anthropic-beta", "api-version"}
