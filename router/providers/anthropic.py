@@ -73,6 +73,7 @@ def anthropic_usage_to_openai(usage: Any) -> Usage | None:
         prompt_tokens=int(usage.get("input_tokens") or 0) + read + written,
         completion_tokens=int(usage.get("output_tokens") or 0),
         cached_tokens=read,
+        cache_write_tokens=written,
     )
 
 
