@@ -275,6 +275,14 @@ class Provider(ABC):
         """Perform the call. Providers with multi-step protocols override this."""
         return await client.send(self.build_request(body, ctx), ctx)
 
+    async def count_tokens(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> int | None:
+        """The upstream's own count of an Anthropic Messages request's input tokens
+        (``POST /v1/messages/count_tokens``), or None when it has no such API: the router then
+        estimates. ``ctx.operation`` is :attr:`Operation.MESSAGES`."""
+        return None
+
     def base_url(self, ctx: RequestContext) -> str:
         url = ctx.deployment.base_url or self.default_base_url
         if not url:
