@@ -221,7 +221,7 @@ def test_an_error_event_becomes_the_streams_error_and_is_not_passed_on() -> None
 
 def test_a_stream_cut_before_message_stop_is_an_error_with_its_usage_kept() -> None:
     events = stream_events(_thinking_message(USAGE))[:-1]  # message_delta arrived, message_stop did not
-    out, translator = _run([b"".join(frame(n, d) for n, d in events)])
+    _, translator = _run([b"".join(frame(n, d) for n, d in events)])
     assert translator.error is not None and "message stop" in translator.error.message
     assert translator.usage is not None and translator.usage.cache_write_tokens == 200
 
@@ -327,4 +327,6 @@ def test_the_fake_rejects_a_bad_document_and_a_count_with_max_tokens() -> None:
     with pytest.raises(WireError, match="application/pdf"):
         validate_request(body)
     with pytest.raises(WireError, match="max_tokens"):
-        validate_count_request({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+        validate_count_request(
+            {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+        )
