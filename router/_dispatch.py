@@ -107,6 +107,9 @@ class Call:
     #: Why the request failed, and the model groups it tried: what error sinks (Sentry) report.
     error: KubellmError | None = None
     groups_tried: tuple[str, ...] = ()
+    #: Client headers a deployment speaking ``operation`` natively gets (the inbound API's
+    #: ``forward_headers``, e.g. ``anthropic-beta``), by lower-case name.
+    forward_headers: dict[str, str] = field(default_factory=dict)
     #: ``to_chat``'s answer, once asked for.
     chat_request: dict[str, Any] | None = None
     _prompt_tokens: int | None = None
@@ -504,6 +507,8 @@ class Dispatcher:
             api_key=dep.api_key,
             timeouts=timeouts,
             deadline=call.deadline,
+            # Only the native dialect carries them: a chat translation has no place for betas.
+            client_headers=call.forward_headers if wire is call.operation else {},
         )
         headers = call.base_headers()
         headers["x-kubellm-model-group"] = group.name
@@ -700,7 +705,9 @@ class Dispatcher:
         opted = call.group.caches or (call.key is not None and call.key.config.cache)
         if not opted:
             return None
-        return cache_key(call.group.name, call.operation.value, call.stream, call.body)
+        # Forwarded headers (betas) change the answer, so they are part of the key.
+        body = {**call.body, "_headers": call.forward_headers} if call.forward_headers else call.body
+        return cache_key(call.group.name, call.operation.value, call.stream, body)
 
     async def _store(self, call: Call, key: str | None, value: bytes) -> None:
         if key is not None and call.options.cache_write and self.cache is not None:

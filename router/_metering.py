@@ -269,11 +269,7 @@ class Meter:
             return Decimal(0)
         ticket.finished = True
         price = deployment_price(dep) if dep is not None else None
-        spend = (
-            usage_cost(usage, price)
-            if (usage is not None and price is not None)
-            else Decimal(0)
-        )
+        spend = usage_cost(usage, price) if (usage is not None and price is not None) else Decimal(0)
         self.ledger.submit(
             UsageRecord(
                 id=call.request_id,
