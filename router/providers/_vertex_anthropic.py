@@ -1,0 +1,48 @@
+"""Claude on Vertex AI spoken natively: Anthropic's Messages API through rawPredict.
+
+A ``/v1/messages`` request to a Vertex AI deployment of a Claude model (``upstreamModel``
+``claude-…``, e.g. ``claude-sonnet-4@20250514``, or ``publishers/anthropic/models/…``) goes to
+``POST …/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:rawPredict``
+(``:streamRawPredict`` when streamed, answered as Anthropic's SSE stream) with the client's body as
+Vertex AI documents it for Claude: every field as sent except ``model`` (the URL names it), plus
+``anthropic_version: vertex-2023-10-16``; betas travel in the ``anthropic-beta`` header. Token
+counting: ``…/publishers/anthropic/models/count-tokens:rawPredict``, the body keeping its model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._anthropic_native import BETA_HEADER, VERTEX_ANTHROPIC_VERSION, betas, native_body
+from ._base import RequestContext
+
+_PUBLISHER = "publishers/anthropic/models/"
+
+
+def is_claude(model: str) -> bool:
+    return model.startswith("claude") or _PUBLISHER in model
+
+
+def model_name(ctx: RequestContext) -> str:
+    """The Claude model id as Vertex AI names it in the URL (``claude-sonnet-4@20250514``)."""
+    model = ctx.upstream_model
+    return model.rsplit(_PUBLISHER, 1)[1] if _PUBLISHER in model else model
+
+
+def messages_body(body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    payload = native_body(body, ctx, model_in_body=False)
+    payload["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
+    return payload
+
+
+def count_body(body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    return {**body, "model": model_name(ctx), "anthropic_version": VERTEX_ANTHROPIC_VERSION}
+
+
+def headers(ctx: RequestContext, auth: dict[str, str]) -> dict[str, str]:
+    out = {"Content-Type": "application/json", **auth}
+    out.update({k: v for k, v in ctx.deployment.headers.items() if k.lower() != BETA_HEADER})
+    flags = betas(ctx)
+    if flags:
+        out[BETA_HEADER] = ",".join(flags)
+    return out
