@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 
 from kubellm.router._config import DeploymentConfig
@@ -120,3 +121,25 @@ def test_claudes_errors_keep_their_shape(client: anthropic.Anthropic, fake: Fake
     with pytest.raises(anthropic.RateLimitError) as info:
         client.messages.create(**{**copy.deepcopy(THINKING_BODY), "model": "claude"})
     assert "slow down" in info.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_to_claude_is_translated_and_sent_through_raw_predict(
+    router: RouterProcess, fake: FakeVertexClaude, stream: bool
+) -> None:
+    chat = openai.OpenAI(base_url=router.v1, api_key=MASTER_KEY, max_retries=0)
+    messages: list[Any] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    if stream:
+        chunks = list(chat.chat.completions.create(model="claude", messages=messages, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = (
+            chat.chat.completions.create(model="claude", messages=messages).choices[0].message.content or ""
+        )
+    path, _, body = fake.claude_seen[-1]
+    assert path == f"{PREFIX}/{MODEL}:{'streamRawPredict' if stream else 'rawPredict'}"
+    assert body["system"] == "Be brief." and body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    ]
+    assert body["anthropic_version"] == "vertex-2023-10-16" and "model" not in body
+    assert text == f"claude says hi to {MODEL}"

@@ -7,6 +7,8 @@ A ``/v1/messages`` request to a Vertex AI deployment of a Claude model (``upstre
 Vertex AI documents it for Claude: every field as sent except ``model`` (the URL names it), plus
 ``anthropic_version: vertex-2023-10-16``; betas travel in the ``anthropic-beta`` header. Token
 counting: ``…/publishers/anthropic/models/count-tokens:rawPredict``, the body keeping its model.
+Chat requests to Claude are translated as for the anthropic provider (:data:`CHAT`) and take the
+same route.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from ._anthropic_native import BETA_HEADER, VERTEX_ANTHROPIC_VERSION, betas, native_body
+from ._anthropic_request import openai_request_to_anthropic
 from ._base import RequestContext
+from .anthropic import AnthropicProvider
+
+#: The anthropic provider's chat translation (answers and streams), which Claude on Vertex shares.
+CHAT = AnthropicProvider()
 
 _PUBLISHER = "publishers/anthropic/models/"
 
@@ -31,6 +38,14 @@ def model_name(ctx: RequestContext) -> str:
 
 def messages_body(body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
     payload = native_body(body, ctx, model_in_body=False)
+    payload["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
+    return payload
+
+
+def chat_body(body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    """An OpenAI chat request as Vertex AI's Claude body."""
+    payload = openai_request_to_anthropic(body, ctx)
+    payload.pop("model", None)
     payload["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
     return payload
 

@@ -14,7 +14,8 @@ also be a full ``projects/.../endpoints/...`` resource name.
 
 Claude models (``upstreamModel: claude-…``) speak Anthropic's Messages API natively through
 rawPredict (:mod:`._vertex_anthropic`): ``/v1/messages`` requests pass through untranslated, and
-``/v1/messages/count_tokens`` is counted by Vertex AI.
+``/v1/messages/count_tokens`` is counted by Vertex AI. Chat requests to them are translated as for
+the anthropic provider and sent through rawPredict too.
 """
 
 from __future__ import annotations
@@ -139,12 +140,14 @@ class VertexProvider(GoogleGenAIProvider):
     def make_request(
         self, body: dict[str, Any], ctx: RequestContext, auth: dict[str, str]
     ) -> UpstreamRequest:
-        if ctx.operation is not Operation.MESSAGES:
+        if ctx.operation is Operation.MESSAGES:
+            payload = orjson.dumps(claude.messages_body(body, ctx))
+        elif ctx.operation is Operation.CHAT and claude.is_claude(ctx.upstream_model):
+            payload = orjson.dumps(claude.chat_body(body, ctx))
+        else:
             return super().make_request(body, ctx, auth)
-        url = self.anthropic_url(
-            ctx, claude.model_name(ctx), "streamRawPredict" if ctx.stream else "rawPredict"
-        )
-        payload = orjson.dumps(claude.messages_body(body, ctx))
+        method = "streamRawPredict" if ctx.stream else "rawPredict"
+        url = self.anthropic_url(ctx, claude.model_name(ctx), method)
         return UpstreamRequest("POST", url, claude.headers(ctx, auth), payload)
 
     async def count_tokens(
@@ -168,11 +171,15 @@ class VertexProvider(GoogleGenAIProvider):
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
         if ctx.operation is Operation.MESSAGES:
             return parse_native(raw, self.name)
+        if ctx.operation is Operation.CHAT and claude.is_claude(ctx.upstream_model):
+            return claude.CHAT.parse_response(raw, ctx)
         return super().parse_response(raw, ctx)
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
         if ctx.operation is Operation.MESSAGES:
             return SSEMessagesStream(self.name)
+        if ctx.operation is Operation.CHAT and claude.is_claude(ctx.upstream_model):
+            return claude.CHAT.stream_translator(ctx)
         return super().stream_translator(ctx)
 
     def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:
