@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 from fastapi import FastAPI
-from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -27,18 +25,13 @@ from . import _http
 from . import _metrics as metrics
 from ._admin import register_admin_routes
 from ._anthropic_inbound import MessagesApi
-from ._budget import RedisBudgetStore
-from ._cache import MemoryCache, RedisCache
-from ._config import ConfigError, RedisSettings, RouterConfig, load_config
+from ._config import ConfigError, RouterConfig, load_config
 from ._count_tokens import handle_count_tokens
 from ._direct import Endpoint
 from ._errors import INTERNAL_ERROR_BODY, KubellmError, ModelNotFoundError, error_body
-from ._health import RedisHealthStore
 from ._inbound import AsgiInbound, Inbound
-from ._ledger import RedisLedger
-from ._limits import RedisLimiter
 from ._proxy import JSON, Router, authenticate, error_response
-from ._redis import connect as connect_redis
+from ._services import build_services
 from ._sinks import hub as sink_hub
 from ._state import RouterState, build_state, changed_deployments
 from .providers import Operation
@@ -148,33 +141,6 @@ async def _watch_kube(router: Router, source: ConfigSource, loaded: asyncio.Even
     await watch_config_secret(namespace, name, source.kubeconfig, on_config, on_error)
 
 
-def redis_url(settings: RedisSettings) -> str | None:
-    url = settings.url or (os.environ.get(settings.url_env) if settings.url_env else None)
-    if not url:
-        return None
-    password = os.environ.get(settings.password_env) if settings.password_env else None
-    if password:
-        scheme, _, rest = url.partition("://")
-        url = f"{scheme}://:{quote(password, safe='')}@{rest}"
-    return url
-
-
-def _connect_shared_state(router: Router) -> Redis | None:
-    """Move breakers and the cache to Redis when it is configured (read once, at start)."""
-    settings = router.state.config.settings.redis
-    url = redis_url(settings)
-    if url is None:
-        return None
-    client = connect_redis(url)
-    prefix = settings.key_prefix
-    router.health.store = RedisHealthStore(client, prefix)
-    router.cache = router.dispatcher.cache = RedisCache(client, router.state.config.settings.cache, prefix)
-    router.meter.limiter = RedisLimiter(client, prefix)
-    router.meter.budgets = RedisBudgetStore(client, prefix)
-    router.meter.ledger.store = RedisLedger(client, f"{prefix}ledger", prefix=prefix)
-    return client
-
-
 def _drain_on_sigterm(router: Router) -> None:
     """On SIGTERM: report not-ready at once, keep serving for the drain delay, then let uvicorn shut down.
 
@@ -259,36 +225,32 @@ class RouterApp(FastAPI):
 
 def create_app(source: ConfigSource) -> RouterApp:
     """Build the router app. Raises :class:`ConfigError` if the initial config is invalid."""
-    router = Router(build_state(source.load()))
+    state = build_state(source.load())
+    router = Router(state, build_services(state.config.settings))
     loaded = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks: list[asyncio.Task[None]] = []
-        redis: list[Redis] = []
 
-        async def connect_shared_state() -> None:
-            client = _connect_shared_state(router)
-            if client is not None:
-                redis.append(client)
+        async def start_services() -> None:
+            if router.services.redis is not None:
                 tasks.append(asyncio.create_task(router.health.run_refresh(router.deployment_names)))
             await router.meter.ledger.start()
             sink_hub.start(router.state.config.settings)  # settings.otel and settings.sinks
 
-        async def connect_after_first_config() -> None:
+        async def start_after_first_config() -> None:
             await loaded.wait()  # settings (cooldown, cache, Redis) come with the first config
-            settings = router.state.config.settings
-            router.health.policy = settings.cooldown
-            router.cache = router.dispatcher.cache = MemoryCache(settings.cache)
-            await connect_shared_state()
+            router.adopt(build_services(router.state.config.settings))
+            await start_services()
 
         if source.kube_secret is not None:
             tasks.append(asyncio.create_task(_watch_kube(router, source, loaded)))
-            tasks.append(asyncio.create_task(connect_after_first_config()))
+            tasks.append(asyncio.create_task(start_after_first_config()))
         else:
             loaded.set()
             metrics.set_config_version(None, router.state.version)
-            await connect_shared_state()
+            await start_services()
         if source.path is not None:
             tasks.append(asyncio.create_task(_watch_config(router, source)))
         _drain_on_sigterm(router)
@@ -305,8 +267,8 @@ def create_app(source: ConfigSource) -> RouterApp:
             await router.upstream.stop()
             await router.meter.drain()
             await asyncio.to_thread(sink_hub.close)  # flush what the sinks still hold
-            for client in redis:
-                await client.aclose()
+            if router.services.redis is not None:
+                await router.services.redis.aclose()
 
     app = RouterApp(
         title="kubellm router",

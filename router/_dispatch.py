@@ -53,6 +53,7 @@ from .providers import (
     Payload,
     RequestContext,
     StreamTranslator,
+    UpstreamClient,
     UpstreamResponse,
     Usage,
 )
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
     from ._cache import ResponseCache
     from ._health import HealthTracker
     from ._state import Deployment, ModelGroup, RouterState, VirtualKey
-    from ._upstream import UpstreamPool
 
 #: Streams renew their concurrency leases this often (leases expire after 30 s without renewal).
 LEASE_RENEW_SECONDS = 10.0
@@ -213,7 +213,7 @@ def _credential_error(dep_name: str, status: int, detail: str | None = None) -> 
 class Dispatcher:
     def __init__(
         self,
-        upstream: UpstreamPool,
+        upstream: UpstreamClient,
         health: HealthTracker,
         stats: Stats,
         cache: ResponseCache | None,

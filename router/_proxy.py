@@ -18,11 +18,8 @@ from starlette.responses import Response
 
 from . import _metrics as metrics
 from ._api import JSON, InboundApi, OpenAiApi
-from ._balancer import Stats
-from ._budget import MemoryBudgetStore
-from ._cache import MemoryCache, ResponseCache
 from ._cache import wants as cache_wants
-from ._dispatch import Call, Dispatcher, RequestOptions
+from ._dispatch import Call, RequestOptions
 from ._errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -30,13 +27,11 @@ from ._errors import (
     ModelNotFoundError,
     PermissionDeniedError,
 )
-from ._health import HealthTracker, MemoryHealthStore
 from ._inbound import Inbound
-from ._limits import MemoryLimiter
-from ._metering import Meter, Ticket, local_ledger
+from ._metering import Ticket
 from ._outcome import Failure
+from ._services import Services
 from ._state import ModelGroup, RouterState, VirtualKey
-from ._upstream import UpstreamPool
 from ._validate import parse_body
 from .providers import TRANSLATED, Operation
 
@@ -143,27 +138,28 @@ def next_request_id() -> str:
 class Router:
     """Serves requests against the current :class:`RouterState`."""
 
-    def __init__(self, state: RouterState, health: HealthTracker | None = None) -> None:
+    def __init__(self, state: RouterState, services: Services) -> None:
         self.state = state
-        self.upstream = UpstreamPool()
-        self.stats = Stats()
-        self.health = health or HealthTracker(MemoryHealthStore(), state.config.settings.cooldown)
-        self.health.on_change = lambda name, is_open: metrics.DEPLOYMENT_COOLDOWN.labels(name).set(
-            1 if is_open else 0
-        )
-        self.cache: ResponseCache = MemoryCache(state.config.settings.cache)
-        self.meter = Meter(
-            MemoryLimiter(),
-            MemoryBudgetStore(),
-            local_ledger(state.config.settings),
-            fail_open=state.config.settings.redis.fail_open,
-        )
-        self.health.on_store_error = self.meter.store_failed
-        self.dispatcher = Dispatcher(self.upstream, self.health, self.stats, self.cache, self.meter)
         self.openai_apis = {
             op: OpenAiApi(op) for op in (Operation.CHAT, Operation.COMPLETION, Operation.EMBEDDING)
         }
         self.draining = False
+        self._use(services)
+
+    def _use(self, services: Services) -> None:
+        self.services = services
+        self.upstream = services.upstream
+        self.stats = services.stats
+        self.health = services.health
+        self.cache = services.cache
+        self.meter = services.meter
+        self.dispatcher = services.dispatcher
+
+    def adopt(self, services: Services) -> None:
+        """Serve with ``services`` from now on. Only for a router whose config (and with it the
+        settings its services are built from) arrives after it starts, from a Kubernetes Secret:
+        called once, before that config is served."""
+        self._use(services)
 
     def deployment_names(self) -> list[str]:
         return [d.name for g in self.state.groups.values() for d in g.deployments]
