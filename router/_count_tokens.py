@@ -141,7 +141,8 @@ async def _upstream_count(
             client_headers={"anthropic-beta": beta} if beta else {},
         )
         try:
-            count = await dep.provider.count_tokens(router.upstream, body, ctx)
+            # The dispatcher's client: the one every upstream call of the router goes through.
+            count = await dep.provider.count_tokens(router.dispatcher.upstream, body, ctx)
         except KubellmError as err:
             if not err.retryable and err.status < 500:
                 raise redact.scrub_error(err) from None  # the request itself was refused
