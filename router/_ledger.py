@@ -144,6 +144,7 @@ _COLUMNS = (
     "id, ts, request_id, key, model_group, deployment, prompt_tokens, completion_tokens, "
     "cached_tokens, cost, cost_pico, latency_ms, ttft_ms, status, estimated, cache_write_tokens"
 )
+_NAMES = [name.strip() for name in _COLUMNS.split(",")]
 
 
 class SqliteLedger:
@@ -212,26 +213,13 @@ class SqliteLedger:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM usage WHERE ts >= ? AND ts < ? ORDER BY ts, id", (since, until)
             ).fetchall()
-        return [
-            UsageRecord(
-                id=r[0],
-                ts=r[1],
-                request_id=r[2],
-                key=r[3],
-                model_group=r[4],
-                deployment=r[5],
-                prompt_tokens=r[6],
-                completion_tokens=r[7],
-                cached_tokens=r[8],
-                cost=Decimal(r[9]),
-                latency_ms=r[11],
-                ttft_ms=r[12],
-                status=r[13],
-                estimated=bool(r[14]),
-                cache_write_tokens=r[15] or 0,
-            )
-            for r in rows
-        ]
+        records = []
+        for row in rows:
+            d = dict(zip(_NAMES, row, strict=True))
+            del d["cost_pico"]
+            d.update(cost=Decimal(d["cost"]), estimated=bool(d["estimated"]))
+            records.append(UsageRecord(**{**d, "cache_write_tokens": d["cache_write_tokens"] or 0}))
+        return records
 
     def _aggregate(self, since: float, until: float, by: GroupBy) -> dict[str, Totals]:
         _check_by(by)
