@@ -138,11 +138,19 @@ class Call:
         provider = dep.provider
         if provider.speaks(self.operation, dep.config):
             return True
-        return (
-            self.operation in TRANSLATED
-            and self.to_chat is not None
-            and Operation.CHAT in provider.operations
-        )
+        if (
+            self.operation not in TRANSLATED
+            or self.to_chat is None
+            or Operation.CHAT not in provider.operations
+        ):
+            return False
+        try:
+            return self.chat_body() is not None
+        except InvalidRequestError:
+            # Only the native dialect can carry this request (an Anthropic document, say): leave it
+            # to the group's deployments that speak it. The server layer already answered 400 when
+            # the group has none.
+            return False
 
     def base_headers(self) -> dict[str, str]:
         """The headers every answer carries, whichever deployment (or none) produced it."""

@@ -9,6 +9,7 @@ on the betas too, and ``/v1/messages/count_tokens`` is counted upstream or estim
 from __future__ import annotations
 
 import asyncio
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from kubellm.router._services import build_services
 from kubellm.router._state import build_state
 from kubellm.router.providers import RequestContext, UpstreamRequest, UpstreamResponse
 from tests.fakes.anthropic_upstream import Reply, frame, message_for, stream_events
-from tests.test_core import BodyInbound, FakeResponse, body_of
+from tests.test_core import BodyInbound, FakeResponse, body_of, completion
 
 KEY = "sk-ant-core-0123456789"
 USAGE = {
@@ -42,6 +43,9 @@ class FakeClaude:
     seen: list[tuple[str, dict[str, str], dict[str, Any]]] = field(default_factory=list)
 
     async def send(self, request: UpstreamRequest, ctx: RequestContext) -> UpstreamResponse:
+        if request.url.endswith("/chat/completions"):  # the OpenAI-compatible deployment of a mixed group
+            self.seen.append((request.url, request.headers, orjson.loads(request.body or b"{}")))
+            return completion(orjson.loads(request.body or b"{}"))
         assert request.headers["x-api-key"] == KEY and request.headers["anthropic-version"]
         body = orjson.loads(request.body or b"{}")
         self.seen.append((request.url, request.headers, body))
@@ -154,3 +158,37 @@ def test_count_tokens_upstream_and_estimated(tmp_path: Path) -> None:
     assert estimated.headers["x-kubellm-token-count"] == "estimate"
     bad = asyncio.run(handle_count_tokens(other, BodyInbound({"model": "claude", "messages": "x"})))
     assert bad.status_code == 400 and orjson.loads(bad.body)["type"] == "error"
+
+
+def _mixed_router(tmp_path: Path) -> tuple[Router, FakeClaude]:
+    """One Anthropic and one OpenAI-compatible deployment of the same group, same priority."""
+    claude = {"provider": "anthropic", "upstreamModel": "claude-sonnet-4-20250514", "apiKey": KEY}
+    gpt = {"provider": "openai-compatible", "upstreamModel": "gpt-x", "apiKey": KEY}
+    config = RouterConfig.model_validate(
+        {
+            "deployments": [
+                {"name": "claude-0", "model": "claude", "baseUrl": "http://anthropic.invalid", **claude},
+                {"name": "gpt-0", "model": "claude", "baseUrl": "http://openai.invalid/v1", **gpt},
+            ],
+            "settings": {"stateDir": str(tmp_path), "accessLog": False, "numRetries": 0},
+        }
+    )
+    upstream = FakeClaude()
+    state = build_state(config)
+    return Router(state, build_services(state.config.settings, upstream_client=upstream)), upstream
+
+
+def test_a_request_only_the_native_dialect_can_carry_goes_to_the_native_deployment(tmp_path: Path) -> None:
+    """A document has no chat form: the OpenAI deployment cannot take it, the Anthropic one always does."""
+    router, upstream = _mixed_router(tmp_path)
+    body = _body()
+    body["messages"][0]["content"].insert(
+        0, {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "A memo."}}
+    )
+    responses = [_serve(router, copy.deepcopy(body))[0] for _ in range(12)]
+    assert [r.status_code for r in responses] == [200] * 12
+    assert {r.headers["x-kubellm-deployment"] for r in responses} == {"claude-0"}
+    assert [url for url, _, _ in upstream.seen] == ["http://anthropic.invalid/v1/messages"] * 12
+    # A request both can carry still goes to either.
+    chosen = {_serve(router, _body())[0].headers["x-kubellm-deployment"] for _ in range(24)}
+    assert chosen == {"claude-0", "gpt-0"}
