@@ -7,10 +7,17 @@ OpenAI chat request, and its answer is translated back: a JSON body into an Anth
 OpenAI chunks, as they arrive, into Anthropic's named SSE events. Errors take Anthropic's shape
 ``{"type": "error", "error": {"type", "message"}}``.
 
+Native deployments: the anthropic provider, and Claude on Bedrock and Vertex AI
+(:mod:`.providers._anthropic_native`). The client's ``anthropic-beta`` header is forwarded to them
+(:attr:`MessagesApi.forward_headers`).
+
 Not carried over by the translation: ``top_k``, ``thinking`` and other Anthropic-only options
 (dropped); server tools, documents and files (400). Usage maps back as
-``input_tokens = prompt_tokens - cached_tokens`` and
-``cache_read_input_tokens = cached_tokens``.
+``input_tokens = prompt_tokens - cached_tokens - cache_write_tokens``,
+``cache_read_input_tokens = cached_tokens`` and
+``cache_creation_input_tokens = cache_write_tokens``.
+
+``POST /v1/messages/count_tokens`` is served by :mod:`._count_tokens`.
 """
 
 from __future__ import annotations
@@ -242,9 +249,9 @@ def openai_finish_reason_to_anthropic(reason: str | None) -> str:
 def openai_usage_to_anthropic(usage: Usage | None) -> dict[str, int]:
     usage = usage or Usage()
     return {
-        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens,
         "output_tokens": usage.completion_tokens,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
         "cache_read_input_tokens": usage.cached_tokens,
     }
 
@@ -442,6 +449,7 @@ class MessagesApi(InboundApi):
     """``POST /v1/messages``."""
 
     operation = Operation.MESSAGES
+    forward_headers = frozenset({"anthropic-beta"})
 
     def validate(self, body: dict[str, Any]) -> Requested:
         model = body.get("model")

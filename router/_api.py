@@ -49,6 +49,9 @@ class InboundApi(ABC):
     """One dialect clients speak, on one route."""
 
     operation: ClassVar[Operation]
+    #: Client request headers (lower-case) a deployment speaking :attr:`operation` natively gets
+    #: forwarded, such as ``anthropic-beta``; never credentials.
+    forward_headers: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def validate(self, body: dict[str, Any]) -> Requested:

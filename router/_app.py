@@ -26,6 +26,7 @@ from . import _metrics as metrics
 from ._admin import register_admin_routes
 from ._anthropic_inbound import MessagesApi
 from ._config import ConfigError, RouterConfig, load_config
+from ._count_tokens import handle_count_tokens
 from ._direct import Endpoint
 from ._errors import INTERNAL_ERROR_BODY, KubellmError, ModelNotFoundError, error_body
 from ._inbound import AsgiInbound, Inbound
@@ -300,6 +301,16 @@ def create_app(source: ConfigSource) -> RouterApp:
 
     app.add_fast_route(
         "/messages", anthropic_messages, summary="Create a message (Anthropic format)", name="messages"
+    )
+
+    async def anthropic_count_tokens(inbound: Inbound) -> Response:
+        return await handle_count_tokens(router, inbound)
+
+    app.add_fast_route(
+        "/messages/count_tokens",
+        anthropic_count_tokens,
+        summary="Count the input tokens of a message (Anthropic format)",
+        name="count_tokens",
     )
 
     def visible_models(request: Request) -> list[str]:

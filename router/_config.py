@@ -57,7 +57,16 @@ class Pricing(_Model):
     input_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M prompt tokens.")
     output_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M completion tokens.")
     cached_input_per_million: Decimal | None = Field(
-        None, ge=0, description="USD per 1M cached prompt tokens (defaults to the input price)."
+        None,
+        ge=0,
+        description="USD per 1M cached prompt tokens, read from the provider's prompt cache "
+        "(defaults to the input price).",
+    )
+    cache_write_input_per_million: Decimal | None = Field(
+        None,
+        ge=0,
+        description="USD per 1M prompt tokens written to the provider's prompt cache, such as "
+        "Anthropic's `cache_creation_input_tokens` (defaults to the input price).",
     )
 
 

@@ -107,6 +107,9 @@ class Call:
     #: Why the request failed, and the model groups it tried: what error sinks (Sentry) report.
     error: KubellmError | None = None
     groups_tried: tuple[str, ...] = ()
+    #: Client headers a deployment speaking ``operation`` natively gets (the inbound API's
+    #: ``forward_headers``, e.g. ``anthropic-beta``), by lower-case name.
+    forward_headers: dict[str, str] = field(default_factory=dict)
     #: ``to_chat``'s answer, once asked for.
     chat_request: dict[str, Any] | None = None
     _prompt_tokens: int | None = None
@@ -135,11 +138,19 @@ class Call:
         provider = dep.provider
         if provider.speaks(self.operation, dep.config):
             return True
-        return (
-            self.operation in TRANSLATED
-            and self.to_chat is not None
-            and Operation.CHAT in provider.operations
-        )
+        if (
+            self.operation not in TRANSLATED
+            or self.to_chat is None
+            or Operation.CHAT not in provider.operations
+        ):
+            return False
+        try:
+            return self.chat_body() is not None
+        except InvalidRequestError:
+            # Only the native dialect can carry this request (an Anthropic document, say): leave it
+            # to the group's deployments that speak it. The server layer already answered 400 when
+            # the group has none.
+            return False
 
     def base_headers(self) -> dict[str, str]:
         """The headers every answer carries, whichever deployment (or none) produced it."""
@@ -504,6 +515,8 @@ class Dispatcher:
             api_key=dep.api_key,
             timeouts=timeouts,
             deadline=call.deadline,
+            # Only the native dialect carries them: a chat translation has no place for betas.
+            client_headers=call.forward_headers if wire is call.operation else {},
         )
         headers = call.base_headers()
         headers["x-kubellm-model-group"] = group.name
@@ -700,7 +713,9 @@ class Dispatcher:
         opted = call.group.caches or (call.key is not None and call.key.config.cache)
         if not opted:
             return None
-        return cache_key(call.group.name, call.operation.value, call.stream, call.body)
+        # Forwarded headers (betas) change the answer, so they are part of the key.
+        body = {**call.body, "_headers": call.forward_headers} if call.forward_headers else call.body
+        return cache_key(call.group.name, call.operation.value, call.stream, body)
 
     async def _store(self, call: Call, key: str | None, value: bytes) -> None:
         if key is not None and call.options.cache_write and self.cache is not None:

@@ -77,6 +77,9 @@ class UsageRecord:
     status: int = 200
     #: Token counts were estimated (the upstream reported no usage).
     estimated: bool = False
+    #: Prompt tokens written to the provider's prompt cache (part of ``prompt_tokens``, like
+    #: ``cached_tokens``, the cache reads), priced at the cache-write price.
+    cache_write_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.cost = quantize(Decimal(self.cost))
@@ -86,11 +89,16 @@ class UsageRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UsageRecord:
-        return cls(**{**d, "cost": Decimal(d["cost"])})
+        # Fields a newer router added are dropped, so a rolled-back router still reads its journal.
+        known = {k: v for k, v in d.items() if k in _FIELDS}
+        return cls(**{**known, "cost": Decimal(d["cost"])})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> UsageRecord:
         return cls.from_dict(orjson.loads(data))
+
+
+_FIELDS = frozenset(UsageRecord.__dataclass_fields__)
 
 
 @dataclass(slots=True)
@@ -134,8 +142,9 @@ def _check_by(by: str) -> None:
 
 _COLUMNS = (
     "id, ts, request_id, key, model_group, deployment, prompt_tokens, completion_tokens, "
-    "cached_tokens, cost, cost_pico, latency_ms, ttft_ms, status, estimated"
+    "cached_tokens, cost, cost_pico, latency_ms, ttft_ms, status, estimated, cache_write_tokens"
 )
+_NAMES = [name.strip() for name in _COLUMNS.split(",")]
 
 
 class SqliteLedger:
@@ -155,6 +164,10 @@ class SqliteLedger:
                 "latency_ms REAL, ttft_ms REAL, status INTEGER, estimated INTEGER)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts)")
+            # Ledgers created before cache writes were metered lack the column: add it in place.
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(usage)")}
+            if "cache_write_tokens" not in columns:
+                self._db.execute("ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -178,6 +191,7 @@ class SqliteLedger:
                 r.ttft_ms,
                 r.status,
                 int(r.estimated),
+                r.cache_write_tokens,
             )
             for r in records
         ]
@@ -186,7 +200,7 @@ class SqliteLedger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    f"INSERT OR IGNORE INTO usage ({_COLUMNS}) VALUES ({','.join('?' * 15)})", rows
+                    f"INSERT OR IGNORE INTO usage ({_COLUMNS}) VALUES ({','.join('?' * 16)})", rows
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -199,25 +213,13 @@ class SqliteLedger:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM usage WHERE ts >= ? AND ts < ? ORDER BY ts, id", (since, until)
             ).fetchall()
-        return [
-            UsageRecord(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                Decimal(r[9]),
-                r[11],
-                r[12],
-                r[13],
-                bool(r[14]),
-            )
-            for r in rows
-        ]
+        records = []
+        for row in rows:
+            d = dict(zip(_NAMES, row, strict=True))
+            del d["cost_pico"]
+            d.update(cost=Decimal(d["cost"]), estimated=bool(d["estimated"]))
+            records.append(UsageRecord(**{**d, "cache_write_tokens": d["cache_write_tokens"] or 0}))
+        return records
 
     def _aggregate(self, since: float, until: float, by: GroupBy) -> dict[str, Totals]:
         _check_by(by)

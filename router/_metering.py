@@ -33,7 +33,7 @@ from ._config import RouterSettings
 from ._errors import KubellmError, RateLimitError, ServiceUnavailableError
 from ._ledger import LedgerStore, LedgerWriter, SqliteLedger, UsageRecord
 from ._limits import Admission, Limiter, LimitRule, format_reset
-from ._pricing import Price, cost, price_for
+from ._pricing import Price, cost, price_for, usage_cost
 from ._tokens import requested_completion_tokens
 from .providers import Usage
 
@@ -269,11 +269,7 @@ class Meter:
             return Decimal(0)
         ticket.finished = True
         price = deployment_price(dep) if dep is not None else None
-        spend = (
-            cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price)
-            if (usage is not None and price is not None)
-            else Decimal(0)
-        )
+        spend = usage_cost(usage, price) if (usage is not None and price is not None) else Decimal(0)
         self.ledger.submit(
             UsageRecord(
                 id=call.request_id,
@@ -285,6 +281,7 @@ class Meter:
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
                 cached_tokens=usage.cached_tokens if usage else 0,
+                cache_write_tokens=usage.cache_write_tokens if usage else 0,
                 cost=spend,
                 latency_ms=round(latency * 1000, 3),
                 ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,

@@ -210,6 +210,7 @@ class Router:
             deadline=deadline,
             to_chat=api.to_chat if api.operation in TRANSLATED else None,
             chat_request=chat,
+            forward_headers={h: v for h in api.forward_headers if (v := headers.get(h)) is not None},
         )
         traceparent = headers.get("traceparent")
         if traceparent is not None:

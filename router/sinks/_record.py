@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from .._finished import Finished
-from .._pricing import cost, price_for
+from .._pricing import price_for, usage_cost
 from ..providers import Operation, Usage
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ def _price(dep: Deployment, usage: Usage) -> float | None:
     price = price_for(dep.config.upstream_model or dep.config.model, dep.config.pricing)
     if price is None:
         return None
-    return float(cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price))
+    return float(usage_cost(usage, price))
 
 
 def _last_deployment(call: Call) -> Deployment | None:
