@@ -18,17 +18,20 @@ Each (scope, period window) has a bucket: ``spent`` (settled actual cost),
   ``settle(actual=0)`` cancels a reservation. A reservation that is never
   settled (its router died) expires after ``reservation_ttl``.
 
-**The bound.** Let R be the last request admitted in a window. When R was
-admitted, ``spent + reserved < limit``, and every request that will ever be
-charged to the window was either settled by then (in ``spent``) or in flight
-(its estimate in ``reserved``, R included). Hence::
+**The bound.** Let R be the last request admitted in a window, E its
+reservation and A its actual cost. When R was admitted, ``spent +
+reserved < limit``, and every request that will ever be charged to the window
+was either settled by then (in ``spent``) or in flight (its estimate in
+``reserved``). Hence::
 
-    final spent < limit + (actual cost of the requests in flight when R was admitted)
+    final spent < limit + A_R + sum over the others in flight at R of max(0, A_i - E_i)
 
-Spend exceeds the budget by at most the cost of the requests in flight when
-it was crossed. If estimates are upper bounds (``actual <= estimate``), the
-overshoot is below the actual cost of R alone, one request. Replicas change
-nothing: every decision is one atomic step on the shared store.
+Replicas change nothing: every decision is one atomic step on the shared
+store. The metering layer (``_metering.worst_case``) makes ``E`` the worst
+case, so that ``A <= E`` and the overshoot is below the actual cost of R
+alone, one request. It can only fail to be when an upstream bills more than
+the request allowed (more completion tokens than ``max_tokens``, or a prompt
+the router's estimate undercounts); see docs/keys-and-metering.md.
 
 Periods: ``daily``, ``weekly`` (ISO weeks from Monday 00:00 UTC), ``monthly``
 (calendar months UTC) or a duration ``<n>s|m|h|d`` aligned to the Unix epoch

@@ -34,12 +34,11 @@ from ._errors import KubellmError, RateLimitError, ServiceUnavailableError
 from ._ledger import LedgerStore, LedgerWriter, SqliteLedger, UsageRecord
 from ._limits import Admission, Limiter, LimitRule, format_reset
 from ._pricing import Price, cost, price_for
-from ._tokens import requested_completion_tokens
-from .providers import Usage
+from .providers import Operation, Usage
 
 if TYPE_CHECKING:
     from ._dispatch import Call
-    from ._state import Deployment, ModelGroup
+    from ._state import Deployment
 
 log = logging.getLogger("kubellm.router")
 
@@ -80,6 +79,8 @@ class Ticket:
     #: The budget store was unreachable at admission and the call was let through (fail-open):
     #: its spend is charged to the budget once the store is back.
     budget_unreserved: bool = False
+    #: The client's completion allowance the budget reservation trusted (None: not the client's).
+    allowance: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
 
@@ -88,9 +89,33 @@ def deployment_price(dep: Deployment) -> Price | None:
     return price_for(dep.config.upstream_model or dep.config.model, dep.config.pricing)
 
 
-def _highest_price(group: ModelGroup) -> Price | None:
-    prices = [p for p in (deployment_price(d) for d in group.deployments) if p is not None]
-    return max(prices, key=lambda p: p.input_per_million + p.output_per_million, default=None)
+def _client_max_completion(body: dict[str, Any]) -> int | None:
+    """The completion tokens the client allows: ``max_completion_tokens``/``max_tokens`` times ``n``."""
+    value = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return None
+    n = body.get("n")
+    return value * n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else value
+
+
+def worst_case(call: Call, cap: int, trust_client: bool) -> tuple[Decimal, int | None]:
+    """The most a request can cost, and the client's completion allowance it relied on (if any).
+
+    Completion: the client's ``max_tokens`` (times ``n``) when given and trusted, else ``cap``;
+    either way at most the room every deployment's context window leaves after the prompt. Priced
+    at whichever deployment of the group would charge the most for it."""
+    deps = call.group.deployments
+    prompt = call.prompt_tokens
+    if call.operation is Operation.EMBEDDING:
+        completion, allowance = 0, None
+    else:
+        allowance = _client_max_completion(call.body) if trust_client else None
+        completion = cap if allowance is None else allowance
+        windows = [d.config.context_window for d in deps]
+        if windows and all(w is not None for w in windows):
+            completion = min(completion, max(0, max(w or 0 for w in windows) - prompt))
+    prices = [p for p in (deployment_price(d) for d in deps) if p is not None]
+    return max((cost(prompt, completion, 0, p) for p in prices), default=Decimal(0)), allowance
 
 
 def state_dir(settings: RouterSettings) -> Path:
@@ -142,6 +167,9 @@ class Meter:
         #: Monotonic time of the last shared-state failure (0: none); readiness reports it.
         self.last_store_error = 0.0
         self._settling: set[asyncio.Task[None]] = set()
+        #: Model groups whose upstream billed more completion tokens than a request allowed: their
+        #: budget reservations no longer trust the client's max_tokens (see ``worst_case``).
+        self.overbilled: set[str] = set()
         #: Charges owed to budgets, by request id, applied when the store answers again.
         self.owed: dict[str, Charge] = {}
         self._charging: asyncio.Task[None] | None = None
@@ -179,12 +207,9 @@ class Meter:
                 ticket.headers.update(admission.headers)
         budget = key.config.budget
         if budget is not None:
-            price = _highest_price(call.group)
-            ticket.estimated_cost = (
-                cost(call.prompt_tokens, requested_completion_tokens(call.body), 0, price)
-                if price
-                else Decimal(0)
-            )
+            cap = call.state.config.settings.budget_reserve_tokens
+            trust = call.group.name not in self.overbilled
+            ticket.estimated_cost, ticket.allowance = worst_case(call, cap, trust)
             ticket.budget_scope, ticket.budget_period = f"key:{key.config.name}", budget.period
             try:
                 decision = await self.budgets.reserve(
@@ -203,10 +228,15 @@ class Meter:
                 return ticket
             if not decision.allowed:
                 await self.release(ticket)
-                retry = max(1, int(decision.resets_at - time.time() + 0.999))
+                if decision.spent < budget.amount_usd:
+                    # Not spent, only reserved by calls in flight: their settlement frees the rest.
+                    retry = 1
+                    what = f"has the rest of its budget of ${budget.amount_usd} reserved by calls in flight"
+                else:
+                    retry = max(1, int(decision.resets_at - time.time() + 0.999))
+                    what = f"has spent its budget of ${budget.amount_usd}"
                 err = RateLimitError(
-                    f"API key {key.config.name!r} has spent its budget of ${budget.amount_usd} "
-                    f"for this {budget.period} period",
+                    f"API key {key.config.name!r} {what} for this {budget.period} period",
                     code="budget_exceeded",
                     headers={"Retry-After": str(retry)},
                 )
@@ -292,6 +322,22 @@ class Meter:
                 estimated=bool(usage and usage.estimated),
             )
         )
+        if (
+            ticket.allowance is not None
+            and usage is not None
+            and not usage.estimated
+            and usage.completion_tokens > ticket.allowance
+            and call.group.name not in self.overbilled
+        ):
+            self.overbilled.add(call.group.name)
+            log.warning(
+                "deployment %r billed %d completion tokens for a request allowing %d: budgets now "
+                "reserve the worst case for model %r whatever max_tokens says",
+                dep.name if dep is not None else "",
+                usage.completion_tokens,
+                ticket.allowance,
+                call.group.name,
+            )
         if ticket.leases or ticket.budget is not None:
             actual = usage.total_tokens if usage is not None else 0
             task = asyncio.get_running_loop().create_task(self._settle(call, ticket, actual, spend))
