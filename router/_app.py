@@ -35,7 +35,7 @@ from ._errors import INTERNAL_ERROR_BODY, KubellmError, ModelNotFoundError, erro
 from ._health import RedisHealthStore
 from ._inbound import AsgiInbound, Inbound
 from ._ledger import RedisLedger
-from ._limits import RedisLimiter
+from ._limits_redis import RedisLimiter
 from ._proxy import JSON, Router, authenticate, error_response
 from ._redis import connect as connect_redis
 from ._sinks import hub as sink_hub
@@ -168,8 +168,8 @@ def _connect_shared_state(router: Router) -> Redis | None:
     prefix = settings.key_prefix
     router.health.store = RedisHealthStore(client, prefix)
     router.cache = router.dispatcher.cache = RedisCache(client, router.state.config.settings.cache, prefix)
-    router.meter.limiter = RedisLimiter(client, prefix)
-    router.meter.budgets = RedisBudgetStore(client, prefix)
+    budgets = RedisBudgetStore(client, prefix)
+    router.meter.limiter, router.meter.budgets = RedisLimiter(client, prefix, budgets=budgets), budgets
     router.meter.ledger.store = RedisLedger(client, f"{prefix}ledger", prefix=prefix)
     return client
 

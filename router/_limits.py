@@ -42,8 +42,10 @@ Time: with ``now=None`` the Redis limiter uses the Redis server clock, so all
 replicas agree on window edges and lease expiry whatever their own clocks say.
 Passing ``now`` (seconds) pins time, for tests.
 
-Round trips: ``acquire``, ``settle``, ``renew``, ``release`` and ``headroom``
-are each one EVALSHA (two only right after a Redis restart, see ``_redis``).
+Round trips: ``acquire`` (every limit of a request and its budget reservation),
+``settle_many`` (a whole batch of settlements and budget charges), ``settle``,
+``renew``, ``release`` and ``headroom`` are each one EVALSHA (two only right
+after a Redis restart, see ``_redis``). The Redis twin is in ``_limits_redis``.
 """
 
 from __future__ import annotations
@@ -53,9 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from redis.asyncio import Redis
-
-from ._redis import Arg, Script
+from ._budget import BudgetAsk, BudgetCharge, BudgetDecision, MemoryBudgetStore
 
 WINDOW_MS = 60_000
 #: Window resolution: admissions are counted per bucket of this many ms.
@@ -103,8 +103,26 @@ class Admission:
     retry_after: float | None = None
     denied_by: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    #: Start of the rpm/tpm window the request was counted in; pass it to settle.
+    #: Start of the rpm/tpm bucket the request was counted in; pass it to settle.
     window_start: float = 0.0
+    #: Every scope whose limits denied (``denied_by`` names the one that frees last).
+    denied_scopes: tuple[str, ...] = ()
+    #: The budget reservation made (or refused) in the same atomic step, when one was asked for.
+    budget: BudgetDecision | None = None
+    #: The ``x-ratelimit-*`` headers of each scope's own limits (``headers``: the tightest of all).
+    by_scope: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One lease to settle in a batch, and the budget charge to apply with it."""
+
+    rules: Sequence[LimitRule]
+    lease_id: str
+    estimated_tokens: int
+    actual_tokens: int
+    window_start: float
+    charge: BudgetCharge | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +134,21 @@ class Headroom:
 
 
 class Limiter(Protocol):
+    @property
+    def budgets(self) -> object | None:
+        """The budget store whose reservations and charges this limiter makes in its own steps."""
+        ...
+
     async def acquire(
-        self, rules: Sequence[LimitRule], estimated_tokens: int, lease_id: str, now: float | None = None
+        self,
+        rules: Sequence[LimitRule],
+        estimated_tokens: int,
+        lease_id: str,
+        now: float | None = None,
+        budget: BudgetAsk | None = None,
     ) -> Admission: ...
+
+    async def settle_many(self, items: Sequence[Settlement]) -> None: ...
 
     async def settle(
         self,
@@ -195,7 +225,9 @@ def _build(
     adm = Admission(allowed, lease_id, window_start=(now_ms - now_ms % BUCKET_MS) / 1000)
     if not allowed:
         worst: tuple[float, str] | None = None
-        for i, kind in _denials(rules, counts, est):
+        denials = _denials(rules, counts, est)
+        adm.denied_scopes = tuple(dict.fromkeys(rules[i].scope for i, _ in denials))
+        for i, kind in denials:
             c = counts[i]
             if kind == "parallel":
                 first = c.first_expiry_ms
@@ -208,15 +240,25 @@ def _build(
         if worst is not None:
             adm.retry_after, adm.denied_by = worst
     pairs = list(zip(rules, counts, strict=True))
+    adm.headers = _rate_headers(pairs, now_ms)
+    adm.by_scope = {r.scope: _rate_headers([(r, c)], now_ms) for r, c in pairs} if len(pairs) > 1 else {}
+    if len(pairs) == 1:
+        adm.by_scope[pairs[0][0].scope] = adm.headers
+    return adm
+
+
+def _rate_headers(pairs: Sequence[tuple[LimitRule, _Count]], now_ms: int) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the tightest of these rules."""
+    out: dict[str, str] = {}
     req = [(r.rpm - c.requests, r.rpm, _reset_ms(c, now_ms)) for r, c in pairs if r.rpm]
     tok = [(r.tpm - c.tokens, r.tpm, _reset_ms(c, now_ms)) for r, c in pairs if r.tpm]
     for suffix, options in (("requests", req), ("tokens", tok)):
         if options:
             left, limit, reset = min(options)
-            adm.headers[f"x-ratelimit-limit-{suffix}"] = str(limit)
-            adm.headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, left))
-            adm.headers[f"x-ratelimit-reset-{suffix}"] = format_reset(reset / 1000)
-    return adm
+            out[f"x-ratelimit-limit-{suffix}"] = str(limit)
+            out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, left))
+            out[f"x-ratelimit-reset-{suffix}"] = format_reset(reset / 1000)
+    return out
 
 
 def _headroom(r: LimitRule, c: _Count, now_ms: int) -> Headroom:
@@ -277,8 +319,11 @@ class _Window:
 class MemoryLimiter:
     """The single-process limiter: same semantics, no I/O (each call is atomic on the event loop)."""
 
-    def __init__(self, lease_ttl: float = DEFAULT_LEASE_TTL) -> None:
+    def __init__(
+        self, lease_ttl: float = DEFAULT_LEASE_TTL, budgets: MemoryBudgetStore | None = None
+    ) -> None:
         self.lease_ttl_ms = round(lease_ttl * 1000)
+        self.budgets = budgets
         self._windows: dict[str, _Window] = {}
         self._leases: dict[str, dict[str, int]] = {}
 
@@ -308,11 +353,21 @@ class MemoryLimiter:
         return _Count(requests, tokens, parallel, first, drop)
 
     async def acquire(
-        self, rules: Sequence[LimitRule], estimated_tokens: int, lease_id: str, now: float | None = None
+        self,
+        rules: Sequence[LimitRule],
+        estimated_tokens: int,
+        lease_id: str,
+        now: float | None = None,
+        budget: BudgetAsk | None = None,
     ) -> Admission:
         rules = [r for r in rules if r.active]
         now_ms = _ms(now)
         cur, low = _span(now_ms)
+        decision = None
+        if budget is not None:
+            if self.budgets is None:
+                raise TypeError("this limiter holds no budget store to reserve in")
+            decision = self.budgets.reserve_now(budget, commit=False)
         counts = [self._count(r, lease_id, now_ms, True) for r in rules]
         denials = _denials(rules, counts, estimated_tokens)
         for i, kind in denials:
@@ -322,7 +377,10 @@ class MemoryLimiter:
             elif w is not None and kind == "tpm":
                 need = min(c.tokens, c.tokens + estimated_tokens - (rules[i].tpm or 0))
                 c.wait_tokens_ms = w.wait(low, cur, 1, need)
-        if not denials:
+        allowed = not denials and (decision is None or decision.allowed)
+        if allowed:
+            if budget is not None and self.budgets is not None:
+                decision = self.budgets.reserve_now(budget, commit=True)
             for r, c in zip(rules, counts, strict=True):
                 if r.rpm is not None or r.tpm is not None:
                     w = self._windows.setdefault(r.scope, _Window())
@@ -340,9 +398,33 @@ class MemoryLimiter:
                     if r.max_parallel is not None and lease_id not in leases:
                         c.parallel += 1
                     leases[lease_id] = now_ms + self.lease_ttl_ms
-        return _build(rules, counts, not denials, lease_id, now_ms, estimated_tokens)
+        adm = _build(rules, counts, allowed, lease_id, now_ms, estimated_tokens)
+        adm.budget = decision
+        return adm
+
+    async def settle_many(self, items: Sequence[Settlement]) -> None:
+        self.settle_now(items)
+
+    def settle_now(self, items: Sequence[Settlement]) -> None:
+        """:meth:`settle_many`, synchronously (it does no I/O)."""
+        for it in items:
+            self._settle(it.rules, it.lease_id, it.estimated_tokens, it.actual_tokens, it.window_start)
+            if it.charge is not None:
+                if self.budgets is None:
+                    raise TypeError("this limiter holds no budget store to charge")
+                self.budgets.settle_now(it.charge)
 
     async def settle(
+        self,
+        rules: Sequence[LimitRule],
+        lease_id: str,
+        estimated_tokens: int,
+        actual_tokens: int,
+        window_start: float,
+    ) -> None:
+        self._settle(rules, lease_id, estimated_tokens, actual_tokens, window_start)
+
+    def _settle(
         self,
         rules: Sequence[LimitRule],
         lease_id: str,
@@ -381,271 +463,3 @@ class MemoryLimiter:
     async def headroom(self, rules: Sequence[LimitRule], now: float | None = None) -> dict[str, Headroom]:
         now_ms = _ms(now)
         return {r.scope: _headroom(r, self._count(r, "", now_ms, False), now_ms) for r in rules}
-
-
-# --------------------------------------------------------------------------- redis
-
-# KEYS: per rule i, KEYS[2i-1] = window hash, KEYS[2i] = lease zset (member lease id, score expiry
-# ms). The window hash holds 'o' (the oldest bucket with data), the sums 'r' and 't', and per
-# bucket b the fields 'r<b>' and 't<b>'; every bucket with data lies in [o, o + SPAN - 1].
-# ARGV: now_ms ("" = server clock), then script arguments, then per rule rpm, tpm, max_parallel
-# (-1 = none). Lua numbers are doubles: every value here is < 2^53.
-_PRELUDE = (
-    f"local B, SPAN = {BUCKET_MS}, {SPAN}\n"
-    + """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local cur = math.floor(now / B)
-local low = cur - SPAN + 1
-local function lim(i, base)
-  local a = base + 3 * (i - 1)
-  return tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-end
-local function int(x) return string.format('%d', x) end
-local function fields(kind, from, to)
-  local f = {}
-  for b = from, to do f[#f + 1] = kind .. int(b) end
-  return f
-end
--- The window's (oldest bucket with data or nil, requests, tokens), counting buckets >= low.
--- With write, buckets that left the window are deleted (a bounded walk: at most SPAN buckets).
-local function window(wk, write)
-  local h = redis.call('HMGET', wk, 'o', 'r', 't')
-  local o = tonumber(h[1])
-  if not o then return nil, 0, 0 end
-  local r, t = tonumber(h[2]), tonumber(h[3])
-  if o >= low then return o, r, t end
-  if low > o + SPAN - 1 then
-    if write then redis.call('DEL', wk) end
-    return nil, 0, 0
-  end
-  local fr, ft = fields('r', o, low - 1), fields('t', o, low - 1)
-  local vr, vt = redis.call('HMGET', wk, unpack(fr)), redis.call('HMGET', wk, unpack(ft))
-  for i = 1, #fr do r = r - (tonumber(vr[i]) or 0); t = t - (tonumber(vt[i]) or 0) end
-  local rest = redis.call('HMGET', wk, unpack(fields('r', low, o + SPAN - 1)))
-  o = nil
-  for i = 1, #rest do if rest[i] then o = low + i - 1; break end end
-  if write then
-    if o then
-      redis.call('HDEL', wk, unpack(fr)); redis.call('HDEL', wk, unpack(ft))
-      redis.call('HSET', wk, 'o', int(o), 'r', int(r), 't', int(t))
-    else
-      redis.call('DEL', wk)
-    end
-  end
-  return o, r, t
-end
--- When (ms) at least `need` requests ('r') or tokens ('t') have left the window.
-local function wait(wk, kind, from, need)
-  local v = redis.call('HMGET', wk, unpack(fields(kind, from, cur)))
-  local freed = 0
-  for i = 1, #v do
-    freed = freed + (tonumber(v[i]) or 0)
-    if freed >= need then return (from + i - 1 + SPAN) * B end
-  end
-  return (cur + SPAN) * B
-end
-local function touch_leases(lk)
-  local last = redis.call('ZRANGE', lk, -1, -1, 'WITHSCORES')
-  if last[2] then redis.call('PEXPIRE', lk, math.max(1, tonumber(last[2]) - now + 1000)) end
-end
-"""
-)
-
-# ARGV[2] lease id, ARGV[3] estimate, ARGV[4] lease ttl ms, rules from ARGV[5].
-_ACQUIRE = Script(
-    _PRELUDE
-    + """
-local lease, est, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = #KEYS / 2
-local ok, st = true, {}
-for i = 1, n do
-  local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
-  local rpm, tpm, par = lim(i, 4)
-  local o, r, t, p, first, member = nil, 0, 0, 0, -1, false
-  if rpm >= 0 or tpm >= 0 then o, r, t = window(wk, true) end
-  if par >= 0 or tpm >= 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
-  if par >= 0 then
-    member = redis.call('ZSCORE', lk, lease) ~= false
-    p = redis.call('ZCARD', lk)
-    if member then p = p - 1 end
-    local e = redis.call('ZRANGE', lk, 0, 0, 'WITHSCORES')
-    if e[2] then first = tonumber(e[2]) end
-  end
-  local wr, wt = -1, -1
-  if rpm >= 0 and r + 1 > rpm then ok = false; wr = wait(wk, 'r', o or cur, r + 1 - rpm) end
-  if tpm >= 0 and t > 0 and t + est > tpm then
-    ok = false; wt = wait(wk, 't', o or cur, math.min(t, t + est - tpm))
-  end
-  if par >= 0 and p + 1 > par then ok = false end
-  st[i] = {r, t, p, first, o and (o + SPAN) * B or -1, wr, wt, member}
-end
-if ok then
-  for i = 1, n do
-    local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
-    local rpm, tpm, par = lim(i, 4)
-    local s = st[i]
-    if rpm >= 0 or tpm >= 0 then
-      s[1] = s[1] + 1
-      s[2] = s[2] + est
-      if s[5] < 0 then
-        s[5] = (cur + SPAN) * B
-        redis.call('HSET', wk, 'o', int(cur))
-      end
-      redis.call('HINCRBY', wk, 'r', 1)
-      redis.call('HINCRBY', wk, 't', est)
-      redis.call('HINCRBY', wk, 'r' .. int(cur), 1)
-      redis.call('HINCRBY', wk, 't' .. int(cur), est)
-      redis.call('PEXPIRE', wk, (cur + SPAN) * B - now + 1000)
-    end
-    if par >= 0 or tpm >= 0 then
-      redis.call('ZADD', lk, int(now + ttl), lease)
-      touch_leases(lk)
-      if par >= 0 and not s[8] then s[3] = s[3] + 1 end
-    end
-  end
-end
-local out = {ok and 1 or 0, now}
-for i = 1, n do
-  for j = 1, 7 do table.insert(out, st[i][j]) end
-end
-return out
-"""
-)
-
-# ARGV[2] lease id, ARGV[3] token correction, ARGV[4] admission bucket start ms, rules from ARGV[5].
-_SETTLE = Script(
-    _PRELUDE
-    + """
-local lease, delta, at = ARGV[2], tonumber(ARGV[3]), int(math.floor(tonumber(ARGV[4]) / B))
-for i = 1, #KEYS / 2 do
-  local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
-  local rpm, tpm, par = lim(i, 4)
-  if (par >= 0 or tpm >= 0) and redis.call('ZREM', lk, lease) == 1 then
-    if tpm >= 0 and delta ~= 0 and redis.call('HEXISTS', wk, 't' .. at) == 1 then
-      redis.call('HINCRBY', wk, 't' .. at, int(delta))
-      redis.call('HINCRBY', wk, 't', int(delta))
-    end
-  end
-end
-return 1
-"""
-)
-
-# ARGV[2] lease id, ARGV[3] lease ttl ms, rules from ARGV[4]. Returns 1 if every lease was still live.
-_RENEW = Script(
-    _PRELUDE
-    + """
-local lease, ttl, held = ARGV[2], tonumber(ARGV[3]), 1
-for i = 1, #KEYS / 2 do
-  local lk = KEYS[2 * i]
-  local rpm, tpm, par = lim(i, 3)
-  if par >= 0 or tpm >= 0 then
-    local score = tonumber(redis.call('ZSCORE', lk, lease))
-    if score and score > now then
-      redis.call('ZADD', lk, int(now + ttl), lease)
-      touch_leases(lk)
-    else
-      redis.call('ZREM', lk, lease)
-      held = 0
-    end
-  end
-end
-return held
-"""
-)
-
-# Read-only. Rules from ARGV[2]. Returns {now, then per rule r, t, live leases, oldest drop ms}.
-_HEADROOM = Script(
-    _PRELUDE
-    + """
-local out = {now}
-for i = 1, #KEYS / 2 do
-  local o, r, t = window(KEYS[2 * i - 1], false)
-  table.insert(out, r); table.insert(out, t)
-  table.insert(out, redis.call('ZCOUNT', KEYS[2 * i], '(' .. int(now), '+inf'))
-  table.insert(out, o and (o + SPAN) * B or -1)
-end
-return out
-"""
-)
-
-
-class RedisLimiter:
-    """The shared limiter: every call is one atomic script on one Redis."""
-
-    def __init__(self, client: Redis, prefix: str = "kubellm:", lease_ttl: float = DEFAULT_LEASE_TTL) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.lease_ttl_ms = round(lease_ttl * 1000)
-
-    def _keys_args(self, rules: Sequence[LimitRule]) -> tuple[list[str], list[Arg]]:
-        keys: list[str] = []
-        args: list[Arg] = []
-        for r in rules:
-            base = f"{self.prefix}lim:{r.scope}"
-            keys += (base + ":w", base + ":l")
-            args += (_neg(r.rpm), _neg(r.tpm), _neg(r.max_parallel))
-        return keys, args
-
-    async def acquire(
-        self, rules: Sequence[LimitRule], estimated_tokens: int, lease_id: str, now: float | None = None
-    ) -> Admission:
-        rules = [r for r in rules if r.active]
-        if not rules:
-            return _build(rules, [], True, lease_id, _ms(now), estimated_tokens)
-        keys, args = self._keys_args(rules)
-        head: list[Arg] = [_now_arg(now), lease_id, estimated_tokens, self.lease_ttl_ms]
-        res = await _ACQUIRE(self.client, keys, head + args)
-        vals = [int(v) for v in res]
-        allowed, now_ms = bool(vals[0]), vals[1]
-        counts = [_Count(*vals[2 + 7 * i : 9 + 7 * i]) for i in range(len(rules))]
-        return _build(rules, counts, allowed, lease_id, now_ms, estimated_tokens)
-
-    async def settle(
-        self,
-        rules: Sequence[LimitRule],
-        lease_id: str,
-        estimated_tokens: int,
-        actual_tokens: int,
-        window_start: float,
-    ) -> None:
-        rules = [r for r in rules if r.active]
-        if rules:
-            keys, args = self._keys_args(rules)
-            delta = actual_tokens - estimated_tokens
-            await _SETTLE(self.client, keys, ["", lease_id, delta, round(window_start * 1000), *args])
-
-    async def renew(self, rules: Sequence[LimitRule], lease_id: str, now: float | None = None) -> bool:
-        rules = [r for r in rules if r.active]
-        if not rules:
-            return True
-        keys, args = self._keys_args(rules)
-        return bool(await _RENEW(self.client, keys, [_now_arg(now), lease_id, self.lease_ttl_ms, *args]))
-
-    async def release(self, rules: Sequence[LimitRule], lease_id: str) -> None:
-        await self.settle(rules, lease_id, 0, 0, 0.0)
-
-    async def headroom(self, rules: Sequence[LimitRule], now: float | None = None) -> dict[str, Headroom]:
-        if not rules:
-            return {}
-        keys, args = self._keys_args(rules)
-        vals = [int(v) for v in await _HEADROOM(self.client, keys, [_now_arg(now), *args])]
-        now_ms = vals[0]
-        return {
-            r.scope: _headroom(
-                r, _Count(vals[1 + 4 * i], vals[2 + 4 * i], vals[3 + 4 * i], -1, vals[4 + 4 * i]), now_ms
-            )
-            for i, r in enumerate(rules)
-        }
-
-
-def _neg(v: int | None) -> int:
-    return -1 if v is None else v
-
-
-def _now_arg(now: float | None) -> str:
-    return "" if now is None else str(round(now * 1000))

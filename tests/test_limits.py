@@ -21,9 +21,10 @@ from kubellm.router._limits import (
     Limiter,
     LimitRule,
     MemoryLimiter,
-    RedisLimiter,
+    Settlement,
     format_reset,
 )
+from kubellm.router._limits_redis import RedisLimiter
 from kubellm.router._redis import connect
 from tests.support.redis_server import RedisServer
 
@@ -431,6 +432,103 @@ def test_scripts_survive_a_script_cache_flush(redis_url: str) -> None:
         await client.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
         assert (await lim.acquire(rules, 0, "b", now=T0)).allowed
         assert not (await lim.acquire(rules, 0, "c", now=T0)).allowed
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- limits and budget in one step
+
+_FUSED_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["acquire", "acquire", "settle"]),
+        st.integers(0, 5),  # request
+        st.integers(0, 40),  # estimate / actual (tokens, and cents of cost)
+        st.one_of(st.floats(0, 3), st.floats(20, 70)),  # time step
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_FUSED_OPS, rpm=st.integers(1, 6), tpm=st.integers(1, 120), budget=st.integers(1, 100))
+def test_fused_admission_and_batched_settlement_agree(
+    redis_url: str, ops: list[tuple[str, int, int, float]], rpm: int, tpm: int, budget: int
+) -> None:
+    """A request's limits and its budget reservation are one atomic step (a denial by either
+    records nothing), and a batch of settlements applies each lease and charge once."""
+    from decimal import Decimal
+
+    from kubellm.router._budget import BudgetAsk, BudgetCharge, MemoryBudgetStore, RedisBudgetStore
+
+    rules = [LimitRule("key:f", rpm=rpm, tpm=tpm), LimitRule("deployment:f", max_parallel=2)]
+    limit = Decimal(budget) / 100
+
+    async def scenario() -> None:
+        client = connect(redis_url)
+        prefix = f"f{uuid.uuid4().hex[:8]}:"
+        rbud = RedisBudgetStore(client, prefix=prefix)
+        mbud = MemoryBudgetStore()
+        pair = [MemoryLimiter(lease_ttl=2.0, budgets=mbud), RedisLimiter(client, prefix, 2.0, budgets=rbud)]
+        now = T0 + 15
+        held: dict[int, tuple[float, str]] = {}
+        try:
+            for op, req, amount, step in ops:
+                now += step
+                rid = f"r{req}"
+                if op == "acquire":
+                    ask = BudgetAsk("key:f", "daily", limit, Decimal(amount) / 100, rid, now)
+                    a, b = [await x.acquire(rules, amount, rid, now=now, budget=ask) for x in pair]
+                    assert a == b
+                    assert a.budget is not None and (a.allowed or a.denied_scopes or not a.budget.allowed)
+                    if a.allowed:
+                        held[req] = (a.window_start, a.budget.period_key)
+                elif req in held:
+                    window, key = held.pop(req)
+                    charge = BudgetCharge("key:f", "daily", rid, Decimal(amount) / 100, key, now)
+                    lease = Settlement(rules, rid, 20, amount, window)
+                    batch = [lease, Settlement((), rid, 0, 0, 0.0, charge)]
+                    for x in pair:
+                        await x.settle_many(batch)
+                        await x.settle_many(batch)  # a resent batch changes nothing
+                assert await pair[0].headroom(rules, now=now) == await pair[1].headroom(rules, now=now)
+                assert await mbud.spent("key:f", "daily", now) == await rbud.spent("key:f", "daily", now)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_budget_denial_records_no_limit_and_a_limit_denial_reserves_nothing(
+    kind: str, redis_url: str
+) -> None:
+    from decimal import Decimal
+
+    from kubellm.router._budget import BudgetAsk, MemoryBudgetStore, RedisBudgetStore
+
+    async def scenario() -> None:
+        client = connect(redis_url)
+        prefix = f"d{uuid.uuid4().hex[:8]}:"
+        bud = MemoryBudgetStore() if kind == "memory" else RedisBudgetStore(client, prefix=prefix)
+        lim: Limiter = (
+            MemoryLimiter(budgets=bud)
+            if isinstance(bud, MemoryBudgetStore)
+            else RedisLimiter(client, prefix, budgets=bud)
+        )
+        rules = [LimitRule("key:x", rpm=2), LimitRule("deployment:x", max_parallel=1)]
+
+        def ask(rid: str, usd: str) -> BudgetAsk:
+            return BudgetAsk("key:x", "daily", Decimal("1"), Decimal(usd), rid, T0)
+
+        first = await lim.acquire(rules, 0, "a", now=T0, budget=ask("a", "1.5"))  # crosses the budget
+        assert first.allowed and first.budget is not None and first.budget.reserved == Decimal("1.5")
+        over = await lim.acquire([rules[0]], 0, "b", now=T0, budget=ask("b", "0.1"))
+        assert not over.allowed and over.denied_scopes == () and over.budget is not None
+        assert not over.budget.allowed
+        assert (await lim.headroom(rules, now=T0))["key:x"].rpm_left == 1  # b was not counted
+        busy = await lim.acquire(rules, 0, "c", now=T0, budget=ask("c", "0"))
+        assert not busy.allowed and busy.denied_scopes == ("deployment:x",)
+        assert busy.budget is not None and busy.budget.reserved == Decimal("1.5")  # c reserved nothing
         await client.aclose()
 
     asyncio.run(scenario())

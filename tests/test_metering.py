@@ -459,3 +459,85 @@ def test_budget_holds_when_clients_send_max_tokens_1_and_the_upstream_bills_20(
     # before that cost $0.0495, under the budget, so the overshoot is below one call's actual cost.
     # Trusting max_tokens, up to 9 calls could be in flight when the budget was crossed.
     assert Decimal("0.10") <= spent < Decimal("0.10") + per_call, (spent, outcomes)
+
+
+def test_one_script_admits_a_request_and_one_script_settles_a_batch(
+    redis: RedisServer, tmp_path: Any
+) -> None:
+    """Key rpm/tpm + budget + deployment rpm: admission is one EVALSHA on the request's path, and the
+    settlements (leases and budget charges) of 20 finished requests share one EVALSHA."""
+    import hashlib
+
+    from kubellm.router._budget import RedisBudgetStore
+    from kubellm.router._config import RouterConfig
+    from kubellm.router._dispatch import Call, RequestOptions
+    from kubellm.router._ledger import LedgerWriter, SqliteLedger
+    from kubellm.router._limits_redis import RedisLimiter
+    from kubellm.router._metering import Meter
+    from kubellm.router._redis import connect
+    from kubellm.router._state import build_state
+    from kubellm.router.providers import Operation, Usage
+
+    redis.flush()
+    doc = {
+        "deployments": [
+            {
+                "name": "d",
+                "model": "m",
+                "provider": "mock",
+                "limits": {"rpm": 1000, "tpm": 10**6},
+                "pricing": {"inputPerMillion": "1", "outputPerMillion": "2"},
+            },
+        ],
+        "keys": [
+            {
+                "name": "k",
+                "keyHash": hashlib.sha256(b"sk-k").hexdigest(),
+                "limits": {"rpm": 1000, "tpm": 10**6, "maxParallelRequests": 100},
+                "budget": {"amountUsd": "100", "period": "daily"},
+            }
+        ],
+    }
+    state = build_state(RouterConfig.model_validate(doc))
+    group, dep, key = state.groups["m"], state.groups["m"].deployments[0], state.find_key("sk-k")[1]
+
+    async def scenario() -> tuple[int, int, Any]:
+        client = connect(redis.url)
+        budgets = RedisBudgetStore(client)
+        ledger = LedgerWriter(SqliteLedger(tmp_path / "l.sqlite"), tmp_path / "j.jsonl")
+        meter = Meter(RedisLimiter(client, budgets=budgets), budgets, ledger)
+
+        async def scripts() -> int:
+            stats = await client.info("commandstats")
+            return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+        usage = Usage(prompt_tokens=10, completion_tokens=5)
+
+        async def admit(rid: str) -> Call:
+            body = {"messages": MESSAGES, "max_tokens": 5}
+            opts = RequestOptions()
+            call = Call(rid, Operation.CHAT, body, False, False, group, "k", key, opts, state, 0.0, 1e12)
+            call.ticket = await meter.admit_caller(call)
+            adm = await meter.admit_deployment(call, call.ticket, dep)
+            assert adm is not None and adm.allowed and call.ticket.budget is not None
+            return call
+
+        warm = await admit("warm")  # a script's first call is NOSCRIPT then EVAL: not counted
+        meter.finish(warm, warm.ticket, dep, 200, usage, 0.01, None)
+        await asyncio.sleep(0.1)
+        before = await scripts()
+        calls = [await admit(f"r{i}") for i in range(20)]
+        admitted = await scripts() - before
+        for call in calls:
+            meter.finish(call, call.ticket, dep, 200, usage, 0.01, None)
+        await asyncio.sleep(0.2)
+        settled = await scripts() - before - admitted
+        spent = await budgets.spent("key:k", "daily")
+        await ledger.close()
+        await client.aclose()
+        return admitted, settled, spent
+
+    admitted, settled, spent = asyncio.run(scenario())
+    assert admitted == 20  # one script per request: key limits, budget and deployment together
+    assert settled == 1  # one batch for all 20 settlements and charges
+    assert spent == 21 * Decimal("0.000020")  # each charged once: 10 prompt x $1 + 5 completion x $2 per 1M
