@@ -153,13 +153,16 @@ if ok and bok then
       end
       redis.call('HINCRBY', wk, 'r', 1)
       redis.call('HINCRBY', wk, 't', est)
-      redis.call('HINCRBY', wk, 'r' .. int(cur), 1)
       redis.call('HINCRBY', wk, 't' .. int(cur), est)
-      redis.call('PEXPIRE', wk, (cur + SPAN) * B - now + 1000)
+      -- The newest bucket sets the key's lifetime: renew it once per bucket, not per request.
+      if redis.call('HINCRBY', wk, 'r' .. int(cur), 1) == 1 then
+        redis.call('PEXPIRE', wk, (cur + SPAN) * B - now + 1000)
+      end
     end
     if par >= 0 or tpm >= 0 then
       redis.call('ZADD', lk, int(now + ttl), lease)
-      touch_leases(lk)
+      -- Every lease lives ttl: the one just added expires last, so the key outlives it by 1 s.
+      redis.call('PEXPIRE', lk, ttl + 1000)
       if par >= 0 and not s[8] then s[3] = s[3] + 1 end
     end
   end
@@ -195,19 +198,49 @@ _SETTLE_MANY = Script(
     + _budget.LUA
     + """
 local a, k, new = 3, 1, 0
+-- Token corrections are summed per window and bucket and applied once per batch; budget buckets
+-- drop their expired reservations and renew their ttl once per batch.
+local corr, wins, seen = {}, {}, {}
 for _ = 1, tonumber(ARGV[2]) do
   local nr, hb, lease, delta = tonumber(ARGV[a]), ARGV[a + 1] == '1', ARGV[a + 2], tonumber(ARGV[a + 3])
   local at = int(math.floor(tonumber(ARGV[a + 4]) / B))
   a = a + 5
   for _ = 1, nr do
-    settle_lease(KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), lease, delta, at)
+    local wk, lk, tpm, par = KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    if (par >= 0 or tpm >= 0) and redis.call('ZREM', lk, lease) == 1 and tpm >= 0 and delta ~= 0 then
+      local w = corr[wk]
+      if not w then w = {}; corr[wk] = w; wins[#wins + 1] = wk end
+      w[at] = (w[at] or 0) + delta
+    end
     k, a = k + 2, a + 3
   end
   if hb then
-    new = new + b_settle(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
-      ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
+    local bk, hk, ek, dk = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+    local now_b, rid, actual, ttl, dedupe = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+    if redis.call('SADD', dk, rid) == 1 then
+      if not seen[bk] then
+        seen[bk] = true
+        redis.call('PEXPIRE', dk, math.max(tonumber(ttl), tonumber(dedupe)))
+        b_expire_held(bk, hk, ek, now_b)
+        for _, key in ipairs({bk, hk, ek}) do redis.call('PEXPIRE', key, ttl) end
+      end
+      b_unhold(bk, hk, ek, rid)
+      redis.call('HINCRBY', bk, 's', actual)
+      redis.call('HINCRBY', bk, 'c', actual)
+      new = new + 1
+    end
     k, a = k + 4, a + 5
   end
+end
+for _, wk in ipairs(wins) do
+  local total = 0
+  for at, d in pairs(corr[wk]) do
+    if d ~= 0 and redis.call('HEXISTS', wk, 't' .. at) == 1 then
+      redis.call('HINCRBY', wk, 't' .. at, int(d))
+      total = total + d
+    end
+  end
+  if total ~= 0 then redis.call('HINCRBY', wk, 't', int(total)) end
 end
 return new
 """
