@@ -2,16 +2,18 @@
 
 Per request, in order:
 
-1. :meth:`Meter.admit_caller` checks the key's rpm/tpm/parallel limits and
-   reserves its budget (estimated cost of the prompt plus the requested
-   completion at the group's highest price);
-2. :meth:`Meter.admit_deployment` takes a lease on each deployment tried, so
-   saturated deployments are skipped;
-3. :meth:`Meter.finish` records exactly one usage record and, off the request
-   path, settles every lease and reservation to the actual usage.
+1. :meth:`Meter.admit_caller` prices the budget reservation (the worst case, see
+   :func:`worst_case`) and returns the request's :class:`Ticket`; nothing is sent yet;
+2. :meth:`Meter.admit_deployment`, with the first attempt, admits the key's
+   limits, reserves its budget and admits the deployment's limits in one atomic
+   step (one Lua script in Redis); later attempts admit only their deployment,
+   and a saturated deployment is skipped;
+3. :meth:`Meter.finish` records exactly one usage record and queues the
+   settlement of every lease and reservation: batches of them go to the store in
+   one script each, off the request path.
 
-Each store call is one atomic round trip (Lua in Redis, or a lock-free block
-in memory). When the store is unreachable, admission fails open or closed as
+A call the cache may answer is admitted in step 1 instead (it may reach no
+deployment). When the store is unreachable, admission fails open or closed as
 configured, and the ledger journals records locally until it returns.
 """
 
