@@ -42,6 +42,7 @@ skew only decides which window a request at the very boundary lands in.
 
 from __future__ import annotations
 
+import collections
 import re
 import time
 from dataclasses import dataclass, field
@@ -71,10 +72,23 @@ def validate_period(period: str) -> str:
     )
 
 
+#: The last window computed per period: every request of a period asks for the same one.
+_LAST: dict[str, tuple[float, float, str]] = {}
+
+
 def period_window(period: str, now: float | None = None) -> tuple[float, float, str]:
     """``(start, end, key_suffix)`` of the window of ``period`` containing ``now`` (Unix seconds)."""
-    validate_period(period)
     t = time.time() if now is None else now
+    last = _LAST.get(period)
+    if last is not None and last[0] <= t < last[1]:
+        return last
+    window = _period_window(period, t)
+    _LAST[period] = window
+    return window
+
+
+def _period_window(period: str, t: float) -> tuple[float, float, str]:
+    validate_period(period)
     if period in ("daily", "weekly", "monthly"):
         day = datetime.fromtimestamp(t, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         if period == "daily":
@@ -175,13 +189,19 @@ class MemoryBudgetStore:
         self.dedupe_ttl = dedupe_ttl
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._done: dict[tuple[str, str, str], float] = {}
+        #: (expiry, id) of ``_done`` in the order settled: expired ones leave from the left, O(1) each.
+        self._done_order: collections.deque[tuple[float, tuple[str, str, str]]] = collections.deque()
         self._ops = 0
 
     def _bucket(self, scope: str, key: str, end: float, now: float) -> _Bucket:
         self._ops += 1
         if self._ops % 1024 == 0:
             self._buckets = {k: b for k, b in self._buckets.items() if b.expires > now}
-            self._done = {k: exp for k, exp in self._done.items() if exp > now}
+        order = self._done_order
+        while order and order[0][0] <= now:
+            exp, done = order.popleft()
+            if self._done.get(done) == exp:
+                del self._done[done]
         b = self._buckets.get((scope, key))
         if b is None or b.expires <= now:
             b = self._buckets[(scope, key)] = _Bucket(end + GRACE)
@@ -233,6 +253,7 @@ class MemoryBudgetStore:
         if self._done.get(done, 0.0) > c.now:
             return False
         self._done[done] = c.now + self.dedupe_ttl
+        self._done_order.append((c.now + self.dedupe_ttl, done))
         b = self._bucket(c.scope, c.period_key, end, c.now)
         held = b.held.pop(c.reservation_id, None)
         if held is not None:

@@ -109,8 +109,15 @@ class Admission:
     denied_scopes: tuple[str, ...] = ()
     #: The budget reservation made (or refused) in the same atomic step, when one was asked for.
     budget: BudgetDecision | None = None
-    #: The ``x-ratelimit-*`` headers of each scope's own limits (``headers``: the tightest of all).
-    by_scope: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: The rules and counts the headers were built from (see :meth:`headers_of`).
+    counts: Sequence[tuple[LimitRule, _Count]] = field(default=(), compare=False, repr=False)
+    now_ms: int = field(default=0, compare=False, repr=False)
+
+    def headers_of(self, scope: str) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers of one scope's own limits (``headers``: the tightest of all)."""
+        if len(self.counts) == 1:
+            return self.headers if self.counts[0][0].scope == scope else {}
+        return _rate_headers([(r, c) for r, c in self.counts if r.scope == scope], self.now_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +248,7 @@ def _build(
             adm.retry_after, adm.denied_by = worst
     pairs = list(zip(rules, counts, strict=True))
     adm.headers = _rate_headers(pairs, now_ms)
-    adm.by_scope = {r.scope: _rate_headers([(r, c)], now_ms) for r, c in pairs} if len(pairs) > 1 else {}
-    if len(pairs) == 1:
-        adm.by_scope[pairs[0][0].scope] = adm.headers
+    adm.counts, adm.now_ms = pairs, now_ms
     return adm
 
 
@@ -363,11 +368,8 @@ class MemoryLimiter:
         rules = [r for r in rules if r.active]
         now_ms = _ms(now)
         cur, low = _span(now_ms)
-        decision = None
-        if budget is not None:
-            if self.budgets is None:
-                raise TypeError("this limiter holds no budget store to reserve in")
-            decision = self.budgets.reserve_now(budget, commit=False)
+        if budget is not None and self.budgets is None:
+            raise TypeError("this limiter holds no budget store to reserve in")
         counts = [self._count(r, lease_id, now_ms, True) for r in rules]
         denials = _denials(rules, counts, estimated_tokens)
         for i, kind in denials:
@@ -377,10 +379,12 @@ class MemoryLimiter:
             elif w is not None and kind == "tpm":
                 need = min(c.tokens, c.tokens + estimated_tokens - (rules[i].tpm or 0))
                 c.wait_tokens_ms = w.wait(low, cur, 1, need)
+        decision = None
+        if budget is not None and self.budgets is not None:
+            # The budget is judged last, so it reserves only when every limit admits.
+            decision = self.budgets.reserve_now(budget, commit=not denials)
         allowed = not denials and (decision is None or decision.allowed)
         if allowed:
-            if budget is not None and self.budgets is not None:
-                decision = self.budgets.reserve_now(budget, commit=True)
             for r, c in zip(rules, counts, strict=True):
                 if r.rpm is not None or r.tpm is not None:
                     w = self._windows.setdefault(r.scope, _Window())

@@ -99,8 +99,19 @@ class Ticket:
     finished: bool = False
 
 
+#: Prices by deployment object (a config reload makes new ones): every request asks again.
+_PRICES: dict[int, tuple[Deployment, Price | None]] = {}
+
+
 def deployment_price(dep: Deployment) -> Price | None:
-    return price_for(dep.config.upstream_model or dep.config.model, dep.config.pricing)
+    hit = _PRICES.get(id(dep))
+    if hit is not None and hit[0] is dep:
+        return hit[1]
+    price = price_for(dep.config.upstream_model or dep.config.model, dep.config.pricing)
+    if len(_PRICES) >= 4096:
+        _PRICES.clear()  # deployments of old configs: no longer asked for
+    _PRICES[id(dep)] = (dep, price)
+    return price
 
 
 def _client_max_completion(body: dict[str, Any]) -> int | None:
@@ -309,7 +320,7 @@ class Meter:
             ticket.pending = False
             ticket.budget = adm.budget
             if key is not None and key.limit_rule is not None:
-                ticket.headers.update(adm.by_scope.get(key.limit_rule.scope, {}))
+                ticket.headers.update(adm.headers_of(key.limit_rule.scope))
         return adm
 
     async def _acquire(
@@ -335,7 +346,7 @@ class Meter:
         which = (admission.denied_by or "").rsplit(" ", 1)[-1] or "limit"
         err = RateLimitError(
             f"{who} is over its {which} limit; retry in {format_reset(admission.retry_after or 1)}",
-            headers={**admission.by_scope.get(scope, {}), "Retry-After": str(retry)},
+            headers={**admission.headers_of(scope), "Retry-After": str(retry)},
         )
         err.retryable = False  # the caller's own limit: no deployment or fallback would change it
         return err
