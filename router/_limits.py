@@ -45,7 +45,10 @@ Passing ``now`` (seconds) pins time, for tests.
 Round trips: ``acquire`` (every limit of a request and its budget reservation),
 ``settle_many`` (a whole batch of settlements and budget charges), ``settle``,
 ``renew``, ``release`` and ``headroom`` are each one EVALSHA (two only right
-after a Redis restart, see ``_redis``). The Redis twin is in ``_limits_redis``.
+after a Redis restart, see ``_redis``). The Redis twin is in ``_limits_redis``;
+it coalesces the acquires that are ready at the same time into one script,
+run one after the other exactly as if sent one by one (a busy router sends
+about one acquire script per round trip, an idle one each acquire at once).
 """
 
 from __future__ import annotations

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
 
 from redis.asyncio import Redis
 
 from . import _budget
-from ._budget import BudgetAsk, RedisBudgetStore
+from ._budget import BudgetAsk, BudgetCharge, RedisBudgetStore
 from ._limits import (
     BUCKET_MS,
     DEFAULT_LEASE_TTL,
@@ -32,16 +36,25 @@ from ._redis import Arg, Script
 _PRELUDE = (
     f"local B, SPAN = {BUCKET_MS}, {SPAN}\n"
     + """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- A: the arguments of the operation being run (a batch runs several, see _ACQUIRE_MANY).
+local A, server_now = ARGV, nil
+local now, cur, low
+local function set_now(arg)
+  now = tonumber(arg)
+  if not now then
+    if not server_now then
+      local t = redis.call('TIME')
+      server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    now = server_now
+  end
+  cur = math.floor(now / B)
+  low = cur - SPAN + 1
 end
-local cur = math.floor(now / B)
-local low = cur - SPAN + 1
+set_now(ARGV[1])
 local function lim(i, base)
   local a = base + 3 * (i - 1)
-  return tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  return tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
 end
 local function int(x) return string.format('%d', x) end
 local function fields(kind, from, to)
@@ -107,70 +120,96 @@ end
 # expiry, ttl); rules from ARGV[12]. KEYS: 2 per rule, then the budget's 3 when asked for.
 # Returns {limits ok, now, budget ok, spent, reserved, then per rule 7 counts}; records nothing
 # unless every limit and the budget admit.
-_ACQUIRE = Script(
+_ADMIT = (
     _PRELUDE
     + _budget.LUA
     + """
-local lease, est, ttl, hb = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
-local n = hb and (#KEYS - 3) / 2 or #KEYS / 2
-local ok, st = true, {}
-for i = 1, n do
-  local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
-  local rpm, tpm, par = lim(i, 11)
-  local o, r, t, p, first, member = nil, 0, 0, 0, -1, false
-  if rpm >= 0 or tpm >= 0 then o, r, t = window(wk, true) end
-  if par >= 0 or tpm >= 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
-  if par >= 0 then
-    member = redis.call('ZSCORE', lk, lease) ~= false
-    p = redis.call('ZCARD', lk)
-    if member then p = p - 1 end
-    local e = redis.call('ZRANGE', lk, 0, 0, 'WITHSCORES')
-    if e[2] then first = tonumber(e[2]) end
-  end
-  local wr, wt = -1, -1
-  if rpm >= 0 and r + 1 > rpm then ok = false; wr = wait(wk, 'r', o or cur, r + 1 - rpm) end
-  if tpm >= 0 and t > 0 and t + est > tpm then
-    ok = false; wt = wait(wk, 't', o or cur, math.min(t, t + est - tpm))
-  end
-  if par >= 0 and p + 1 > par then ok = false end
-  st[i] = {r, t, p, first, o and (o + SPAN) * B or -1, wr, wt, member}
-end
-local bk, hk, ek = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3]
-local bok, bheld = true, false
-if hb then bok, bheld = b_check(bk, hk, ek, ARGV[6], ARGV[7], ARGV[9]) end
-if ok and bok then
-  if hb and not bheld then b_hold(bk, hk, ek, ARGV[8], ARGV[9], ARGV[10], ARGV[11]) end
+local function admit(K)
+  local lease, est, ttl, hb = A[2], tonumber(A[3]), tonumber(A[4]), A[5] == '1'
+  local n = hb and (#K - 3) / 2 or #K / 2
+  local ok, st = true, {}
   for i = 1, n do
-    local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
+    local wk, lk = K[2 * i - 1], K[2 * i]
     local rpm, tpm, par = lim(i, 11)
-    local s = st[i]
-    if rpm >= 0 or tpm >= 0 then
-      s[1] = s[1] + 1
-      s[2] = s[2] + est
-      if s[5] < 0 then
-        s[5] = (cur + SPAN) * B
-        redis.call('HSET', wk, 'o', int(cur))
-      end
-      redis.call('HINCRBY', wk, 'r', 1)
-      redis.call('HINCRBY', wk, 't', est)
-      redis.call('HINCRBY', wk, 't' .. int(cur), est)
-      -- The newest bucket sets the key's lifetime: renew it once per bucket, not per request.
-      if redis.call('HINCRBY', wk, 'r' .. int(cur), 1) == 1 then
-        redis.call('PEXPIRE', wk, (cur + SPAN) * B - now + 1000)
-      end
+    local o, r, t, p, first, member = nil, 0, 0, 0, -1, false
+    if rpm >= 0 or tpm >= 0 then o, r, t = window(wk, true) end
+    if par >= 0 or tpm >= 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
+    if par >= 0 then
+      member = redis.call('ZSCORE', lk, lease) ~= false
+      p = redis.call('ZCARD', lk)
+      if member then p = p - 1 end
+      local e = redis.call('ZRANGE', lk, 0, 0, 'WITHSCORES')
+      if e[2] then first = tonumber(e[2]) end
     end
-    if par >= 0 or tpm >= 0 then
-      redis.call('ZADD', lk, int(now + ttl), lease)
-      -- Every lease lives ttl: the one just added expires last, so the key outlives it by 1 s.
-      redis.call('PEXPIRE', lk, ttl + 1000)
-      if par >= 0 and not s[8] then s[3] = s[3] + 1 end
+    local wr, wt = -1, -1
+    if rpm >= 0 and r + 1 > rpm then ok = false; wr = wait(wk, 'r', o or cur, r + 1 - rpm) end
+    if tpm >= 0 and t > 0 and t + est > tpm then
+      ok = false; wt = wait(wk, 't', o or cur, math.min(t, t + est - tpm))
+    end
+    if par >= 0 and p + 1 > par then ok = false end
+    st[i] = {r, t, p, first, o and (o + SPAN) * B or -1, wr, wt, member}
+  end
+  local bk, hk, ek = K[2 * n + 1], K[2 * n + 2], K[2 * n + 3]
+  local bok, bheld = true, false
+  if hb then bok, bheld = b_check(bk, hk, ek, A[6], A[7], A[9]) end
+  if ok and bok then
+    if hb and not bheld then b_hold(bk, hk, ek, A[8], A[9], A[10], A[11]) end
+    for i = 1, n do
+      local wk, lk = K[2 * i - 1], K[2 * i]
+      local rpm, tpm, par = lim(i, 11)
+      local s = st[i]
+      if rpm >= 0 or tpm >= 0 then
+        s[1] = s[1] + 1
+        s[2] = s[2] + est
+        if s[5] < 0 then
+          s[5] = (cur + SPAN) * B
+          redis.call('HSET', wk, 'o', int(cur))
+        end
+        redis.call('HINCRBY', wk, 'r', 1)
+        redis.call('HINCRBY', wk, 't', est)
+        redis.call('HINCRBY', wk, 't' .. int(cur), est)
+        -- The newest bucket sets the key's lifetime: renew it once per bucket, not per request.
+        if redis.call('HINCRBY', wk, 'r' .. int(cur), 1) == 1 then
+          redis.call('PEXPIRE', wk, (cur + SPAN) * B - now + 1000)
+        end
+      end
+      if par >= 0 or tpm >= 0 then
+        redis.call('ZADD', lk, int(now + ttl), lease)
+        -- Every lease lives ttl: the one just added expires last, so the key outlives it by 1 s.
+        redis.call('PEXPIRE', lk, ttl + 1000)
+        if par >= 0 and not s[8] then s[3] = s[3] + 1 end
+      end
     end
   end
+  local bs = hb and b_state(bk) or {'0', '0'}
+  local out = {ok and 1 or 0, now, bok and 1 or 0, bs[1], bs[2]}
+  for i = 1, n do
+    for j = 1, 7 do table.insert(out, st[i][j]) end
+  end
+  return out
 end
-local bs = hb and b_state(bk) or {'0', '0'}
-local out = {ok and 1 or 0, now, bok and 1 or 0, bs[1], bs[2]}
-for i = 1, n do
-  for j = 1, 7 do table.insert(out, st[i][j]) end
+"""
+)
+_ACQUIRE = Script(_ADMIT + "return admit(KEYS)\n")
+
+# Several acquires in one script, run one after the other as if sent one by one: ARGV[1] their
+# number, then per acquire its key count, its argument count and its ARGV as _ACQUIRE takes it;
+# KEYS are theirs, in order. Returns per acquire the length of its answer, then the answer.
+_ACQUIRE_MANY = Script(
+    _ADMIT
+    + """
+local out, k, a = {}, 1, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local nk, na = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local ks, as = {}, {}
+  for i = 1, nk do ks[i] = KEYS[k + i - 1] end
+  for i = 1, na do as[i] = ARGV[a + 1 + i] end
+  k, a = k + nk, a + 2 + na
+  A = as
+  set_now(as[1])
+  local r = admit(ks)
+  out[#out + 1] = #r
+  for _, v in ipairs(r) do out[#out + 1] = v end
 end
 return out
 """
@@ -300,6 +339,63 @@ class RedisLimiter:
         self.lease_ttl_ms = round(lease_ttl * 1000)
         #: Must live on the same Redis: its reservations are made inside this limiter's scripts.
         self.budgets = budgets
+        #: Acquires waiting for the next batch: (keys, args, their answer, how to undo an admission).
+        self._queue: list[_Queued] = []
+        self._sending = False
+
+    async def _admit(self, keys: list[str], args: list[Arg], undo: list[Settlement]) -> list[Any]:
+        """Run one acquire script, sharing the round trip with the acquires that are ready with it.
+
+        While a batch is in flight, new acquires queue; the next batch takes them all. So an idle
+        limiter sends each acquire at once, and a busy one about one script per round trip."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future, undo))
+        if not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().create_task(self._send_batches())
+        return await future
+
+    async def _send_batches(self) -> None:
+        try:
+            await asyncio.sleep(0)  # the acquires ready now join the first batch
+            while self._queue:
+                batch = [q for q in self._queue[:MAX_BATCH] if not q[2].done()]  # skip cancelled
+                del self._queue[:MAX_BATCH]
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._sending = False
+
+    async def _send(self, batch: list[_Queued]) -> None:
+        try:
+            if len(batch) == 1:
+                answers = [list(await _ACQUIRE(self.client, batch[0][0], batch[0][1]))]
+            else:
+                keys: list[str] = []
+                args: list[Arg] = [len(batch)]
+                for k, a, _, _ in batch:
+                    keys += k
+                    args += [len(k), len(a), *a]
+                flat = list(await _ACQUIRE_MANY(self.client, keys, args))
+                answers, i = [], 0
+                while i < len(flat):
+                    n = int(flat[i])
+                    answers.append(flat[i + 1 : i + 1 + n])
+                    i += 1 + n
+        except Exception as exc:
+            for _, _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        undo: list[Settlement] = []
+        for (_, _, future, items), answer in zip(batch, answers, strict=True):
+            if not future.done():
+                future.set_result(answer)
+            elif int(answer[0]) and int(answer[2]):  # admitted, but its caller is gone: undo it
+                undo += items
+        if undo:
+            with contextlib.suppress(Exception):  # else the leases expire, the reservations too
+                await self.settle_many(undo)
 
     def _keys_args(self, rules: Sequence[LimitRule]) -> tuple[list[str], list[Arg]]:
         keys: list[str] = []
@@ -330,7 +426,10 @@ class RedisLimiter:
             bkeys, bargs, limit, end, period_key = self.budgets.reserve_keys_args(budget)
             keys += bkeys
             head[4:] = [1, *bargs]
-        vals = await _ACQUIRE(self.client, keys, head + args)
+        undo = [Settlement(rules, lease_id, 0, 0, 0.0)]
+        if budget is not None:
+            undo.append(Settlement((), budget.reservation_id, 0, 0, 0.0, _zero_charge(budget, period_key)))
+        vals = await self._admit(keys, head + args, undo)
         allowed, now_ms, budget_ok = bool(int(vals[0])), int(vals[1]), bool(int(vals[2]))
         nums = [int(v) for v in vals[5:]]
         counts = [_Count(*nums[7 * i : 7 * i + 7]) for i in range(len(rules))]
@@ -396,6 +495,17 @@ class RedisLimiter:
             )
             for i, r in enumerate(rules)
         }
+
+
+#: Acquires in one batch at most.
+MAX_BATCH = 64
+#: A queued acquire: its keys, its arguments, its answer, and how to undo its admission.
+_Queued = tuple[list[str], list[Arg], "asyncio.Future[list[Any]]", list[Settlement]]
+
+
+def _zero_charge(ask: BudgetAsk, period_key: str) -> BudgetCharge:
+    """Cancels a reservation (settles it at no cost)."""
+    return BudgetCharge(ask.scope, ask.period, ask.reservation_id, Decimal(0), period_key, ask.now)
 
 
 def _neg(v: int | None) -> int:

@@ -532,3 +532,25 @@ def test_a_budget_denial_records_no_limit_and_a_limit_denial_reserves_nothing(
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_concurrent_acquires_share_one_script_and_stay_exact(redis_url: str) -> None:
+    async def scenario() -> None:
+        async with limiters("redis", redis_url) as (lim,):
+            client = lim.client  # type: ignore[attr-defined]
+
+            async def scripts() -> int:
+                stats = await client.info("commandstats")
+                return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+            rules = [LimitRule("key:batch", rpm=25, max_parallel=40)]
+            await lim.acquire([LimitRule("key:warm", rpm=1)], 0, "w", now=T0)  # load the scripts
+            await lim.acquire([LimitRule("key:warm", rpm=1)], 0, "x", now=T0)
+            before = await scripts()
+            got = await asyncio.gather(*(lim.acquire(rules, 0, f"c{i}", now=T0) for i in range(30)))
+            used = await scripts() - before
+            assert [a.allowed for a in got] == [True] * 25 + [False] * 5  # in order, as if one by one
+            assert [a.headers["x-ratelimit-remaining-requests"] for a in got[:3]] == ["24", "23", "22"]
+            assert used <= 2, used  # one batch (two when the many-script is loaded first)
+
+    asyncio.run(scenario())
