@@ -140,12 +140,15 @@ def measure(
         loadgen(bench.work_dir, port, a.concurrency, a.warmup_requests, bench.procs.pin)
         client = redis_sync.Redis.from_url(redis_url) if redis_url else None
         before = redis_snapshot(client) if client else None
+        stats0 = client.info("commandstats") if client else {}
         run = loadgen(bench.work_dir, port, a.concurrency, a.requests, bench.procs.pin)
         cost = None
         if client is not None and before is not None:
             time.sleep(1.0)  # the last settlement and ledger batches
             after = redis_snapshot(client)
             n = a.requests
+            if a.commandstats:
+                print_commandstats(stats0, client.info("commandstats"), n)
             cost = RedisCost(
                 (after.commands - before.commands) / n,
                 (after.scripts - before.scripts) / n,
@@ -156,6 +159,18 @@ def measure(
         return Measured(name, run, cost)
     finally:
         bench.procs.stop(proc)
+
+
+def print_commandstats(before: dict[str, Any], after: dict[str, Any], n: int) -> None:
+    """Per request: calls and Redis µs of each command (inside scripts included)."""
+    rows = []
+    for name, v in after.items():
+        w = before.get(name, {"calls": 0, "usec": 0})
+        calls, usec = int(v["calls"]) - int(w["calls"]), int(v["usec"]) - int(w["usec"])
+        if calls:
+            rows.append((usec / n, calls / n, name.removeprefix("cmdstat_")))
+    for usec, calls, name in sorted(rows, reverse=True)[:15]:
+        print(f"  {name:18s} {calls:6.2f} calls/req {usec:7.1f} µs/req")
 
 
 def redis_ready(url: str) -> str | None:
@@ -231,6 +246,7 @@ def main() -> int:
     p.add_argument("--start-timeout", type=float, default=60.0)
     p.add_argument("--kubellm-cmd", default=None, help="how to run kubellm (default: python -m kubellm)")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown section for RESULTS.md")
+    p.add_argument("--commandstats", action="store_true", help="print Redis time per command and request")
     a = p.parse_args()
     a.kubellm_cmd = a.kubellm_cmd.split() if a.kubellm_cmd else [sys.executable, "-m", "kubellm"]
     pin = b.ensure_tools(not a.no_pin)
