@@ -433,6 +433,14 @@ class RouterSettings(_Model):
         default_factory=lambda: RedisSettings(),
         description="Shared state between replicas; unset: in memory.",
     )
+    budget_reserve_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Completion tokens a budgeted request reserves (at the group's highest price) when it "
+        "sets no `max_tokens`/`max_completion_tokens`, or when its group's upstream billed more than a "
+        "request allowed. A `contextWindow` on every deployment of the group lowers it to the room the "
+        "prompt leaves. See docs/keys-and-metering.md.",
+    )
     access_log: bool = Field(True, description="Write one JSON access log line per request.")
     otel: OtelSettings | None = Field(
         None, description="OpenTelemetry traces over OTLP; unset: no tracing at all."

@@ -42,7 +42,7 @@ from ._errors import (
     UpstreamTimeoutError,
 )
 from ._health import rejection_reason
-from ._metering import Meter, Ticket
+from ._metering import CallerRefused, Meter, Ticket
 from ._observe import finish_request
 from ._outcome import Answer, Batch, Failure, Outcome, Stream, StreamError, StreamEvent
 from ._sse import Event
@@ -491,8 +491,11 @@ class Dispatcher:
         return Timeouts.model_construct(**{**dep.config.timeouts.model_dump(), **call.options.timeouts})
 
     async def _attempt(self, call: Call, group: ModelGroup, dep: Deployment, key: str | None) -> Outcome:
-        if call.ticket is not None and dep.limit_rule is not None:
-            admission = await self.meter.admit_deployment(call, call.ticket, dep)
+        if call.ticket is not None and (dep.limit_rule is not None or call.ticket.pending):
+            try:  # with the first attempt, also the caller's limits and budget: one round trip
+                admission = await self.meter.admit_deployment(call, call.ticket, dep)
+            except CallerRefused as refused:
+                raise _GroupFailed(refused.error) from None
             if admission is not None and not admission.allowed:
                 raise _Saturated(admission.retry_after or 1.0)
         call.attempts += 1

@@ -249,11 +249,23 @@ class SqliteLedger:
 # group, deployment, prompt, completion, cost in pico-USD (a decimal string; Lua never does math on
 # it), record id. One id set per day (not one key per record) keeps Redis' key count bounded.
 _WRITE = Script("""
+-- Exact sum of two non-negative decimal integer strings (money must not go through doubles).
+local function add(a, b)
+  local out, carry, i, j = {}, 0, #a, #b
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry + (i > 0 and a:byte(i) - 48 or 0) + (j > 0 and b:byte(j) - 48 or 0)
+    out[#out + 1] = string.char(48 + d % 10)
+    carry, i, j = math.floor(d / 10), i - 1, j - 1
+  end
+  return string.reverse(table.concat(out))
+end
 local new, maxlen = 0, tonumber(ARGV[3])
+-- The batch's new records are summed here first: one HINCRBY per aggregate field per batch.
+local sums, hashes, sets = {}, {}, {}
 for i = 1, (#KEYS - 1) / 4 do
   local k, a = 1 + 4 * (i - 1), 3 + 8 * (i - 1)
   if redis.call('SADD', KEYS[k + 1], ARGV[a + 8]) == 1 then
-    redis.call('PEXPIRE', KEYS[k + 1], ARGV[1])
+    sets[KEYS[k + 1]] = true
     if maxlen > 0 then
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[a + 1])
     else
@@ -261,14 +273,25 @@ for i = 1, (#KEYS - 1) / 4 do
     end
     for j = 1, 3 do
       local h, name = KEYS[k + 1 + j], ARGV[a + 1 + j]
-      redis.call('HINCRBY', h, name .. '|n', 1)
-      redis.call('HINCRBY', h, name .. '|p', ARGV[a + 5])
-      redis.call('HINCRBY', h, name .. '|c', ARGV[a + 6])
-      redis.call('HINCRBY', h, name .. '|$', ARGV[a + 7])
-      redis.call('PEXPIRE', h, ARGV[2])
+      local t = sums[h]
+      if not t then t = {}; sums[h] = t; hashes[#hashes + 1] = h end
+      local e = t[name]
+      if not e then e = {0, 0, 0, '0'}; t[name] = e end
+      e[1], e[2], e[3] = e[1] + 1, e[2] + tonumber(ARGV[a + 5]), e[3] + tonumber(ARGV[a + 6])
+      e[4] = add(e[4], ARGV[a + 7])
     end
     new = new + 1
   end
+end
+for set in pairs(sets) do redis.call('PEXPIRE', set, ARGV[1]) end
+for _, h in ipairs(hashes) do
+  for name, e in pairs(sums[h]) do
+    redis.call('HINCRBY', h, name .. '|n', e[1])
+    redis.call('HINCRBY', h, name .. '|p', string.format('%d', e[2]))
+    redis.call('HINCRBY', h, name .. '|c', string.format('%d', e[3]))
+    redis.call('HINCRBY', h, name .. '|$', e[4])
+  end
+  redis.call('PEXPIRE', h, ARGV[2])
 end
 return new
 """)

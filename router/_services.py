@@ -23,7 +23,8 @@ from ._config import RedisSettings, RouterSettings
 from ._dispatch import Dispatcher
 from ._health import HealthTracker, MemoryHealthStore, RedisHealthStore
 from ._ledger import RedisLedger
-from ._limits import MemoryLimiter, RedisLimiter
+from ._limits import MemoryLimiter
+from ._limits_redis import RedisLimiter
 from ._metering import Meter, ledger_writer, local_ledger
 from ._redis import connect as connect_redis
 from ._upstream import UpstreamPool
@@ -66,9 +67,11 @@ def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient 
     if client is not None:
         health = HealthTracker(RedisHealthStore(client, prefix), settings.cooldown)
         cache: ResponseCache = RedisCache(client, settings.cache, prefix)
+        budgets = RedisBudgetStore(client, prefix)
         meter = Meter(
-            RedisLimiter(client, prefix),
-            RedisBudgetStore(client, prefix),
+            # One script admits the key's limits, its budget and the deployment's limits together.
+            RedisLimiter(client, prefix, budgets=budgets),
+            budgets,
             ledger_writer(RedisLedger(client, f"{prefix}ledger", prefix=prefix), settings),
             fail_open=settings.redis.fail_open,
         )
