@@ -378,7 +378,20 @@ def _call(body: dict[str, Any], windows: tuple[int | None, ...] = (None,), **set
     ]
     state = build_state(RouterConfig.model_validate({"deployments": deployments, "settings": settings}))
     op = Operation.EMBEDDING if "input" in body else Operation.CHAT
-    return Call("r", op, body, False, False, state.groups["m"], "k", None, RequestOptions(), state, 0, 9)
+    return Call(
+        request_id="r",
+        operation=op,
+        body=body,
+        stream=False,
+        include_usage=False,
+        group=state.groups["m"],
+        caller_label="k",
+        key=None,
+        options=RequestOptions(),
+        state=state,
+        started=0,
+        deadline=9,
+    )
 
 
 def test_worst_case_reservation_rules() -> None:
@@ -516,7 +529,20 @@ def test_one_script_admits_a_request_and_one_script_settles_a_batch(
         async def admit(rid: str) -> Call:
             body = {"messages": MESSAGES, "max_tokens": 5}
             opts = RequestOptions()
-            call = Call(rid, Operation.CHAT, body, False, False, group, "k", key, opts, state, 0.0, 1e12)
+            call = Call(
+                request_id=rid,
+                operation=Operation.CHAT,
+                body=body,
+                stream=False,
+                include_usage=False,
+                group=group,
+                caller_label="k",
+                key=key,
+                options=opts,
+                state=state,
+                started=0.0,
+                deadline=1e12,
+            )
             call.ticket = await meter.admit_caller(call)
             adm = await meter.admit_deployment(call, call.ticket, dep)
             assert adm is not None and adm.allowed and call.ticket.budget is not None
