@@ -462,3 +462,23 @@ def test_redis_store() -> None:
                 await client.aclose()
 
         asyncio.run(scenario())
+
+
+def test_the_fake_upstream_speaks_valid_responses() -> None:
+    """The fake OpenAI's Responses answers are what the router's native path is tested against."""
+    from tests.fakes import responses_wire
+
+    body = {"model": "m", "input": "hi", "tools": [WEATHER]}
+    responses_wire.validate_request(body)
+    for response in (
+        responses_wire.build_response(body, "hello"),
+        responses_wire.build_response({"model": "m", "input": "hi", "text": full_request()["text"]}, "x"),
+    ):
+        validate_fast("Response", response)
+        check_sequence(responses_wire.stream_events(response))
+    with pytest.raises(responses_wire.ResponsesWireError, match="No tool call found"):
+        responses_wire.validate_request(
+            {"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}
+        )
+    with pytest.raises(responses_wire.ResponsesWireError, match="Invalid request"):
+        responses_wire.validate_request({"model": "m", "input": [{"type": "bogus"}]})
