@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from . import _http
 from . import _metrics as metrics
 from ._admin import register_admin_routes
-from ._anthropic_inbound import handle_messages
+from ._anthropic_inbound import MessagesApi
 from ._budget import RedisBudgetStore
 from ._cache import MemoryCache, RedisCache
 from ._config import ConfigError, RedisSettings, RouterConfig, load_config
@@ -331,8 +331,10 @@ def create_app(source: ConfigSource) -> RouterApp:
     openai_route("/embeddings", Operation.EMBEDDING, "Create embeddings (OpenAI format)")
 
     # Anthropic's Messages API in front of any deployment; see _anthropic_inbound.
+    messages_api = MessagesApi()
+
     async def anthropic_messages(inbound: Inbound) -> Response:
-        return await handle_messages(router, inbound)
+        return await router.serve(messages_api, inbound)
 
     app.add_fast_route(
         "/messages", anthropic_messages, summary="Create a message (Anthropic format)", name="messages"

@@ -35,19 +35,28 @@ from .._errors import (
     UpstreamStatusError,
     UpstreamStreamTruncatedError,
 )
+from .._sse import Event as Event
+from .._sse import Payload as Payload
 
 if TYPE_CHECKING:
     from .._config import DeploymentConfig, Timeouts
 
 
 class Operation(StrEnum):
+    """What a client asks for. A provider lists the operations it speaks natively in
+    :attr:`Provider.operations`; :data:`TRANSLATED` ones reach the others as chat requests."""
+
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"
+    #: Anthropic's Messages API.
+    MESSAGES = "messages"
+    #: OpenAI's Responses API.
+    RESPONSES = "responses"
 
 
-#: An OpenAI chunk or response payload: pre-serialized JSON bytes, or a dict to serialize.
-Payload = bytes | dict[str, Any]
+#: Operations a deployment that does not speak them natively serves through a chat request.
+TRANSLATED = frozenset({Operation.MESSAGES, Operation.RESPONSES})
 
 
 #: The largest token count one request may report; larger counts are clamped to it.
@@ -214,6 +223,11 @@ class Provider(ABC):
 
     @abstractmethod
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator: ...
+
+    def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
+        """Whether ``deployment`` serves ``operation`` natively (a provider whose models differ,
+        such as Bedrock's Anthropic models, overrides this)."""
+        return operation in self.operations
 
     #: Deployment fields this provider cannot work without, by their config (camelCase) names.
     required_fields: ClassVar[tuple[str, ...]] = ()
