@@ -40,6 +40,7 @@ from ._proxy import JSON, Router, authenticate, error_response
 from ._redis import connect as connect_redis
 from ._sinks import hub as sink_hub
 from ._state import RouterState, build_state, changed_deployments
+from .inbound.responses import ResponsesApi, register_responses_routes, responses_store
 from .providers import Operation
 
 log = logging.getLogger("kubellm.router")
@@ -268,6 +269,7 @@ def create_app(source: ConfigSource) -> RouterApp:
 
         async def connect_shared_state() -> None:
             client = _connect_shared_state(router)
+            responses_api.store = responses_store(router.state.config.settings, client)
             if client is not None:
                 redis.append(client)
                 tasks.append(asyncio.create_task(router.health.run_refresh(router.deployment_names)))
@@ -332,6 +334,9 @@ def create_app(source: ConfigSource) -> RouterApp:
 
     # Anthropic's Messages API in front of any deployment; see _anthropic_inbound.
     messages_api = MessagesApi()
+    # OpenAI's Responses API in front of any deployment; see inbound/responses.
+    responses_api = ResponsesApi(responses_store(router.state.config.settings, None))
+    register_responses_routes(app, router, responses_api)
 
     async def anthropic_messages(inbound: Inbound) -> Response:
         return await router.serve(messages_api, inbound)

@@ -3,6 +3,12 @@
 URL shape: ``{baseUrl}/openai/deployments/{upstreamModel}/{chat/completions|completions|embeddings}
 ?api-version={apiVersion}``; ``apiVersion`` is required.
 
+The Responses API (spoken natively) has no deployment in its path: the deployment name goes in the
+body's ``model``. With a dated ``apiVersion`` (``2025-04-01-preview``) the URL is
+``{baseUrl}/openai/responses?api-version={apiVersion}``; with ``apiVersion: v1`` (or ``preview``,
+sent as ``?api-version=preview``) it is Azure's OpenAI-compatible v1 surface,
+``{baseUrl}/openai/v1/responses``.
+
 Credentials: the resolved credential goes in the ``api-key`` header. A Microsoft Entra ID
 access token is sent as ``Authorization: Bearer <token>`` instead when the credential is
 written ``entra:<token>`` (interim convention until the config has an auth-type field), or
@@ -41,6 +47,7 @@ from ._base import (
     extract_error_message,
     map_status_error,
 )
+from ._openai_responses import ResponsesPassthroughTranslator
 from ._openai_shaped import OpenAIPassthroughTranslator, OpenAIShapedProvider
 
 #: A credential written ``entra:<token>`` is a Microsoft Entra ID bearer token, not an API key.
@@ -126,8 +133,17 @@ class AzureStreamTranslator(OpenAIPassthroughTranslator):
         return out
 
 
+def _responses_url(base: str, version: str) -> str:
+    if version == "v1":
+        return f"{base}/openai/v1/responses"
+    if version == "preview":
+        return f"{base}/openai/v1/responses?api-version=preview"
+    return f"{base}/openai/responses?api-version={quote(version, safe='')}"
+
+
 class AzureOpenAIProvider(OpenAIShapedProvider):
     name = "azure"
+    operations = OpenAIShapedProvider.operations | {Operation.RESPONSES}
     default_api_key_env = "AZURE_OPENAI_API_KEY"
     required_fields = ("baseUrl", "apiVersion")
 
@@ -145,6 +161,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
     def url(self, ctx: RequestContext) -> str:
         version = self._api_version(ctx)
         base = self.base_url(ctx).removesuffix("/openai")
+        if ctx.operation is Operation.RESPONSES:
+            return _responses_url(base, version)
         deployment = quote(ctx.upstream_model, safe="")
         path = _PATHS[ctx.operation]
         return f"{base}/openai/deployments/{deployment}{path}?api-version={quote(version, safe='')}"
@@ -159,6 +177,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
 
     def prepare_body(self, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         body = dict(body)  # the router reuses the client's body across attempts
+        if ctx.operation is Operation.RESPONSES:
+            return {**body, "model": ctx.upstream_model}  # the deployment's name
         if ctx.stream and not api_version_supports_stream_usage(self._api_version(ctx)):
             if ctx.include_usage and not ctx.deployment.drop_unsupported_params:
                 raise InvalidRequestError(
@@ -182,6 +202,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
         return parsed
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation is Operation.RESPONSES:
+            return ResponsesPassthroughTranslator(self.name)
         return AzureStreamTranslator(ctx.include_usage)
 
     def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:

@@ -6,8 +6,10 @@ as one), :mod:`._stream` (chat chunks as Responses stream events), :mod:`._store
 responses for ``previous_response_id``, GET and DELETE).
 """
 
-from ._render import chat_completion_to_response, new_id, response_skeleton, usage_from_responses
+from ._api import ResponseNotFoundError, ResponsesApi, settle
+from ._render import chat_completion_to_response, new_id, response_skeleton
 from ._request import check_request, input_items, responses_request_to_chat
+from ._routes import register_responses_routes
 from ._store import (
     BrokenChainError,
     MemoryResponseStore,
@@ -15,6 +17,7 @@ from ._store import (
     ResponseStore,
     StoredResponse,
     history,
+    responses_store,
     with_ids,
 )
 from ._stream import ChatToResponsesStream
@@ -24,15 +27,19 @@ __all__ = [
     "ChatToResponsesStream",
     "MemoryResponseStore",
     "RedisResponseStore",
+    "ResponseNotFoundError",
     "ResponseStore",
+    "ResponsesApi",
     "StoredResponse",
     "chat_completion_to_response",
     "check_request",
     "history",
     "input_items",
     "new_id",
+    "register_responses_routes",
     "response_skeleton",
     "responses_request_to_chat",
-    "usage_from_responses",
+    "responses_store",
+    "settle",
     "with_ids",
 ]

@@ -89,19 +89,6 @@ def usage_to_responses(usage: Usage | None) -> dict[str, Any]:
     }
 
 
-def usage_from_responses(usage: Any) -> Usage | None:
-    """A Responses ``usage`` object as the router's :class:`Usage` (None if there is none)."""
-    if not isinstance(usage, dict):
-        return None
-    details = usage.get("input_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-    return Usage(
-        prompt_tokens=int(usage.get("input_tokens") or 0),
-        completion_tokens=int(usage.get("output_tokens") or 0),
-        cached_tokens=int(cached or 0),
-    )
-
-
 def text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 

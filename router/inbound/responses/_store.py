@@ -20,10 +20,13 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from redis.asyncio import Redis
+
+if TYPE_CHECKING:
+    from ..._config import RouterSettings
 
 #: How far back a chain of previous_response_id is followed (a loop cannot form, but a runaway
 #: client could build a very long chain).
@@ -131,6 +134,14 @@ def _text_part(role: Any, text: str) -> dict[str, Any]:
     return {"type": "input_text", "text": text}
 
 
+def responses_store(settings: RouterSettings, client: Redis | None) -> ResponseStore:
+    """The store ``settings.responses`` describes: in Redis when the router has a client."""
+    options = settings.responses
+    if client is not None:
+        return RedisResponseStore(client, settings.redis.key_prefix, options.ttl_seconds)
+    return MemoryResponseStore(options.ttl_seconds, options.max_entries)
+
+
 class BrokenChainError(LookupError):
     """A response of the chain is gone (deleted, expired, or stored by another key)."""
 
@@ -153,12 +164,12 @@ async def history(store: ResponseStore, owner: str, response_id: str) -> list[di
         current = previous if isinstance(previous, str) and previous else None
     items: list[dict[str, Any]] = []
     for turn in reversed(turns):
-        items += [_as_input(item) for item in turn.input]
+        items += [as_input(item) for item in turn.input]
         items += [item for item in turn.response.get("output") or [] if isinstance(item, dict)]
     return items
 
 
-def _as_input(item: dict[str, Any]) -> dict[str, Any]:
+def as_input(item: dict[str, Any]) -> dict[str, Any]:
     """A stored input item as a request carries it again: without the id and status it was
     stored with (an upstream would look for an item of that id)."""
     if item.get("type") == "function_call_output" or item.get("role") in ("user", "system", "developer"):
