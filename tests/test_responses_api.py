@@ -310,3 +310,42 @@ def test_stored_responses_are_shared_through_redis(
         client(one).responses.delete(first.id)
         with pytest.raises(openai.NotFoundError):
             client(two).responses.retrieve(first.id)
+
+
+def test_azure_speaks_responses_natively_from_its_responses_api_versions(
+    start_router: Callable[..., RouterProcess],
+) -> None:
+    from tests.fakes.azure_upstream import FakeAzure
+
+    with FakeAzure(api_key="azure-key-0123456789abcdef") as azure:
+
+        def dep(model: str, version: str) -> dict[str, Any]:
+            return {
+                "model": model,
+                "provider": "azure",
+                "upstreamModel": "gpt4o-prod",
+                "baseUrl": azure.base_url,
+                "apiVersion": version,
+                "apiKeyEnv": "AZ_KEY",
+            }
+
+        deployments = [dep("az-dated", "2025-04-01-preview"), dep("az-v1", "v1"), dep("az-old", "2024-10-21")]
+        router = start_router({"deployments": deployments}, env={"AZ_KEY": "azure-key-0123456789abcdef"})
+        sdk = client(router)
+        expected = {
+            "az-dated": ("/openai/responses", {"api-version": "2025-04-01-preview"}),
+            "az-v1": ("/openai/v1/responses", {}),
+            "az-old": ("/openai/deployments/gpt4o-prod/chat/completions", {"api-version": "2024-10-21"}),
+        }
+        for model, (path, query) in expected.items():
+            response = sdk.responses.create(model=model, input="hi", tools=[WEATHER])  # type: ignore[list-item]
+            call = next(item for item in response.output if item.type == "function_call")
+            result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+            follow = sdk.responses.create(model=model, input=[result], previous_response_id=response.id)  # type: ignore[list-item]
+            assert follow.output_text == "azure says hi" or model == "az-old", follow
+            assert (azure.last.path, azure.last.query) == (path, query)
+            assert azure.last.headers["api-key"] == "azure-key-0123456789abcdef"
+            if model != "az-old":
+                assert azure.last.body["model"] == "gpt4o-prod"
+                events = raw_events(router, {"model": model, "input": "hi"})
+                assert events[-1]["response"]["output"][0]["content"][0]["text"] == "azure says hi"

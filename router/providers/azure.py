@@ -3,7 +3,8 @@
 URL shape: ``{baseUrl}/openai/deployments/{upstreamModel}/{chat/completions|completions|embeddings}
 ?api-version={apiVersion}``; ``apiVersion`` is required.
 
-The Responses API (spoken natively) has no deployment in its path: the deployment name goes in the
+The Responses API (spoken natively from api-version 2025-03-01-preview, ``v1`` or ``preview``;
+older deployments get it translated to chat) has no deployment in its path: the deployment name goes in the
 body's ``model``. With a dated ``apiVersion`` (``2025-04-01-preview``) the URL is
 ``{baseUrl}/openai/responses?api-version={apiVersion}``; with ``apiVersion: v1`` (or ``preview``,
 sent as ``?api-version=preview``) it is Azure's OpenAI-compatible v1 surface,
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
@@ -49,6 +50,9 @@ from ._base import (
 )
 from ._openai_responses import ResponsesPassthroughTranslator
 from ._openai_shaped import OpenAIPassthroughTranslator, OpenAIShapedProvider
+
+if TYPE_CHECKING:
+    from .._config import DeploymentConfig
 
 #: A credential written ``entra:<token>`` is a Microsoft Entra ID bearer token, not an API key.
 ENTRA_PREFIX = "entra:"
@@ -133,6 +137,17 @@ class AzureStreamTranslator(OpenAIPassthroughTranslator):
         return out
 
 
+#: The first api-version of Azure's Responses API (a preview); older deployments get it as chat.
+RESPONSES_SINCE = "2025-03-01-preview"
+
+
+def api_version_has_responses(version: str | None) -> bool:
+    """Whether an ``apiVersion`` reaches Azure's Responses API (v1, preview, or dated from 2025-03-01)."""
+    if version in ("v1", "preview"):
+        return True
+    return version is not None and _DATED.match(version) is not None and version >= RESPONSES_SINCE
+
+
 def _responses_url(base: str, version: str) -> str:
     if version == "v1":
         return f"{base}/openai/v1/responses"
@@ -144,6 +159,12 @@ def _responses_url(base: str, version: str) -> str:
 class AzureOpenAIProvider(OpenAIShapedProvider):
     name = "azure"
     operations = OpenAIShapedProvider.operations | {Operation.RESPONSES}
+
+    def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
+        if operation is Operation.RESPONSES:
+            return api_version_has_responses(deployment.api_version)
+        return super().speaks(operation, deployment)
+
     default_api_key_env = "AZURE_OPENAI_API_KEY"
     required_fields = ("baseUrl", "apiVersion")
 
