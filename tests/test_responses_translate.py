@@ -7,9 +7,12 @@ OpenAPI description (tests/support/openai_spec.py).
 from __future__ import annotations
 
 import asyncio
+import traceback
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kubellm.router._errors import InvalidRequestError
 from kubellm.router.inbound.responses import (
@@ -482,3 +485,55 @@ def test_the_fake_upstream_speaks_valid_responses() -> None:
         )
     with pytest.raises(responses_wire.ResponsesWireError, match="Invalid request"):
         responses_wire.validate_request({"model": "m", "input": [{"type": "bogus"}]})
+
+
+_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+_ITEM = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "bogus"]),
+        "role": st.sampled_from(["user", "assistant", "system", "developer", "tool"]),
+        "content": st.one_of(_ANY, st.lists(st.fixed_dictionaries(
+            {"type": st.sampled_from(["input_text", "output_text", "input_image", "refusal", "input_file"])},
+            optional={"text": _ANY, "image_url": _ANY, "refusal": _ANY}), max_size=3)),
+        "call_id": _ANY, "name": _ANY, "arguments": _ANY, "output": _ANY, "id": _ANY,
+    },
+)  # fmt: skip
+_REQUEST = st.fixed_dictionaries(
+    {"model": st.just("m")},
+    optional={
+        "input": st.one_of(_ANY, st.lists(_ITEM, max_size=4)),
+        **{name: _ANY for name in ("instructions", "tools", "tool_choice", "text", "reasoning", "metadata",
+                                   "temperature", "top_p", "max_output_tokens", "stream", "store", "user")},
+    },
+)  # fmt: skip
+
+
+@settings(
+    max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
+@given(body=_REQUEST)
+def test_any_request_translates_renders_or_is_a_400(body: dict[str, Any]) -> None:
+    """Hostile shapes: a 400 naming a field, never a crash of the translation or the renderers."""
+    from kubellm.router._errors import KubellmError
+    from kubellm.router.inbound.responses import ResponsesApi
+
+    api = ResponsesApi(MemoryResponseStore(60, 10))
+    try:
+        api.validate(body)
+        chat = api.to_chat(body)
+    except KubellmError as err:
+        assert err.status == 400 and err.param, err
+        return
+    except Exception:  # pragma: no cover - shows what crashed
+        pytest.fail(f"crashed on {body!r}:\n{traceback.format_exc()}")
+    assert chat["messages"]
+    response = chat_completion_to_response(chat_doc({"content": "x"}), body, "resp_h", 1, None)
+    validate_fast("Response", response)
+    stream = ChatToResponsesStream(body, "resp_h", 1)
+    for event in stream.chunk(chunk({"content": "x"})) + stream.close():
+        validate_stream_event(event)

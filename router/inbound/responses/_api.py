@@ -26,6 +26,7 @@ from ..._api import JSON, SSE, InboundApi, Requested, stream_headers
 from ..._errors import KubellmError
 from ..._outcome import Answer, Failure, Outcome, Stream, StreamError, StreamEvent
 from ..._sse import Event, frame
+from ..._validate import validate as validate_chat
 from ...providers import Operation
 from ._render import chat_completion_to_response, failed, new_id
 from ._request import check_request, input_items, responses_request_to_chat
@@ -108,7 +109,10 @@ class ResponsesApi(InboundApi):
         return Requested(model=body["model"], stream=stream, include_usage=stream)
 
     def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        return responses_request_to_chat(body)
+        chat = responses_request_to_chat(body)
+        # What the chat route would refuse is refused here too (a 400, never a provider's surprise).
+        validate_chat(Operation.CHAT, chat)
+        return chat
 
     async def prepare(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         owner = caller.label

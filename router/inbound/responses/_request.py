@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..._errors import InvalidRequestError
+from ..._validate import CLIENT_TARGET_FIELDS
 
 #: Responses parameters that pass to chat under the same name.
 _SAME_NAME = ("temperature", "top_p", "parallel_tool_calls", "top_logprobs", "prompt_cache_key")
@@ -249,6 +250,32 @@ _REFUSED = {
 }
 
 
+#: Top-level fields and the JSON types they must have (None always allowed).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "instructions": (str,),
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_logprobs": (int,),
+    "prompt_cache_key": (str,),
+    "user": (str,),
+    "safety_identifier": (str,),
+    "metadata": (dict,),
+    "tools": (list,),
+    "text": (dict,),
+    "reasoning": (dict,),
+    "tool_choice": (str, dict),
+}
+
+
+def _check_types(body: dict[str, Any]) -> None:
+    for name, kinds in _TYPES.items():
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            names = " or ".join({str: "a string", int: "an integer", float: "a number", dict: "an object",
+                                 list: "a list"}[k] for k in kinds)  # fmt: skip
+            raise _bad(name, f"expected {names}")
+
+
 def check_request(body: dict[str, Any]) -> None:
     """Reject what no deployment could serve, naming the field (the shape of the rest is checked
     by the translation, or by the upstream that speaks Responses natively)."""
@@ -263,6 +290,10 @@ def check_request(body: dict[str, Any]) -> None:
     limit = body.get("max_output_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise _bad("max_output_tokens", "expected an integer of at least 1")
+    for name in CLIENT_TARGET_FIELDS:
+        if name in body:
+            raise _bad(name, "the upstream is chosen by the router's config, never by a request")
+    _check_types(body)
     previous = body.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not previous):
         raise _bad("previous_response_id", "expected a response id")

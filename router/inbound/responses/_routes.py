@@ -73,7 +73,9 @@ def register_responses_routes(app: RouterApp, router: Router, api: ResponsesApi)
         return await settle(await router.serve(api, inbound))
 
     summary = "Create a model response (OpenAI Responses)"
-    app.add_fast_route("/responses", create, summary=summary, name="responses")
+    schema = {"type": "object", "required": ["model"], "additionalProperties": True}
+    body = {"requestBody": {"required": True, "content": {JSON: {"schema": schema}}}}
+    app.add_fast_route("/responses", create, summary=summary, openapi_extra=body, name="responses")
 
     async def retrieve(request: Request) -> Response:
         try:
