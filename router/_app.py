@@ -31,9 +31,11 @@ from ._direct import Endpoint
 from ._errors import INTERNAL_ERROR_BODY, KubellmError, ModelNotFoundError, error_body
 from ._inbound import AsgiInbound, Inbound
 from ._proxy import JSON, Router, authenticate, error_response
+from ._responses_routes import register_responses_routes
 from ._services import build_services
 from ._sinks import hub as sink_hub
 from ._state import RouterState, build_state, changed_deployments
+from .inbound.responses import ResponsesApi
 from .providers import Operation
 
 log = logging.getLogger("kubellm.router")
@@ -295,6 +297,9 @@ def create_app(source: ConfigSource) -> RouterApp:
 
     # Anthropic's Messages API in front of any deployment; see _anthropic_inbound.
     messages_api = MessagesApi()
+    # OpenAI's Responses API in front of any deployment; see inbound/responses.
+    responses_api = ResponsesApi(lambda: router.services.responses)
+    register_responses_routes(app, router, responses_api)
 
     async def anthropic_messages(inbound: Inbound) -> Response:
         return await router.serve(messages_api, inbound)

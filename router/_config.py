@@ -260,6 +260,23 @@ class CacheSettings(_Model):
     max_entry_bytes: int = Field(1_048_576, ge=1, description="Answers larger than this are not cached.")
 
 
+class ResponsesSettings(_Model):
+    """Stored responses of the Responses API (`store`, `previous_response_id`, `GET /v1/responses/{id}`).
+
+    Read once at start. Kept in Redis when `redis` is configured (shared by every replica), else in
+    process memory.
+    """
+
+    ttl_seconds: float = Field(
+        2_592_000.0,
+        gt=0,
+        description="How long a stored response is kept after it was last written or read (default 30 days).",
+    )
+    max_entries: int = Field(
+        10_000, ge=1, description="In-memory backend: responses kept (the least recently used go first)."
+    )
+
+
 class RedisSettings(_Model):
     """Where the shared state lives. Without a URL, state is kept in process memory."""
 
@@ -429,6 +446,9 @@ class RouterSettings(_Model):
         default_factory=lambda: CooldownSettings(), description="Circuit breaker."
     )
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings(), description="Response cache.")
+    responses: ResponsesSettings = Field(
+        default_factory=lambda: ResponsesSettings(), description="Stored responses of the Responses API."
+    )
     redis: RedisSettings = Field(
         default_factory=lambda: RedisSettings(),
         description="Shared state between replicas; unset: in memory.",

@@ -28,6 +28,7 @@ from ._limits_redis import RedisLimiter
 from ._metering import Meter, ledger_writer, local_ledger
 from ._redis import connect as connect_redis
 from ._upstream import UpstreamPool
+from .inbound.responses import ResponseStore, responses_store
 from .providers import UpstreamClient
 
 __all__ = ["Services", "build_services", "redis_url"]
@@ -52,6 +53,8 @@ class Services:
     cache: ResponseCache
     meter: Meter
     dispatcher: Dispatcher
+    #: Stored Responses API responses (``previous_response_id``, GET, DELETE).
+    responses: ResponseStore
     #: The shared-state client, when Redis is configured (closed at shutdown).
     redis: Redis | None
 
@@ -92,5 +95,6 @@ def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient 
         cache=cache,
         meter=meter,
         dispatcher=dispatcher,
+        responses=responses_store(settings, client),
         redis=client,
     )
