@@ -65,7 +65,8 @@ def authenticate(state: RouterState, headers: Mapping[str, str]) -> Caller:
         presented = headers.get("api-key") or headers.get("x-api-key")
         if presented is None:
             raise AuthenticationError(
-                "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
+                "missing API key: send 'Authorization: Bearer <key>' or 'api-key: <key>'",
+                code="missing_api_key",
             )
     else:
         scheme, _, presented = header.partition(" ")
