@@ -384,7 +384,12 @@ def create_app(source: ConfigSource) -> RouterApp:
         return groups
 
     def model_card(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "kubellm"}
+        card: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "kubellm"}
+        group = router.state.groups.get(name)
+        if group is not None:  # what it serves (see _modes): the first mode, and all of them
+            modes = group.modes
+            card["mode"], card["modes"] = (modes[0] if modes else "chat"), modes
+        return card
 
     async def list_models(request: Request) -> Response:
         try:

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from ._errors import KubellmError
+from ._modes import Mode
 
 
 class ConfigError(KubellmError):
@@ -52,7 +53,8 @@ class _Model(BaseModel):
 
 
 class Pricing(_Model):
-    """Prices in USD per one million tokens. Unset fields fall back to the shipped price table."""
+    """Prices in USD per one million tokens, per image and per rerank search unit. Unset fields
+    fall back to the shipped price table."""
 
     input_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M prompt tokens.")
     output_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M completion tokens.")
@@ -67,6 +69,13 @@ class Pricing(_Model):
         ge=0,
         description="USD per 1M prompt tokens written to the provider's prompt cache, such as "
         "Anthropic's `cache_creation_input_tokens` (defaults to the input price).",
+    )
+    per_image: Decimal | None = Field(None, ge=0, description="USD per generated image (image models).")
+    per_search_unit: Decimal | None = Field(
+        None,
+        ge=0,
+        description="USD per rerank search unit (Cohere's `billed_units.search_units`; on Bedrock, per "
+        "query of up to 100 documents).",
     )
 
 
@@ -107,6 +116,13 @@ class DeploymentConfig(_Model):
     )
     model: Label = Field(..., min_length=1, description="Public model name clients send (the model group).")
     provider: str = Field(..., description="Provider adapter, e.g. `openai`, `openai-compatible`, `mock`.")
+    mode: Mode | list[Mode] | None = Field(
+        None,
+        description="What it serves: `chat`, `embedding`, `image`, `audio`, `rerank`, `moderation`, or a "
+        "list of them; requests of other kinds skip it. Default: derived from the upstream model's name "
+        "(`dall-e-3`: image, `rerank-v3.5`: rerank, otherwise chat), and chat and embedding requests "
+        "still reach it. See docs/routing.md.",
+    )
     upstream_model: str | None = Field(
         None, description="Model or deployment id sent upstream. Default: `model`."
     )
@@ -150,6 +166,21 @@ class DeploymentConfig(_Model):
         names = provider_names()
         if value not in names:
             raise ValueError(f"unknown provider {value!r}; known: {', '.join(sorted(names))}")
+        return value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _modes(cls, value: Any) -> Any:
+        from ._modes import MODES
+
+        names = value if isinstance(value, list) else [value]
+        if value is None:
+            return value
+        if not names or len(set(map(str, names))) != len(names):
+            raise ValueError("must name at least one mode, each once")
+        for name in names:
+            if name not in MODES:
+                raise ValueError(f"unknown mode {name!r}; known: {', '.join(MODES)}")
         return value
 
     @model_validator(mode="after")

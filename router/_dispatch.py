@@ -135,6 +135,8 @@ class Call:
 
     def serves(self, dep: Deployment) -> bool:
         """Whether ``dep`` can answer: natively, or through chat for a translated operation."""
+        if not dep.serves_mode(self.operation):
+            return False
         provider = dep.provider
         if provider.speaks(self.operation, dep.config):
             return True

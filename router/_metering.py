@@ -42,7 +42,8 @@ from ._config import RouterSettings
 from ._errors import KubellmError, RateLimitError, ServiceUnavailableError
 from ._ledger import LedgerStore, LedgerWriter, SqliteLedger, UsageRecord
 from ._limits import Admission, Limiter, LimitRule, MemoryLimiter, Settlement, format_reset
-from ._pricing import Price, cost, price_for, usage_cost
+from ._pricing import Price, cost, price_for, unit_cost, usage_cost
+from ._units import requested_units
 from .providers import Operation, Usage
 
 if TYPE_CHECKING:
@@ -140,7 +141,9 @@ def worst_case(call: Call, cap: int, trust_client: bool) -> tuple[Decimal, int |
         if windows and all(w is not None for w in windows):
             completion = min(completion, max(0, max(w or 0 for w in windows) - prompt))
     prices = [p for p in (deployment_price(d) for d in deps) if p is not None]
-    return max((cost(prompt, completion, 0, p) for p in prices), default=Decimal(0)), allowance
+    images, units = requested_units(call.operation, call.body)
+    worst = (cost(prompt, completion, 0, p) + unit_cost(images, units, p) for p in prices)
+    return max(worst, default=Decimal(0)), allowance
 
 
 def state_dir(settings: RouterSettings) -> Path:

@@ -68,6 +68,9 @@ class Price:
     cached_input_per_million: Decimal | None = None
     #: Prompt tokens written to the cache; ``None`` bills them at the input price.
     cache_write_input_per_million: Decimal | None = None
+    #: USD per generated image, and per rerank search unit (``None``: free, or priced by tokens).
+    per_image: Decimal | None = None
+    per_search_unit: Decimal | None = None
 
     @property
     def cached_rate(self) -> Decimal:
@@ -95,6 +98,12 @@ class PricingLike(Protocol):
     @property
     def cache_write_input_per_million(self) -> Decimal | None: ...
 
+    @property
+    def per_image(self) -> Decimal | None: ...
+
+    @property
+    def per_search_unit(self) -> Decimal | None: ...
+
 
 def _p(input_: str, output: str, cached: str | None = None, written: str | None = None) -> Price:
     return Price(
@@ -102,6 +111,16 @@ def _p(input_: str, output: str, cached: str | None = None, written: str | None 
         Decimal(output),
         None if cached is None else Decimal(cached),
         None if written is None else Decimal(written),
+    )
+
+
+def _unit(*, image: str | None = None, search_unit: str | None = None) -> Price:
+    """A model priced per image or per rerank search unit, not by tokens."""
+    return Price(
+        Decimal(0),
+        Decimal(0),
+        per_image=None if image is None else Decimal(image),
+        per_search_unit=None if search_unit is None else Decimal(search_unit),
     )
 
 
@@ -141,6 +160,23 @@ DEFAULT_PRICES: dict[str, Price] = {
     # Open weights, as typical hosted endpoints list them
     "llama-3.1-8b": _p("0.18", "0.18"),
     "llama-3.1-70b": _p("0.88", "0.88"),
+    # Images: per image at the smallest standard size (gpt-image-1 bills tokens: text in, image out)
+    "dall-e-2": _unit(image="0.02"),
+    "dall-e-3": _unit(image="0.04"),
+    "gpt-image-1": _p("5.00", "40.00", "1.25"),
+    "imagen-3.0-generate": _unit(image="0.04"),
+    "imagen-3.0-fast-generate": _unit(image="0.02"),
+    "imagen-4.0-generate": _unit(image="0.04"),
+    "imagen-4.0-fast-generate": _unit(image="0.02"),
+    "imagen-4.0-ultra-generate": _unit(image="0.06"),
+    # Moderation is free; rerank per search unit (Cohere: 1 query of up to 100 documents)
+    "omni-moderation": _p("0", "0"),
+    "text-moderation": _p("0", "0"),
+    "rerank-v3.5": _unit(search_unit="0.002"),
+    "rerank-v3-5": _unit(search_unit="0.002"),
+    "rerank-english-v3.0": _unit(search_unit="0.002"),
+    "rerank-multilingual-v3.0": _unit(search_unit="0.002"),
+    "amazon.rerank-v1": _unit(search_unit="0.001"),
 }
 
 _MINOR = re.compile(r"^-[0-9](-|$)")
@@ -191,15 +227,20 @@ def price_for(upstream_model: str, override: PricingLike | None = None) -> Price
     inp, out = override.input_per_million, override.output_per_million
     cached = override.cached_input_per_million
     written = override.cache_write_input_per_million
+    image, unit = override.per_image, override.per_search_unit
     if base is None:
-        if inp is None:
+        if inp is None and image is None and unit is None:
             return None
-        return Price(inp, out if out is not None else Decimal(0), cached, written)
+        zero = Decimal(0)
+        return Price(inp if inp is not None else zero, out if out is not None else zero, cached, written,
+                     image, unit)  # fmt: skip
     return Price(
         base.input_per_million if inp is None else inp,
         base.output_per_million if out is None else out,
         base.cached_input_per_million if cached is None else cached,
         base.cache_write_input_per_million if written is None else written,
+        base.per_image if image is None else image,
+        base.per_search_unit if unit is None else unit,
     )
 
 
@@ -245,9 +286,27 @@ class UsageLike(Protocol):
     @property
     def cache_write_tokens(self) -> int: ...
 
+    @property
+    def images(self) -> int: ...
+
+    @property
+    def search_units(self) -> int: ...
+
+
+def unit_cost(images: int, search_units: int, price: Price) -> Decimal:
+    """What images and rerank search units cost at ``price`` (nothing where it sets no unit price)."""
+    total = Decimal(0)
+    if images and price.per_image is not None:
+        total += images * price.per_image
+    if search_units and price.per_search_unit is not None:
+        total += search_units * price.per_search_unit
+    return total
+
 
 def usage_cost(usage: UsageLike, price: Price) -> Decimal:
-    """:func:`cost` of one request's usage, cache reads and writes at their own prices."""
-    return cost(
+    """:func:`cost` of one request's usage, cache reads and writes at their own prices, plus its
+    images and rerank search units at theirs."""
+    tokens = cost(
         usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price, usage.cache_write_tokens
     )
+    return tokens + unit_cost(usage.images, usage.search_units, price)

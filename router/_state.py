@@ -16,6 +16,8 @@ from pathlib import Path
 from . import _redact as redact
 from ._config import ConfigError, DeploymentConfig, KeyConfig, ModelGroupConfig, RouterConfig
 from ._limits import LimitRule, rule
+from ._modes import deployment_modes, ordered
+from ._modes import serves as serves_modes
 from .providers import Operation, Provider, get_provider
 
 
@@ -32,10 +34,17 @@ class Deployment:
     name: str = field(init=False)
     #: The deployment's limits, or None when it has none.
     limit_rule: LimitRule | None = field(init=False)
+    #: What it serves (see :mod:`._modes`), and whether its config said so.
+    modes: frozenset[str] = field(init=False)
+    explicit_mode: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = self.config.name
         self.limit_rule = rule(f"deployment:{self.name}", self.config.limits)
+        self.modes, self.explicit_mode = deployment_modes(self.config)
+
+    def serves_mode(self, operation: Operation) -> bool:
+        return serves_modes(self.modes, self.explicit_mode, operation)
 
 
 @dataclass(slots=True)
@@ -59,6 +68,11 @@ class ModelGroup:
     def speaks(self, operation: Operation) -> bool:
         """Some deployment serves ``operation`` natively."""
         return any(dep.provider.speaks(operation, dep.config) for dep in self.deployments)
+
+    @property
+    def modes(self) -> list[str]:
+        """What the group's deployments serve, as ``/v1/models`` lists it."""
+        return ordered(m for dep in self.deployments for m in dep.modes)
 
 
 @dataclass(slots=True)

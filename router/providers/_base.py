@@ -53,6 +53,13 @@ class Operation(StrEnum):
     MESSAGES = "messages"
     #: OpenAI's Responses API.
     RESPONSES = "responses"
+    #: ``/v1/images/generations`` (JSON) and ``/v1/images/edits`` (multipart), see :mod:`..inbound.surface`.
+    IMAGE = "image"
+    IMAGE_EDIT = "image_edit"
+    #: ``/v1/moderations``.
+    MODERATION = "moderation"
+    #: ``/v1/rerank``, in Cohere's (and Jina's) shape.
+    RERANK = "rerank"
 
 
 #: Operations a deployment that does not speak them natively serves through a chat request.
@@ -73,6 +80,10 @@ class Usage:
     #: Prompt tokens written to the provider's prompt cache (part of ``prompt_tokens`` too):
     #: Anthropic bills them above the input price.
     cache_write_tokens: int = 0
+    #: Images generated (priced per image where the price says so).
+    images: int = 0
+    #: Rerank search units (Cohere's ``billed_units.search_units``; Bedrock's queries).
+    search_units: int = 0
 
     def __post_init__(self) -> None:
         # Counts come from upstreams: negative or absurd ones would corrupt metering (a negative
@@ -82,6 +93,8 @@ class Usage:
         self.cached_tokens = min(max(self.cached_tokens, 0), self.prompt_tokens)
         uncached = self.prompt_tokens - self.cached_tokens
         self.cache_write_tokens = min(max(self.cache_write_tokens, 0), uncached)
+        self.images = min(max(self.images, 0), MAX_TOKENS)
+        self.search_units = min(max(self.search_units, 0), MAX_TOKENS)
 
     @property
     def total_tokens(self) -> int:
