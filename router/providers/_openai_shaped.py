@@ -19,17 +19,24 @@ from ._base import (
     ProviderResponse,
     RequestContext,
     StreamTranslator,
+    UpstreamClient,
     UpstreamRequest,
+    UpstreamResponse,
     Usage,
     extract_error_message,
 )
 from ._openai_responses import ResponsesPassthroughTranslator, usage_from_responses
+from ._surface import SURFACE, finish_rerank, openai_surface_request, parse_surface, read_openai_compatible
 
 _PATHS = {
     Operation.CHAT: "/chat/completions",
     Operation.COMPLETION: "/completions",
     Operation.EMBEDDING: "/embeddings",
     Operation.RESPONSES: "/responses",
+    Operation.IMAGE: "/images/generations",
+    Operation.IMAGE_EDIT: "/images/edits",
+    Operation.MODERATION: "/moderations",
+    Operation.RERANK: "/rerank",
 }
 
 
@@ -123,11 +130,24 @@ class OpenAIShapedProvider(Provider):
         return body
 
     def build_request(self, body: dict[str, Any], ctx: RequestContext) -> UpstreamRequest:
+        if ctx.operation in SURFACE:  # images, moderations, rerank: see _surface
+            auth = {**self.auth_headers(ctx), **ctx.deployment.headers}
+            return openai_surface_request(body, ctx, self.url(ctx), auth)
         headers = {"Content-Type": "application/json", **self.auth_headers(ctx), **ctx.deployment.headers}
         payload = orjson.dumps(self.prepare_body(body, ctx))
         return UpstreamRequest("POST", self.url(ctx), headers, payload)
 
+    async def send(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> UpstreamResponse:
+        request = self.build_request(body, ctx)
+        if ctx.operation is Operation.RERANK:
+            return await finish_rerank(client, request, body, ctx, self.name, read_openai_compatible)
+        return await client.send(request, ctx)
+
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
+        if ctx.operation in SURFACE:
+            return parse_surface(raw, ctx, self.name)
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:

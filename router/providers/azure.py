@@ -45,9 +45,12 @@ from ._base import (
     ProviderResponse,
     RequestContext,
     StreamTranslator,
+    UpstreamClient,
+    UpstreamResponse,
     extract_error_message,
     map_status_error,
 )
+from ._content_safety import analyze_request, moderate, moderation_texts
 from ._openai_responses import ResponsesPassthroughTranslator
 from ._openai_shaped import OpenAIPassthroughTranslator, OpenAIShapedProvider
 
@@ -63,6 +66,8 @@ _PATHS = {
     Operation.CHAT: "/chat/completions",
     Operation.COMPLETION: "/completions",
     Operation.EMBEDDING: "/embeddings",
+    Operation.IMAGE: "/images/generations",
+    Operation.IMAGE_EDIT: "/images/edits",
 }
 _DATED = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
@@ -158,7 +163,10 @@ def _responses_url(base: str, version: str) -> str:
 
 class AzureOpenAIProvider(OpenAIShapedProvider):
     name = "azure"
-    operations = OpenAIShapedProvider.operations | {Operation.RESPONSES}
+    #: Moderations go to Azure AI Content Safety (see _content_safety); images to the deployment.
+    operations = OpenAIShapedProvider.operations | {
+        Operation.RESPONSES, Operation.IMAGE, Operation.IMAGE_EDIT, Operation.MODERATION
+    }  # fmt: skip
 
     def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
         if operation is Operation.RESPONSES:
@@ -190,11 +198,23 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
 
     def auth_headers(self, ctx: RequestContext) -> dict[str, str]:
         key = ctx.api_key
-        if not key or any(h.lower() in ("authorization", "api-key") for h in ctx.deployment.headers):
+        header = "Ocp-Apim-Subscription-Key" if ctx.operation is Operation.MODERATION else "api-key"
+        given = ("authorization", "api-key", "ocp-apim-subscription-key")
+        if not key or any(h.lower() in given for h in ctx.deployment.headers):
             return {}
         if key.startswith(ENTRA_PREFIX):
             return {"Authorization": f"Bearer {key[len(ENTRA_PREFIX) :]}"}
-        return {"api-key": key}
+        return {header: key}
+
+    async def send(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> UpstreamResponse:
+        if ctx.operation is not Operation.MODERATION:
+            return await super().send(client, body, ctx)
+        base = self.base_url(ctx).removesuffix("/openai")
+        version, auth = self._api_version(ctx), self.auth_headers(ctx)
+        requests = [analyze_request(t, ctx, base, version, auth) for t in moderation_texts(body)]
+        return await moderate(client, body, ctx, requests)
 
     def prepare_body(self, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         body = dict(body)  # the router reuses the client's body across attempts

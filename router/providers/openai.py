@@ -9,7 +9,9 @@ from ._openai_shaped import OpenAIShapedProvider
 class OpenAIProvider(OpenAIShapedProvider):
     name = "openai"
     #: The Responses API is OpenAI's own; OpenAI-compatible servers are not assumed to have it.
-    operations = OpenAIShapedProvider.operations | {Operation.RESPONSES}
+    operations = OpenAIShapedProvider.operations | {
+        Operation.RESPONSES, Operation.IMAGE, Operation.IMAGE_EDIT, Operation.MODERATION
+    }  # fmt: skip
     default_api_key_env = "OPENAI_API_KEY"
     default_base_url = "https://api.openai.com/v1"
 
@@ -20,3 +22,5 @@ class OpenAICompatibleProvider(OpenAIShapedProvider):
     name = "openai-compatible"
     default_api_key_env = "OPENAI_COMPATIBLE_API_KEY"
     required_fields = ("baseUrl",)
+    #: Image servers (LocalAI and the like) and rerankers (vLLM, Jina: ``POST {baseUrl}/rerank``).
+    operations = OpenAIShapedProvider.operations | {Operation.IMAGE, Operation.RERANK}
