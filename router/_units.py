@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .providers import Operation
+from .providers._base import Operation
 
 #: Documents per rerank search unit (Cohere) or query (Bedrock).
 DOCUMENTS_PER_SEARCH_UNIT = 100

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from .._errors import UpstreamProtocolError
+from .._units import requested_units
 from ..inbound.multipart import encode_form
 from ._base import (
     Operation,
@@ -187,3 +188,42 @@ def read_openai_compatible(doc: dict[str, Any]) -> tuple[RerankResult, str | Non
     answer_id = doc.get("id") if isinstance(doc.get("id"), str) else None
     return read_scored(doc), answer_id, None, int(tokens) if isinstance(tokens, int) else None
 
+
+
+def cohere_rerank_body(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """Cohere's v2 rerank request (Bedrock's Cohere rerankers take it too, with ``api_version``)."""
+    payload: dict[str, Any] = {"model": model, "query": body["query"], "documents": rerank_documents(body)}
+    for name in ("top_n", "max_tokens_per_doc"):
+        if body.get(name) is not None:
+            payload[name] = body[name]
+    return payload
+
+
+def read_cohere(doc: dict[str, Any]) -> tuple[RerankResult, str | None, int | None, int | None]:
+    """Cohere's v2 answer: the scored results and ``meta.billed_units.search_units``."""
+    billed = _obj(_obj(doc.get("meta")).get("billed_units"))
+    units = billed.get("search_units")
+    answer_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    return read_scored(doc), answer_id, int(units) if isinstance(units, int | float) else None, None
+
+
+def bedrock_rerank_body(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """InvokeModel's body for a Bedrock reranker: Cohere's (``api_version`` 2) or Amazon's."""
+    payload = cohere_rerank_body(body, model)
+    del payload["model"]  # the model is in the URL
+    if "cohere." in model:
+        payload["api_version"] = 2
+    else:
+        payload.pop("max_tokens_per_doc", None)  # Amazon Rerank has no such parameter
+    return payload
+
+
+def bedrock_reader(body: dict[str, Any]) -> RerankReader:
+    """Bedrock's answer: scored results; it bills one query per 100 documents (its search unit)."""
+    units = requested_units(Operation.RERANK, body)[1]
+
+    def read(doc: dict[str, Any]) -> tuple[RerankResult, str | None, int | None, int | None]:
+        answer_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+        return read_scored(doc), answer_id, units, None
+
+    return read

@@ -58,6 +58,7 @@ from ._bedrock_converse import (
     openai_to_converse_request,
 )
 from ._embeddings import LocalResponse, embedding_inputs, estimate_tokens, openai_embedding_response, pack
+from ._surface import bedrock_reader, bedrock_rerank_body, finish_rerank, parse_surface
 
 if TYPE_CHECKING:
     from .._config import DeploymentConfig
@@ -138,7 +139,8 @@ class _DefaultChain:
 
 class BedrockProvider(Provider):
     name = "bedrock"
-    operations = frozenset({Operation.CHAT, Operation.EMBEDDING})
+    #: Rerank: Cohere's and Amazon's rerankers through InvokeModel (see _surface).
+    operations = frozenset({Operation.CHAT, Operation.EMBEDDING, Operation.RERANK})
 
     def __init__(self) -> None:
         self._chain = _DefaultChain()
@@ -216,8 +218,11 @@ class BedrockProvider(Provider):
                 url = self.url(ctx, "invoke-with-response-stream")
                 return self.signed(ctx, url, payload, "application/vnd.amazon.eventstream")
             return self.signed(ctx, self.url(ctx, "invoke"), payload, "application/json")
+        if ctx.operation is Operation.RERANK:
+            payload = orjson.dumps(bedrock_rerank_body(body, ctx.upstream_model))
+            return self.signed(ctx, self.url(ctx, "invoke"), payload, "application/json")
         if ctx.operation is not Operation.CHAT:
-            raise InvalidRequestError("bedrock serves chat, embeddings and Anthropic messages only")
+            raise InvalidRequestError("bedrock serves chat, embeddings, rerank and Anthropic messages only")
         payload = orjson.dumps(openai_to_converse_request(body, ctx, self.name))
         if ctx.stream:
             return self.signed(
@@ -259,6 +264,9 @@ class BedrockProvider(Provider):
     async def send(
         self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
     ) -> UpstreamResponse:
+        if ctx.operation is Operation.RERANK:
+            request = self.build_request(body, ctx)
+            return await finish_rerank(client, request, body, ctx, self.name, bedrock_reader(body))
         if ctx.operation is not Operation.EMBEDDING:
             return await client.send(self.build_request(body, ctx), ctx)
         kind = self._embedding_kind(ctx)
@@ -319,6 +327,8 @@ class BedrockProvider(Provider):
             return parse_native(raw, self.name)
         if ctx.operation is Operation.EMBEDDING:
             return openai_embedding_response(raw, ctx)
+        if ctx.operation is Operation.RERANK:
+            return parse_surface(raw, ctx, self.name)
         return converse_response_to_openai(raw, ctx, self.name)
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:

@@ -41,6 +41,7 @@ from ._base import (
     map_status_error,
 )
 from ._embeddings import LocalResponse, embedding_inputs, openai_embedding_response, pack
+from ._surface import cohere_rerank_body, finish_rerank, parse_surface, read_cohere
 from ._translate import (
     ChunkBuilder,
     chat_completion,
@@ -379,7 +380,7 @@ def cohere_embeddings_to_vectors(doc: dict[str, Any], count: int) -> tuple[list[
 
 class CohereProvider(Provider):
     name = "cohere"
-    operations = frozenset({Operation.CHAT, Operation.EMBEDDING})
+    operations = frozenset({Operation.CHAT, Operation.EMBEDDING, Operation.RERANK})
     default_api_key_env = "CO_API_KEY"
     default_base_url = "https://api.cohere.com"
 
@@ -392,6 +393,8 @@ class CohereProvider(Provider):
             headers["Authorization"] = f"Bearer {ctx.api_key}"
         if ctx.operation is Operation.EMBEDDING:
             payload, path = openai_embeddings_to_cohere(body, ctx), "/v2/embed"
+        elif ctx.operation is Operation.RERANK:
+            payload, path = cohere_rerank_body(body, ctx.upstream_model), "/v2/rerank"
         else:
             payload, path = openai_chat_to_cohere(body, ctx), "/v2/chat"
             if ctx.stream:
@@ -403,6 +406,9 @@ class CohereProvider(Provider):
     async def send(
         self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
     ) -> UpstreamResponse:
+        if ctx.operation is Operation.RERANK:
+            request = self.build_request(body, ctx)
+            return await finish_rerank(client, request, body, ctx, self.name, read_cohere)
         if ctx.operation is not Operation.EMBEDDING:
             return await client.send(self.build_request(body, ctx), ctx)
         # OpenAI's embedding answer depends on the request's encoding_format, which
@@ -418,6 +424,8 @@ class CohereProvider(Provider):
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
         if ctx.operation is Operation.EMBEDDING:
             return openai_embedding_response(raw, ctx)
+        if ctx.operation is Operation.RERANK:
+            return parse_surface(raw, ctx, self.name)
         body, usage = cohere_response_to_openai(_json(raw), ctx)
         return ProviderResponse(body, usage)
 

@@ -32,12 +32,15 @@ from ._gemini import (
     map_google_error,
     openai_to_gemini_request,
 )
+from ._imagen import finish_imagen, imagen_request
+from ._surface import parse_surface
 
 
 class GoogleGenAIProvider(Provider):
     """What AI Studio and Vertex AI share: the GenerateContent translation and Google's errors."""
 
-    operations = frozenset({Operation.CHAT, Operation.EMBEDDING})
+    #: Images: Imagen models through ``:predict`` (see _imagen).
+    operations = frozenset({Operation.CHAT, Operation.EMBEDDING, Operation.IMAGE})
 
     @abstractmethod
     def model_url(self, ctx: RequestContext, method: str) -> str:
@@ -68,6 +71,8 @@ class GoogleGenAIProvider(Provider):
         elif ctx.operation is Operation.CHAT:
             method = "streamGenerateContent?alt=sse" if ctx.stream else "generateContent"
             url, payload = self.model_url(ctx, method), openai_to_gemini_request(body, ctx, self.name)
+        elif ctx.operation is Operation.IMAGE:
+            url, payload = self.model_url(ctx, "predict"), imagen_request(body, ctx, self.name)
         else:
             raise InvalidRequestError(f"provider {self.name!r} serves chat and embeddings only")
         return UpstreamRequest("POST", url, headers, orjson.dumps(payload))
@@ -81,6 +86,8 @@ class GoogleGenAIProvider(Provider):
         self, client: UpstreamClient, request: UpstreamRequest, body: dict[str, Any], ctx: RequestContext
     ) -> UpstreamResponse:
         resp = await client.send(request, ctx)
+        if ctx.operation is Operation.IMAGE:
+            return await finish_imagen(resp, body, self.name)
         if ctx.operation is not Operation.EMBEDDING:
             return resp
         return await self.finish_embedding(resp, body)
@@ -103,6 +110,8 @@ class GoogleGenAIProvider(Provider):
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
         if ctx.operation is Operation.EMBEDDING:
             return openai_embedding_response(raw, ctx)
+        if ctx.operation is Operation.IMAGE:
+            return parse_surface(raw, ctx, self.name)
         return gemini_response_to_openai(raw, ctx, self.name)
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:

@@ -62,7 +62,7 @@ PRESETS: tuple[Preset, ...] = (
            unsupported=_NO_LOGPROBS | {"tools", "tool_choice", "parallel_tool_calls"}),
     Preset("xai", "https://api.x.ai/v1", "XAI_API_KEY", _NO_EMBED),
     Preset("ollama", "http://localhost:11434/v1", None),
-    Preset("vllm", "http://localhost:8000/v1", "VLLM_API_KEY"),
+    Preset("vllm", "http://localhost:8000/v1", "VLLM_API_KEY", _ALL | {Operation.RERANK}),
     Preset("lmstudio", "http://localhost:1234/v1", None, stream_usage=False),
 )  # fmt: skip
 
