@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.fakes import responses_wire
+from tests.fakes import responses_wire, surface_wire
 from tests.support.servers import FakeServer, ThreadedApp
 
 API_VERSIONS = frozenset({
@@ -493,6 +493,9 @@ class FakeAzure(FakeServer):
         self.replies: list[Reply] = []
         self._lock = threading.Lock()
         app = web.Application(client_max_size=64 * 1024 * 1024)
+        # Image edits (multipart) and Azure AI Content Safety: see tests.fakes.surface_wire.
+        app.router.add_post("/openai/deployments/{deployment}/images/edits", self._image_edit)
+        app.router.add_post("/contentsafety/text:analyze", self._content_safety)
         app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._handle)
         app.router.add_post("/openai/responses", self._responses)
         app.router.add_post("/openai/v1/responses", self._responses)
@@ -539,6 +542,12 @@ class FakeAzure(FakeServer):
                 return await self._chat(request, body, version)
             if operation == "embeddings":
                 return self._embeddings(body)
+            if operation == "images/generations":
+                try:
+                    n = surface_wire.validate_image_request(body)
+                except surface_wire.SurfaceWireError as err:
+                    raise WireError(err.message, err.status, param=err.param) from None
+                return web.json_response(surface_wire.image_answer(body, n))
             if operation == "completions":
                 if not isinstance(body.get("prompt"), str | list):
                     raise WireError("'prompt' is a required property", param="prompt")
@@ -557,6 +566,42 @@ class FakeAzure(FakeServer):
             raise WireError("Resource not found", status=404, code="404")
         except WireError as err:
             return err.response()
+
+    async def _image_edit(self, request: web.Request) -> web.StreamResponse:
+        try:
+            validate_api_version(request.query.get("api-version"))
+            validate_headers(request.headers, self.api_key, self.entra_token)
+            if request.match_info["deployment"] not in self.deployments:
+                missing = "The API deployment for this resource does not exist."
+                raise WireError(missing, 404, "DeploymentNotFound")
+            form = await surface_wire.read_edit_form(request)
+            text = {k: v for k, v in form.items() if isinstance(v, str)}
+            seen = Seen(request.path, dict(request.query), dict(request.headers), text, time.monotonic())
+            self.seen.append(seen)
+            checked = {**text, "model": "deployment", "image": "file"}
+            n = surface_wire.validate_image_request(checked, edit=True)
+        except surface_wire.SurfaceWireError as err:
+            return WireError(err.message, err.status, param=err.param).response()
+        except WireError as err:
+            return err.response()
+        return web.json_response(surface_wire.image_answer(text, n))
+
+    async def _content_safety(self, request: web.Request) -> web.StreamResponse:
+        """Azure AI Content Safety: the key in ``Ocp-Apim-Subscription-Key``, a known api-version."""
+        if request.query.get("api-version") not in ("2023-10-01", "2024-09-01"):
+            error = {"code": "InvalidRequestBody", "message": "bad api-version"}
+            return web.json_response({"error": error}, status=400)
+        if request.headers.get("Ocp-Apim-Subscription-Key") != self.api_key:
+            message = "Access denied due to invalid subscription key or wrong API endpoint."
+            return web.json_response({"error": {"code": "401", "message": message}}, status=401)
+        try:
+            body = orjson.loads(await request.read())
+            seen = Seen(request.path, dict(request.query), dict(request.headers), body, time.monotonic())
+            self.seen.append(seen)
+            return web.json_response(surface_wire.content_safety_analyze(body))
+        except (orjson.JSONDecodeError, surface_wire.SurfaceWireError) as err:
+            error = {"code": "InvalidRequestBody", "message": str(err)}
+            return web.json_response({"error": error}, status=400)
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         """Azure's Responses API: no deployment in the path (the body's ``model`` names it); the

@@ -38,6 +38,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.loaders import Loader
 
+from tests.fakes import surface_wire
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.bedrock_anthropic import is_claude, serve_claude
 from tests.support.servers import FakeServer, ThreadedApp
@@ -515,6 +516,11 @@ class FakeBedrock(FakeServer):
         return resp
 
     def _invoke(self, model: str, doc: Any) -> web.Response:
+        if "rerank" in model:  # Cohere's and Amazon's rerankers, see tests.fakes.surface_wire
+            try:
+                return web.json_response(surface_wire.bedrock_rerank(model, doc))
+            except surface_wire.SurfaceWireError as err:
+                return aws_error(400, "ValidationException", err.message)
         if "titan-embed" in model:
             extra = set(doc) - {"inputText", "dimensions", "normalize", "embeddingTypes"}
             if extra:

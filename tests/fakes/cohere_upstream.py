@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.fakes import surface_wire
 from tests.fakes.azure_upstream import embedding_vector, sample
 from tests.support.servers import FakeServer, ThreadedApp
 
@@ -409,6 +410,7 @@ class FakeCohere(FakeServer):
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v2/chat", self._chat)
         app.router.add_post("/v2/embed", self._embed)
+        app.router.add_post("/v2/rerank", self._rerank)
         self.server = ThreadedApp(app)
 
     def script(self, *replies: Reply) -> None:
@@ -462,6 +464,16 @@ class FakeCohere(FakeServer):
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def _rerank(self, request: web.Request) -> web.StreamResponse:
+        """Cohere's v2 rerank (see tests.fakes.surface_wire)."""
+        try:
+            body = await self._begin(request)
+            return web.json_response(surface_wire.cohere_rerank(body))
+        except surface_wire.SurfaceWireError as err:
+            return WireError(err.message, err.status).response()
+        except WireError as err:
+            return err.response()
 
     async def _embed(self, request: web.Request) -> web.StreamResponse:
         try:

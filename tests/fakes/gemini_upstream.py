@@ -33,6 +33,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from tests.fakes import surface_wire
 from tests.support.servers import FakeServer, ThreadedApp
 
 GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -608,6 +609,11 @@ class FakeGemini(FakeServer):
             return await self._stream(request, body)
         if method == "batchEmbedContents" and not vertex:
             return self._batch_embed(model, body)
+        if method == "predict" and "imagen" in model:  # see tests.fakes.surface_wire
+            try:
+                return web.json_response(surface_wire.imagen_predict(body))
+            except surface_wire.SurfaceWireError as err:
+                return google_error(400, "INVALID_ARGUMENT", err.message)
         if method == "predict" and vertex:
             return self._predict(body)
         return google_error(404, "NOT_FOUND", f"method {method!r} not found")

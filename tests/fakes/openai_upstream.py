@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.fakes import responses_wire
+from tests.fakes import responses_wire, surface_wire
 from tests.support.servers import FakeServer, ThreadedApp
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
@@ -85,6 +85,11 @@ class FakeOpenAI(FakeServer):
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/responses", self._responses)
+        # Images, moderations and rerank: see tests.fakes.surface_wire.
+        app.router.add_post("/v1/images/generations", self._surface)
+        app.router.add_post("/v1/images/edits", self._image_edit)
+        app.router.add_post("/v1/moderations", self._surface)
+        app.router.add_post("/v1/rerank", self._surface)
         self.server = ThreadedApp(app)
 
     @property
@@ -350,6 +355,41 @@ class FakeOpenAI(FakeServer):
                 "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
             }
         )
+
+    async def _surface(self, request: web.Request) -> web.StreamResponse:
+        """Images generations, moderations, and vLLM's rerank (JSON bodies)."""
+        body, failure = await self._common(request)
+        if failure is not None:
+            return failure
+        assert body is not None
+        try:
+            if request.path == "/v1/images/generations":
+                n = surface_wire.validate_image_request(body)
+                return web.json_response(surface_wire.image_answer(body, n))
+            if request.path == "/v1/moderations":
+                texts = surface_wire.validate_moderation(body)
+                return web.json_response(surface_wire.moderation_answer(body["model"], texts))
+            return web.json_response(surface_wire.vllm_rerank(body))
+        except surface_wire.SurfaceWireError as err:
+            return err.openai()
+
+    async def _image_edit(self, request: web.Request) -> web.StreamResponse:
+        """Images edits: a multipart upload, bearer auth, queued faults like every route."""
+        if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+        try:
+            form = await surface_wire.read_edit_form(request)
+            text = {k: v for k, v in form.items() if isinstance(v, str)}
+            self.seen.append(Seen(request.path, dict(request.headers), {**text, "_files": {
+                k: [(f[0], f[1], len(f[2])) for f in v] for k, v in form.items() if isinstance(v, list)
+            }}, time.monotonic()))  # fmt: skip
+            fault = self._next_fault()
+            if fault is not None and fault.status is not None:
+                return _error(fault.status, f"{self.name} injected {fault.status}", "server_error")
+            n = surface_wire.validate_image_request({**text, "image": "file"}, edit=True)
+            return web.json_response(surface_wire.image_answer(text, n))
+        except surface_wire.SurfaceWireError as err:
+            return err.openai()
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API; see :mod:`tests.fakes.responses_wire` for what it enforces."""
