@@ -190,8 +190,8 @@ def deployment_config(body: Body, secrets: Secrets) -> DeploymentConfig:
         raise Invalid("InvalidSpec", "weight must be 0 or more")
     doc: dict[str, Any] = {"name": ref.config_name}
     copied = (
-        "model", "provider", "upstreamModel", "baseUrl", "apiVersion", "region", "project", "location",
-        "weight", "priority", "limits", "contextWindow", "timeouts", "cache", "logPayloads",
+        "model", "provider", "mode", "upstreamModel", "baseUrl", "apiVersion", "region", "project",
+        "location", "weight", "priority", "limits", "contextWindow", "timeouts", "cache", "logPayloads",
         "dropUnsupportedParams", "headers", "mock",
     )  # fmt: skip
     for key in copied:

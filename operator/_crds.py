@@ -63,6 +63,12 @@ def _providers() -> list[str]:
     return sorted(provider_names())
 
 
+def _modes() -> list[str]:
+    from kubellm.router._modes import MODES
+
+    return list(MODES)
+
+
 def _str(
     description: str, max_length: int = 253, *, rule: tuple[str, str] | None = None, **extra: Any
 ) -> Schema:
@@ -238,6 +244,15 @@ def model_deployment_spec() -> Schema:
                 minLength=1,
             ),
             "provider": {"type": "string", "enum": _providers(), "description": "The provider adapter."},
+            "mode": {
+                "type": "array",
+                "minItems": 1,
+                "x-kubernetes-list-type": "set",
+                "items": {"type": "string", "enum": _modes()},
+                "description": "What it serves (chat, embedding, image, audio, rerank, moderation); requests "
+                "of other kinds skip it. Default: derived from the upstream model's name, and chat and "
+                "embedding requests still reach it.",
+            },
             "upstreamModel": _str("Model (or Azure deployment) id sent upstream. Default: spec.model.", 512),
             "baseUrl": _str(
                 "Upstream base URL. Default: the provider's own.",
@@ -267,8 +282,8 @@ def model_deployment_spec() -> Schema:
             "contextWindow": {"type": "integer", "minimum": 1, "description": "Largest prompt + completion."},
             "pricing": {
                 "type": "object",
-                "description": 'USD per one million tokens as decimal strings (exact: "2.50", not 2.5). '
-                "Unset fields use the shipped price table.",
+                "description": 'USD per one million tokens (or per image, per search unit) as decimal '
+                'strings (exact: "2.50", not 2.5). Unset fields use the shipped price table.',
                 "properties": {
                     "inputPerMillion": _price("Prompt tokens."),
                     "outputPerMillion": _price("Completion tokens."),
@@ -279,6 +294,11 @@ def model_deployment_spec() -> Schema:
                     "cacheWriteInputPerMillion": _price(
                         "Prompt tokens written to the provider's prompt cache, such as Anthropic's "
                         "cache_creation_input_tokens (default: the input price)."
+                    ),
+                    "perImage": _price("USD per generated image (image models)."),
+                    "perSearchUnit": _price(
+                        "USD per rerank search unit (Cohere's billed search units; Bedrock's queries of "
+                        "up to 100 documents)."
                     ),
                 },
             },

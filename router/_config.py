@@ -53,8 +53,7 @@ class _Model(BaseModel):
 
 
 class Pricing(_Model):
-    """Prices in USD per one million tokens, per image and per rerank search unit. Unset fields
-    fall back to the shipped price table."""
+    """USD per one million tokens, per image, per rerank search unit; unset: the shipped table."""
 
     input_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M prompt tokens.")
     output_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M completion tokens.")
