@@ -224,6 +224,10 @@ class RouterApp(FastAPI):
         async def asgi_endpoint(request: Request) -> Response:
             return await endpoint(AsgiInbound(request), request.path_params["deployment_id"])
 
+        # The endpoint reads the raw request, so FastAPI cannot see the parameter: declare it.
+        extra = openapi.setdefault("openapi_extra", {})
+        extra.setdefault("parameters", [_string_param("deployment_id", "path", required=True)])
+
         self.add_api_route(
             AZURE_PREFIX + "{deployment_id}" + suffix,
             asgi_endpoint,

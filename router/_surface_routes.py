@@ -41,7 +41,7 @@ def register_surface_routes(app: RouterApp, router: Router) -> None:
         if path in _AZURE:
             app.add_deployment_route(
                 path, _model_endpoint(router, api), summary=_SUMMARIES[path] + " (Azure OpenAI path)",
-                name=f"azure_{name}",
+                name=f"azure_{name}", openapi_extra=dict(extra),
             )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ One router serves every backend; the ledger test stops it last and reads what it
 from __future__ import annotations
 
 import base64
+import json
 import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,6 +22,7 @@ from tests.fakes.azure_upstream import FakeAzure
 from tests.fakes.bedrock_upstream import FakeBedrock
 from tests.fakes.cohere_upstream import FakeCohere
 from tests.fakes.gemini_upstream import FakeGemini
+from tests.fakes.huggingface_upstream import FakeHuggingFace
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.surface_wire import PNG, VIOLENT
 from tests.support.servers import RouterProcess
@@ -28,6 +30,7 @@ from tests.support.servers import RouterProcess
 MASTER = "sk-master-surface-0123456789"
 KEYS = {"ALICE_KEY": "sk-alice-surface-0123456789", "BOB_KEY": "sk-bob-surface-0123456789"}
 AZURE_KEY, COHERE_KEY, GEMINI_KEY = "azure-key-surface", "co-key-surface-0123", "gemini-key-surface"
+HF_TOKEN = "hf_surface_token_0123"
 AKID, SECRET = "AKIDSURFACE0123456", "surface-secret-0123456789"
 DOCS = ["the cat sat on the mat", "paris is the capital of france", "what is the capital of spain"]
 QUERY = "what is the capital of france"
@@ -40,7 +43,8 @@ class Fakes:
         self.cohere = FakeCohere(api_key=COHERE_KEY)
         self.bedrock = FakeBedrock({AKID: (SECRET, None)})
         self.gemini = FakeGemini(api_key=GEMINI_KEY)
-        self.all = (self.openai, self.azure, self.cohere, self.bedrock, self.gemini)
+        self.tei = FakeHuggingFace("tgi", token=HF_TOKEN)
+        self.all = (self.openai, self.azure, self.cohere, self.bedrock, self.gemini, self.tei)
 
 
 def dep(name: str, model: str, provider: str, **extra: Any) -> dict[str, Any]:
@@ -62,6 +66,9 @@ def config(f: Fakes) -> dict[str, Any]:
                 **azure),
             dep("imagen", "imagen", "gemini", upstreamModel="imagen-4.0-generate-001",
                 baseUrl=f.gemini.studio_url, apiKey=GEMINI_KEY),
+            dep("vertex-imagen", "vertex-imagen", "vertex", upstreamModel="imagen-3.0-generate-002",
+                baseUrl=f.gemini.vertex_url, apiKey=json.dumps(f.gemini.service_account()),
+                location=f.gemini.location),
             dep("cohere-rerank", "rerank-v3.5", "cohere", baseUrl=f.cohere.base_url, apiKey=COHERE_KEY),
             dep("bedrock-cohere-rerank", "bedrock-rerank", "bedrock", upstreamModel="cohere.rerank-v3-5:0",
                 **bedrock),
@@ -69,6 +76,8 @@ def config(f: Fakes) -> dict[str, Any]:
                 **bedrock),
             dep("vllm-rerank", "bge-reranker", "openai-compatible", upstreamModel="BAAI/bge-reranker-v2-m3",
                 mode="rerank", pricing={"inputPerMillion": "0.10"}, **openai_),
+            dep("tei-rerank", "tei-reranker", "huggingface-endpoint", upstreamModel="BAAI/bge-reranker-base",
+                mode="rerank", baseUrl=f.tei.base_url, apiKey=HF_TOKEN, pricing={"inputPerMillion": "0.10"}),
             dep("chat", "chat", "mock"),
         ],
         "modelGroups": [{"name": "dall-e-3", "fallbacks": ["imagen"]}],
@@ -171,6 +180,16 @@ def test_imagen_through_the_gemini_api(client: openai.OpenAI, fakes: Fakes) -> N
     assert too_many.value.body["param"] == "n"  # type: ignore[index]
 
 
+@pytest.mark.covers("vertex", "images")
+def test_imagen_on_vertex_ai(client: openai.OpenAI, fakes: Fakes) -> None:
+    images = client.images.generate(model="vertex-imagen", prompt="a lake", output_format="jpeg")
+    assert len(images.data) == 1 and base64.b64decode(images.data[0].b64_json or "") == PNG
+    sent = fakes.gemini.seen[-1]
+    assert sent.path.endswith("/publishers/google/models/imagen-3.0-generate-002:predict")
+    assert sent.headers["Authorization"].startswith("Bearer ")
+    assert sent.body["parameters"]["outputOptions"] == {"mimeType": "image/jpeg"}
+
+
 def test_a_failed_image_deployment_falls_back_to_another_group(client: openai.OpenAI, fakes: Fakes) -> None:
     fakes.openai.queue(Fault(status=500))
     raw = client.images.with_raw_response.generate(model="dall-e-3", prompt="a boat")
@@ -230,6 +249,18 @@ def test_openai_compatible_rerank(router: RouterProcess) -> None:
     assert resp.status_code == 200, resp.text
     doc = resp.json()
     assert [r["index"] for r in doc["results"]] == [1] and doc["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.covers("huggingface-endpoint", "rerank")
+def test_tei_rerank(router: RouterProcess, fakes: Fakes) -> None:
+    resp = rerank(router, {"model": "tei-reranker", "query": QUERY, "documents": DOCS, "top_n": 2,
+                           "return_documents": True})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    assert [r["index"] for r in doc["results"]] == [1, 2]
+    assert doc["results"][1]["document"] == {"text": DOCS[2]}
+    assert doc["usage"]["total_tokens"] > 0  # estimated: TEI counts none
+    assert fakes.tei.last.path == "/rerank" and fakes.tei.last.body["texts"] == DOCS
 
 
 def test_rerank_errors_name_the_field(router: RouterProcess) -> None:

@@ -151,8 +151,8 @@ def rerank_answer(
     return orjson.dumps(doc)
 
 
-#: Reads a backend's rerank answer: (results, answer id, search units, tokens).
-RerankReader = Callable[[dict[str, Any]], tuple[RerankResult, str | None, int | None, int | None]]
+#: Reads a backend's rerank answer (parsed JSON): (results, answer id, search units, tokens).
+RerankReader = Callable[[Any], tuple[RerankResult, str | None, int | None, int | None]]
 
 
 async def finish_rerank(
@@ -169,8 +169,12 @@ async def finish_rerank(
     if resp.status >= 400:
         return LocalResponse(resp.status, resp.headers, raw)
     try:
-        results, answer_id, units, tokens = read(_doc(raw, provider))
-    except (KeyError, TypeError, ValueError):
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(f"{provider}: upstream answered with a body that is not JSON") from None
+    try:
+        results, answer_id, units, tokens = read(doc)
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise UpstreamProtocolError(f"{provider}: the rerank answer is not in the documented shape") from None
     answer = rerank_answer(body, ctx, results, answer_id=answer_id, search_units=units, tokens=tokens)
     return LocalResponse(200, {"content-type": "application/json"}, answer)
@@ -225,5 +229,22 @@ def bedrock_reader(body: dict[str, Any]) -> RerankReader:
     def read(doc: dict[str, Any]) -> tuple[RerankResult, str | None, int | None, int | None]:
         answer_id = doc.get("id") if isinstance(doc.get("id"), str) else None
         return read_scored(doc), answer_id, units, None
+
+    return read
+
+
+def tei_rerank_body(body: dict[str, Any]) -> dict[str, Any]:
+    """Hugging Face TEI's ``POST /rerank``: ``{"query", "texts"}``."""
+    return {"query": body["query"], "texts": rerank_documents(body), "return_text": False}
+
+
+def tei_reader(body: dict[str, Any]) -> RerankReader:
+    """TEI answers a bare ``[{"index", "score"}]`` and counts no tokens: they are estimated (about
+    four characters a token, the query once per document)."""
+    documents = rerank_documents(body)
+    tokens = sum(-(-(len(body["query"]) + len(d)) // 4) for d in documents)
+
+    def read(doc: Any) -> tuple[RerankResult, str | None, int | None, int | None]:
+        return [(int(r["index"]), float(r["score"])) for r in doc], None, None, tokens
 
     return read

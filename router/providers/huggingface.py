@@ -11,6 +11,7 @@ Two providers, one module:
   ``baseUrl`` (the endpoint root). TGI's Messages API serves ``/v1/chat/completions`` and
   ``/v1/completions``; TEI serves OpenAI-compatible ``/v1/embeddings``; all pass through, except
   that JSON modes become TGI's guidance grammar ``{"type": "json_object", "value": <schema>}``.
+  TEI's ``POST /rerank`` (``{"query", "texts"}`` -> ``[{"index", "score"}]``) serves ``/v1/rerank``.
 
 Both send the Hugging Face token as ``Authorization: Bearer`` (``HF_TOKEN``). As in the official
 ``huggingface_hub`` client, a base URL already ending in ``/v1`` is not extended again.
@@ -44,6 +45,7 @@ from ._base import (
 )
 from ._embeddings import LocalResponse, embedding_inputs, estimate_tokens, openai_embedding_response, pack
 from ._openai_shaped import OpenAIPassthroughTranslator, OpenAIShapedProvider
+from ._surface import finish_rerank, tei_reader, tei_rerank_body
 from ._translate import reject_unsupported
 
 ROUTER_BASE_URL = "https://router.huggingface.co/v1"
@@ -106,8 +108,22 @@ class HuggingFaceEndpointProvider(OpenAIShapedProvider):
     #: ``system`` turns (TGI hands roles to the model's chat template, which knows no ``developer``).
     tgi: ClassVar[bool] = True
 
+    #: TEI's rerank (``POST {baseUrl}/rerank``, beside ``/v1``).
+    operations = OpenAIShapedProvider.operations | {Operation.RERANK}
+
     def url(self, ctx: RequestContext) -> str:
+        if ctx.operation is Operation.RERANK:
+            return api_root(self.base_url(ctx)).removesuffix("/v1") + "/rerank"
         return api_root(self.base_url(ctx)) + _PATHS[ctx.operation]
+
+    async def send(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> UpstreamResponse:
+        if ctx.operation is not Operation.RERANK:
+            return await super().send(client, body, ctx)
+        headers = {"Content-Type": "application/json", **self.auth_headers(ctx), **ctx.deployment.headers}
+        request = UpstreamRequest("POST", self.url(ctx), headers, orjson.dumps(tei_rerank_body(body)))
+        return await finish_rerank(client, request, body, ctx, self.name, tei_reader(body))
 
     def prepare_body(self, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         body = dict(body)  # the router reuses the client's body across attempts
@@ -133,6 +149,7 @@ class HuggingFaceProvider(HuggingFaceEndpointProvider):
     """The Inference Providers router; embeddings through HF Inference feature-extraction."""
 
     name = "huggingface"
+    operations = OpenAIShapedProvider.operations
     required_fields = ()
     default_base_url = ROUTER_BASE_URL
     tgi = False  # the router speaks OpenAI's request format to every provider

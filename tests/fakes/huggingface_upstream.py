@@ -27,6 +27,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
+from tests.fakes import surface_wire
 from tests.fakes.azure_upstream import WireError as AzureWireError
 from tests.fakes.azure_upstream import embedding_vector, sample, validate_chat
 from tests.support.servers import FakeServer, ThreadedApp
@@ -251,6 +252,7 @@ class FakeHuggingFace(FakeServer):
         else:
             app.router.add_post("/v1/completions", self._completions)
             app.router.add_post("/v1/embeddings", self._embeddings)
+            app.router.add_post("/rerank", self._rerank)  # TEI, see tests.fakes.surface_wire
         self.server = ThreadedApp(app)
 
     @property
@@ -269,6 +271,17 @@ class FakeHuggingFace(FakeServer):
         if fault is not None and fault.status is not None:
             raise _Raw(fault)
         return body, fault
+
+    async def _rerank(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body, _ = await self._begin(request)
+            return web.json_response(surface_wire.tei_rerank(body))
+        except surface_wire.SurfaceWireError as err:
+            return web.json_response({"error": err.message, "error_type": "Validation"}, status=err.status)
+        except HFError as err:
+            return err.response()
+        except _Raw as raw:
+            return raw.response()
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -245,3 +245,18 @@ def content_safety_analyze(body: Any) -> dict[str, Any]:
         {"category": "Violence", "severity": violence},
     ]
     return {"blocklistsMatch": [], "categoriesAnalysis": analysis}
+
+
+def tei_rerank(body: Any) -> list[dict[str, Any]]:
+    """Hugging Face TEI's ``POST /rerank``: ``{"query", "texts"}`` in, ``[{"index", "score"}]`` out."""
+    if not isinstance(body, dict):
+        raise SurfaceWireError(422, "Failed to deserialize the JSON body into the target type")
+    query, texts = body.get("query"), body.get("texts")
+    if not isinstance(query, str):
+        raise SurfaceWireError(422, "Failed to deserialize the JSON body: missing field `query`")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise SurfaceWireError(422, "Failed to deserialize the JSON body: missing field `texts`")
+    ranked = _ranked(query, texts, None)
+    if body.get("return_text"):
+        return [{"index": i, "score": s, "text": texts[i]} for i, s in ranked]
+    return [{"index": i, "score": s} for i, s in ranked]
