@@ -149,7 +149,7 @@ def test_unknown_deployment_is_a_404_naming_it(router: RouterProcess) -> None:
     body: Any = info.value.body
     assert "no-such-deployment" in body["message"] and body["param"] == "model"
     # An operation the router does not serve under the prefix, and an empty name: no route.
-    for path in ("/openai/deployments/gpt-test/images/generations", "/openai/deployments//chat/completions"):
+    for path in ("/openai/deployments/gpt-test/no/such/operation", "/openai/deployments//chat/completions"):
         status, raw = _post(router, path, {"messages": MESSAGES})
         assert status == 404 and orjson.loads(raw)["error"]["code"] == "not_found", path
 

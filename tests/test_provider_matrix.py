@@ -217,4 +217,4 @@ def test_plugin_writes_only_what_passing_tests_prove(tmp_path: Path) -> None:
         line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| `mock`")
     )
     # chat passed, stream failed (taken away), tools did not run (kept from the markers).
-    assert mock_row == "| `mock` | ✅ | — | ✅ | — | — | — | — |"
+    assert mock_row == "| `mock` | ✅ | — | ✅ |" + " — |" * (len(FEATURES) - 3)

@@ -79,6 +79,7 @@ def config(f: Fakes) -> dict[str, Any]:
             dep("tei-rerank", "tei-reranker", "huggingface-endpoint", upstreamModel="BAAI/bge-reranker-base",
                 mode="rerank", baseUrl=f.tei.base_url, apiKey=HF_TOKEN, pricing={"inputPerMillion": "0.10"}),
             dep("chat", "chat", "mock"),
+            dep("mock-surface", "mock-surface", "mock", mode=["image", "moderation", "rerank"]),
         ],
         "modelGroups": [{"name": "dall-e-3", "fallbacks": ["imagen"]}],
         "keys": [
@@ -268,6 +269,16 @@ def test_rerank_errors_name_the_field(router: RouterProcess) -> None:
     assert rerank(router, {"model": "rerank-v3.5", "documents": DOCS}).json()["error"]["param"] == "query"
     denied = rerank(router, {"model": "rerank-v3.5", "query": QUERY, "documents": DOCS}, KEYS["ALICE_KEY"])
     assert denied.status_code == 403 and denied.json()["error"]["param"] == "model"
+
+
+@pytest.mark.covers("mock", "images", "moderations", "rerank")
+def test_the_mock_provider_serves_the_modes_it_is_given(router: RouterProcess, client: openai.OpenAI) -> None:
+    image = client.images.generate(model="mock-surface", prompt="x").data[0]
+    assert base64.b64decode(image.b64_json or "") == PNG
+    moderated = client.moderations.create(model="mock-surface", input=["fine", "mock-flag this"])
+    assert [r.flagged for r in moderated.results] == [False, True]
+    ranked = rerank(router, {"model": "mock-surface", "query": QUERY, "documents": DOCS, "top_n": 1}).json()
+    assert ranked["results"][0]["index"] in (1, 2) and len(ranked["results"]) == 1
 
 
 # --- modes, keys, budgets ---------------------------------------------------------------------------

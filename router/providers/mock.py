@@ -28,8 +28,11 @@ from .._errors import InvalidRequestError
 from .._sse import DONE, frame
 from .._tokens import count_tokens, prompt_tokens, text_of
 from ._base import Operation, RequestContext, UpstreamClient, UpstreamResponse
+from ._embeddings import LocalResponse
 from ._mock_json import instance_of
+from ._mock_surface import mock_surface
 from ._openai_shaped import OpenAIShapedProvider
+from ._surface import SURFACE
 
 #: One token per piece, as ``count_tokens`` counts them: JSON streams token by token.
 _TOKEN_PIECE = re.compile(r"\s*(?:\w{1,6}|[^\w\s])|\s+")
@@ -205,10 +208,14 @@ class _LocalResponse:
 class MockProvider(OpenAIShapedProvider):
     name = "mock"
     default_base_url = "mock://local"
+    #: Images, moderations and rerank too (see _mock_surface), for deployments with that ``mode``.
+    operations = OpenAIShapedProvider.operations | SURFACE
 
     async def send(
         self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
     ) -> UpstreamResponse:
+        if ctx.operation in SURFACE:
+            return LocalResponse(200, {"Content-Type": "application/json"}, mock_surface(body, ctx))
         body = self.prepare_body(body, ctx)
         if ctx.operation is Operation.EMBEDDING:
             return _LocalResponse(self._whole(body, ctx, None), "application/json")
