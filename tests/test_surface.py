@@ -150,6 +150,11 @@ def test_an_image_edit_without_an_image_is_a_400_naming_it(router: RouterProcess
         data={"model": "gpt-image-1", "prompt": "hat"}, files={"other": ("x.png", PNG, "image/png")},
     )  # fmt: skip
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "image"
+    streamed = httpx.post(
+        router.v1 + "/images/generations", headers={"Authorization": f"Bearer {MASTER}"},
+        json={"model": "gpt-image-1", "prompt": "hat", "stream": True},
+    )  # fmt: skip
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
 
 
 @pytest.mark.covers("azure", "images", "image_edits")
