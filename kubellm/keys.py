@@ -226,7 +226,12 @@ class Keys:
             raise explain(err, self.namespace, what) from None
 
     async def get(self, name: str) -> dict[str, Any]:
-        return await self._call(f"ApiKey {name!r}", self.client.get(apikeys_path(self.namespace, name)))
+        try:
+            return await self._call(f"ApiKey {name!r}", self.client.get(apikeys_path(self.namespace, name)))
+        except KeysError as err:
+            if err.code == EXIT_NOT_FOUND:
+                await self._check_namespace()  # "no such namespace" says more than "no such key"
+            raise
 
     async def list(self) -> list[dict[str, Any]]:
         doc = await self._call("ApiKeys", self.client.get(apikeys_path(self.namespace)))
