@@ -139,3 +139,21 @@ def test_api_errors_become_clear_messages(status: int, message: str, code: int, 
     assert says in err.message
     if status:  # the server's own words, not the client's request line
         assert "POST /x" not in err.message and "GET /x" not in err.message
+
+
+def test_the_documented_team_key_admin_role_is_the_shipped_one() -> None:
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = yaml.safe_load((root / "deploy" / "team-key-admin.yaml").read_text())
+    text = (root / "docs" / "kubernetes.md").read_text()
+    section = text[text.index("### Team key admins") :]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block
+    role, binding = yaml.safe_load_all(block[1])
+    assert role["kind"] == shipped["kind"] == "Role"
+    assert role["rules"] == shipped["rules"]
+    assert binding["roleRef"]["name"] == shipped["metadata"]["name"] == "kubellm-key-admin"
