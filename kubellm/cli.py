@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("-o", "--output")
     docs.set_defaults(func=_config_docs)
 
-    from kubellm.keys import add_parser as add_keys_parser
+    from kubellm.keys_cli import add_parser as add_keys_parser
 
     add_keys_parser(sub)
     return parser

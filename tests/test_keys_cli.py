@@ -4,11 +4,14 @@ and how API errors become messages and exit codes (the real API server: tests/te
 from __future__ import annotations
 
 import argparse
+import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+import yaml
 
-from kubellm import keys
+from kubellm import keys, keys_cli
 from kubellm.cli import build_parser
 from kubellm.operator import _build, _crds, _keys
 from kubellm.router._kube import KubeError
@@ -40,7 +43,7 @@ def test_create_flags_become_the_ApiKey_spec() -> None:
         "--max-parallel", "2", "--budget", "12.50", "--period", "daily", "--cache", "--secret-name", "s",
         "--expires", "2030-01-01T00:00:00Z",
     )  # fmt: skip
-    assert keys.spec_from_args(args) == {
+    assert keys_cli.spec_from_args(args) == {
         "owner": "o@x",
         "team": "t",
         "models": ["a", "b", "c"],
@@ -50,9 +53,9 @@ def test_create_flags_become_the_ApiKey_spec() -> None:
         "cache": True,
         "secretName": "s",
     }
-    assert keys.spec_from_args(_create_args()) == {}
+    assert keys_cli.spec_from_args(_create_args()) == {}
     with pytest.raises(keys.KeysError) as err:
-        keys.spec_from_args(_create_args("--period", "daily"))
+        keys_cli.spec_from_args(_create_args("--period", "daily"))
     assert err.value.code == keys.EXIT_USAGE
 
 
@@ -77,7 +80,7 @@ def test_list_shows_prefixes_and_state_never_more() -> None:
             "conditions": [{"type": "Ready", "status": "True"}],
         },
     }
-    out = keys.table([item], now=datetime(2026, 12, 3, 12, 0, tzinfo=UTC))
+    out = keys_cli.table([item], now=datetime(2026, 12, 3, 12, 0, tzinfo=UTC))
     header, row = out.splitlines()
     assert header.split() == [
         "NAME",
@@ -104,9 +107,9 @@ def test_list_shows_prefixes_and_state_never_more() -> None:
         "-",
         "2h",
     ]
-    summary = keys.summary(item)
+    summary = keys_cli.summary(item)
     assert summary["secretName"] == "app-key" and summary["ready"] == "True"
-    assert keys.summary({"metadata": {"name": "new"}})["ready"] == "Unknown"
+    assert keys_cli.summary({"metadata": {"name": "new"}})["ready"] == "Unknown"
 
 
 @pytest.mark.parametrize(
@@ -142,11 +145,6 @@ def test_api_errors_become_clear_messages(status: int, message: str, code: int, 
 
 
 def test_the_documented_team_key_admin_role_is_the_shipped_one() -> None:
-    import re
-    from pathlib import Path
-
-    import yaml
-
     root = Path(__file__).resolve().parents[1]
     shipped = yaml.safe_load((root / "deploy" / "team-key-admin.yaml").read_text())
     text = (root / "docs" / "kubernetes.md").read_text()

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import http.client
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -39,14 +40,18 @@ class Env:
     admin_kc: Path
     team_a_kc: Path  # ServiceAccount team-a/key-admin, bound to kubellm-key-admin in team-a only
 
-    def keys(self, *args: str, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
-        kc = kubeconfig or self.admin_kc
+    def keys(
+        self, *args: str, kubeconfig: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`kubellm keys ARGS --kubeconfig KC`; with ``env``, no flag: found as the operator finds it."""
+        flag = [] if env is not None else ["--kubeconfig", str(kubeconfig or self.admin_kc)]
         return subprocess.run(
-            [sys.executable, "-m", "kubellm", "keys", *args, "--kubeconfig", str(kc)],
+            [sys.executable, "-m", "kubellm", "keys", *args, *flag],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
+            env=env,
         )
 
     def status(self, key: str) -> int:
@@ -267,3 +272,37 @@ def test_team_admin_role_manages_its_own_namespace_only(env: Env) -> None:
     assert env.keys("revoke", "ci", "-n", TEAM_A, kubeconfig=kc).returncode == 0
     wait(lambda: env.status(new_key) == 401, 10, "revocation by the team admin")
     assert env.kube.request("GET", f"/api/v1/namespaces/{TEAM_A}/secrets/ci-apikey")[0] == 404
+
+
+def test_rotate_a_key_the_operator_generated(env: Env) -> None:
+    body = {
+        "apiVersion": API,
+        "kind": "ApiKey",
+        "metadata": {"name": "by-kubectl", "namespace": TEAM_A},
+        "spec": {"models": [MODEL]},
+    }
+    assert env.kube.request("POST", f"/apis/{API}/namespaces/{TEAM_A}/apikeys", body)[0] == 201
+    wait(lambda: env.secret_value(TEAM_A, "by-kubectl-apikey") is not None, 15, "the operator's key")
+    old = env.secret_value(TEAM_A, "by-kubectl-apikey")
+    assert old is not None
+    wait(lambda: env.status(old) == 200, 15, "the operator's key served")
+    new = issued_key(env.keys("rotate", "by-kubectl", "-n", TEAM_A, "--wait", "20", kubeconfig=env.team_a_kc))
+    wait(lambda: env.status(new) == 200 and env.status(old) == 401, 10, "the rotated key served")
+    assert env.keys("revoke", "by-kubectl", "-n", TEAM_A).returncode == 0
+
+
+def test_credentials_and_namespace_come_from_the_kubeconfig_like_the_operators(env: Env) -> None:
+    doc = json.loads(env.team_a_kc.read_text())
+    doc["contexts"][0]["context"]["namespace"] = TEAM_A
+    kc = env.team_a_kc.with_name("team-a-in-context.kubeconfig")
+    kc.write_text(json.dumps(doc))
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_SERVICE")}
+    key = issued_key(env.keys("create", "from-context", env={**plain, "KUBECONFIG": str(kc)}))
+    assert env.secret_value(TEAM_A, "from-context-apikey") == key  # -n defaulted to the context's
+    listed = env.keys("list", env={**plain, "KUBECONFIG": str(kc)})
+    assert listed.returncode == 0 and "from-context" in listed.stdout
+    nothing = env.keys(
+        "list", env={**plain, "KUBECONFIG": str(kc.with_name("missing")), "HOME": "/nonexistent"}
+    )
+    assert nothing.returncode == 1 and "no Kubernetes credentials" in nothing.stderr
+    assert env.keys("revoke", "from-context", "-n", TEAM_A).returncode == 0
