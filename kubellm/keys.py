@@ -11,9 +11,9 @@ it there, so it can print a new key exactly once without ever reading a Secret: 
 * create: the Secret first (so the operator, seeing the ApiKey, adopts this key instead of
   generating its own), then the ApiKey, then the Secret's ownerReference to it.
 * rotate: one JSON patch of the Secret that first *tests* its ``kubellm.io/apikey`` label (so a
-  Secret of something else is never overwritten) and records the rotation in
-  ``kubellm.io/rotated-for``; then the ApiKey's ``kubellm.io/rotate`` annotation gets the same
-  value, so the operator sees the rotation as done and does not rotate again.
+  Secret of something else is never overwritten), writes the new key, and sets
+  ``kubellm.io/rotated-for`` to the ApiKey's ``kubellm.io/rotate``: the operator then sees no
+  rotation left to do, so it never replaces the key just printed (one atomic write, no window).
 * revoke: delete the ApiKey (the key leaves the routers' config at once), then wipe and delete
   its Secret (garbage collection would too, but not before the key value is gone).
 """
@@ -276,37 +276,45 @@ class Keys:
         api_key = await self.get(name)
         secret_name = secret_name_of(api_key)
         key = generate_key()
-        stamp = f"kubellm-keys-{time.time_ns()}"
+        # The rotation the ApiKey asks for (kubellm.io/rotate), recorded as done in the same write
+        # as the new key: the operator, comparing the two, has nothing left to rotate.
+        wanted = str(((api_key["metadata"].get("annotations") or {}).get(ROTATE_ANNOTATION)) or "")
         ops = [
             {"op": "test", "path": f"/metadata/labels/{_pointer(APIKEY_LABEL)}", "value": name},
             {"op": "add", "path": f"/data/{KEY_DATA}", "value": _b64(key)},
             {
                 "op": "add",
                 "path": f"/metadata/annotations/{_pointer(ROTATED_FOR_ANNOTATION)}",
-                "value": stamp,
+                "value": wanted,
             },
         ]
         what = f"Secret {secret_name!r} of ApiKey {name!r}"
-        try:
-            await self.client.request(
-                "PATCH",
-                secrets_path(self.namespace, secret_name),
-                ops,
-                content_type="application/json-patch+json",
-            )
-        except KubeError as err:
-            if err.status == 404 and 'namespaces "' not in str(err):
-                return await self._recreate(api_key, secret_name, key, stamp)
-            if err.status in (400, 422):
-                raise KeysError(
-                    f"{what} is not labelled {APIKEY_LABEL}={name} (not, or not yet, managed as this "
-                    f"ApiKey's key); refusing to overwrite it: {_server_message(err)}"
-                ) from None
-            raise explain(err, self.namespace, what) from None
-        await self._record_rotation(name, stamp)
-        return Issued(key, api_key, secret_name)
+        for attempt in range(2):
+            try:
+                await self.client.request(
+                    "PATCH",
+                    secrets_path(self.namespace, secret_name),
+                    ops,
+                    content_type="application/json-patch+json",
+                )
+                return Issued(key, api_key, secret_name)
+            except KubeError as err:
+                if err.status in (400, 422):
+                    raise KeysError(
+                        f"{what} is not labelled {APIKEY_LABEL}={name} (not, or not yet, managed as this "
+                        f"ApiKey's key); refusing to overwrite it: {_server_message(err)}"
+                    ) from None
+                if err.status != 404 or 'namespaces "' in str(err):
+                    raise explain(err, self.namespace, what) from None
+            try:
+                return await self._recreate(api_key, secret_name, key, wanted)
+            except KeysError as err:
+                # 409: the operator wrote the missing Secret meanwhile; replace its key instead.
+                if err.code != EXIT_EXISTS or attempt:
+                    raise
+        raise AssertionError("unreachable")
 
-    async def _recreate(self, api_key: dict[str, Any], secret_name: str, key: str, stamp: str) -> Issued:
+    async def _recreate(self, api_key: dict[str, Any], secret_name: str, key: str, wanted: str) -> Issued:
         """The ApiKey's Secret is missing (deleted, or the operator has not run yet): write it anew."""
         name = str(api_key["metadata"]["name"])
         secret = {
@@ -317,19 +325,13 @@ class Keys:
                 "name": secret_name,
                 "namespace": self.namespace,
                 "labels": {"app.kubernetes.io/name": "kubellm", APIKEY_LABEL: name},
-                "annotations": {ROTATED_FOR_ANNOTATION: stamp},
+                "annotations": {ROTATED_FOR_ANNOTATION: wanted},
                 "ownerReferences": [_owner_reference(api_key)],
             },
             "data": {KEY_DATA: _b64(key)},
         }
         await self._call(f"Secret {secret_name!r}", self.client.create(secrets_path(self.namespace), secret))
-        await self._record_rotation(name, stamp)
         return Issued(key, api_key, secret_name)
-
-    async def _record_rotation(self, name: str, stamp: str) -> None:
-        # Same value as the Secret's rotated-for: the operator reads "already rotated for this".
-        patch = {"metadata": {"annotations": {ROTATE_ANNOTATION: stamp}}}
-        await self._call(f"ApiKey {name!r}", self.client.patch(apikeys_path(self.namespace, name), patch))
 
     async def revoke(self, name: str) -> str | None:
         """Delete the ApiKey and its Secret; returns the Secret left in place (not this key's), if any."""

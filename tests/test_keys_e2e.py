@@ -192,8 +192,8 @@ def test_create_list_rotate_revoke(env: Env) -> None:
     new_key = issued_key(rotated)
     assert new_key != key
     wait(lambda: env.status(new_key) == 200 and env.status(key) == 401, 10, "the old key refused")
-    _, doc = env.api_key(TEAM_A, "app")
-    assert doc["metadata"]["annotations"]["kubellm.io/rotate"].startswith("kubellm-keys-")
+    _, secret = env.kube.request("GET", f"/api/v1/namespaces/{TEAM_A}/secrets/app-apikey")
+    assert secret["metadata"]["annotations"]["kubellm.io/rotated-for"] == ""  # the ApiKey asks for none
     time.sleep(2)  # the operator sees its rotation request already done: it does not rotate again
     assert env.secret_value(TEAM_A, "app-apikey") == new_key
     assert env.status(new_key) == 200
@@ -286,8 +286,21 @@ def test_rotate_a_key_the_operator_generated(env: Env) -> None:
     old = env.secret_value(TEAM_A, "by-kubectl-apikey")
     assert old is not None
     wait(lambda: env.status(old) == 200, 15, "the operator's key served")
+    # A rotation asked for with kubectl (the operator makes it), then one with the CLI: the operator
+    # must take the CLI's as already done, not rotate once more over the key just printed.
+    env.kube.kubectl("annotate", "apikey", "by-kubectl", "-n", TEAM_A, "kubellm.io/rotate=1", "--overwrite")
+    wait(lambda: env.secret_value(TEAM_A, "by-kubectl-apikey") != old, 15, "the operator's rotation")
+    by_operator = env.secret_value(TEAM_A, "by-kubectl-apikey")
+    assert by_operator is not None
+    wait(lambda: env.status(by_operator) == 200 and env.status(old) == 401, 10, "the operator's new key")
     new = issued_key(env.keys("rotate", "by-kubectl", "-n", TEAM_A, "--wait", "20", kubeconfig=env.team_a_kc))
-    wait(lambda: env.status(new) == 200 and env.status(old) == 401, 10, "the rotated key served")
+    wait(lambda: env.status(new) == 200 and env.status(by_operator) == 401, 10, "the rotated key served")
+    env.kube.kubectl(
+        "annotate", "apikey", "by-kubectl", "-n", TEAM_A, "unrelated=change"
+    )  # wakes the operator
+    time.sleep(2)
+    assert env.secret_value(TEAM_A, "by-kubectl-apikey") == new
+    assert env.status(new) == 200
     assert env.keys("revoke", "by-kubectl", "-n", TEAM_A).returncode == 0
 
 
