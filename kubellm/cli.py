@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     docs = sub.add_parser("config-docs", help="print the config reference generated from the schema")
     docs.add_argument("-o", "--output")
     docs.set_defaults(func=_config_docs)
+
+    from kubellm.keys_cli import add_parser as add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 
