@@ -280,6 +280,10 @@ def model_deployment_spec() -> Schema:
                         "Prompt tokens written to the provider's prompt cache, such as Anthropic's "
                         "cache_creation_input_tokens (default: the input price)."
                     ),
+                    "perMillionCharacters": _price(
+                        "USD per one million characters of text turned into speech (/v1/audio/speech)."
+                    ),
+                    "perSecond": _price("USD per second of audio transcribed or translated."),
                 },
             },
             "timeouts": {

@@ -35,6 +35,7 @@ from ._responses_routes import register_responses_routes
 from ._services import build_services
 from ._sinks import hub as sink_hub
 from ._state import RouterState, build_state, changed_deployments
+from .audio._routes import register_audio_routes
 from .inbound.responses import ResponsesApi
 from .providers import Operation
 
@@ -357,6 +358,8 @@ def create_app(source: ConfigSource) -> RouterApp:
     # OpenAI's Responses API in front of any deployment; see inbound/responses.
     responses_api = ResponsesApi(lambda: router.services.responses)
     register_responses_routes(app, router, responses_api)
+    # OpenAI's audio API (speech, transcriptions, translations); see audio/.
+    register_audio_routes(app, router)
 
     async def anthropic_messages(inbound: Inbound) -> Response:
         return await router.serve(messages_api, inbound)

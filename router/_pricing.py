@@ -68,6 +68,10 @@ class Price:
     cached_input_per_million: Decimal | None = None
     #: Prompt tokens written to the cache; ``None`` bills them at the input price.
     cache_write_input_per_million: Decimal | None = None
+    #: USD per one million characters of text turned into speech (``tts-1``).
+    per_million_characters: Decimal | None = None
+    #: USD per second of audio transcribed or translated (``whisper-1``).
+    per_second: Decimal | None = None
 
     @property
     def cached_rate(self) -> Decimal:
@@ -96,6 +100,16 @@ class PricingLike(Protocol):
     def cache_write_input_per_million(self) -> Decimal | None: ...
 
 
+def _audio(characters: str | None = None, seconds: str | None = None) -> Price:
+    """A model priced by characters of input (speech) or seconds of audio (transcription)."""
+    return Price(
+        Decimal(0),
+        Decimal(0),
+        per_million_characters=None if characters is None else Decimal(characters),
+        per_second=None if seconds is None else Decimal(seconds),
+    )
+
+
 def _p(input_: str, output: str, cached: str | None = None, written: str | None = None) -> Price:
     return Price(
         Decimal(input_),
@@ -116,6 +130,10 @@ DEFAULT_PRICES: dict[str, Price] = {
     "o3-mini": _p("1.10", "4.40", "0.55"),
     "text-embedding-3-small": _p("0.02", "0"),
     "text-embedding-3-large": _p("0.13", "0"),
+    # OpenAI audio: speech per character, transcription per second ($0.006 a minute)
+    "tts-1": _audio(characters="15.00"),
+    "tts-1-hd": _audio(characters="30.00"),
+    "whisper-1": _audio(seconds="0.0001"),
     # Anthropic (cached = cache read; written = 5-minute cache write, 1.25 x input)
     "claude-3-5-sonnet": _p("3.00", "15.00", "0.30", "3.75"),
     "claude-3-7-sonnet": _p("3.00", "15.00", "0.30", "3.75"),
@@ -191,15 +209,21 @@ def price_for(upstream_model: str, override: PricingLike | None = None) -> Price
     inp, out = override.input_per_million, override.output_per_million
     cached = override.cached_input_per_million
     written = override.cache_write_input_per_million
+    # Audio prices are newer fields: an override object without them (a test double) sets none.
+    chars: Decimal | None = getattr(override, "per_million_characters", None)
+    seconds: Decimal | None = getattr(override, "per_second", None)
     if base is None:
-        if inp is None:
+        if inp is None and chars is None and seconds is None:
             return None
-        return Price(inp, out if out is not None else Decimal(0), cached, written)
+        inp, out = inp or Decimal(0), out or Decimal(0)
+        return Price(inp, out, cached, written, chars, seconds)
     return Price(
         base.input_per_million if inp is None else inp,
         base.output_per_million if out is None else out,
         base.cached_input_per_million if cached is None else cached,
         base.cache_write_input_per_million if written is None else written,
+        base.per_million_characters if chars is None else chars,
+        base.per_second if seconds is None else seconds,
     )
 
 
@@ -247,7 +271,16 @@ class UsageLike(Protocol):
 
 
 def usage_cost(usage: UsageLike, price: Price) -> Decimal:
-    """:func:`cost` of one request's usage, cache reads and writes at their own prices."""
-    return cost(
+    """:func:`cost` of one request's usage, cache reads and writes at their own prices, plus its
+    audio: characters spoken and seconds transcribed, where the price has rates for them."""
+    total = cost(
         usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price, usage.cache_write_tokens
     )
+    characters: int = getattr(usage, "characters", 0)
+    if characters and price.per_million_characters is not None:
+        total += characters * price.per_million_characters / _MILLION
+    seconds: float = getattr(usage, "audio_seconds", 0.0)
+    if seconds and price.per_second is not None:
+        # repr: the float's shortest exact decimal (2.5 s, not 2.5000000000000000001).
+        total += Decimal(repr(float(seconds))) * price.per_second
+    return total

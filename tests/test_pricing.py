@@ -80,7 +80,9 @@ def test_unknown_models_have_no_price(model: str) -> None:
 def test_table_is_dated_and_sane() -> None:
     assert PRICES_AS_OF[:4].isdigit()
     for name, p in DEFAULT_PRICES.items():
-        assert p.input_per_million > 0, name
+        # Audio models are priced per character or second instead of per token.
+        audio = [r for r in (p.per_million_characters, p.per_second) if r is not None]
+        assert p.input_per_million > 0 or (audio and all(r > 0 for r in audio)), name
         assert p.output_per_million >= 0, name
         assert p.cached_rate <= p.input_per_million, name
         # Whole pico-USD per token, so costs convert to pico-USD without rounding.

@@ -53,10 +53,17 @@ class Operation(StrEnum):
     MESSAGES = "messages"
     #: OpenAI's Responses API.
     RESPONSES = "responses"
+    #: OpenAI's audio API: text to speech (a binary answer, relayed as it arrives).
+    AUDIO_SPEECH = "audio_speech"
+    #: OpenAI's audio API: speech to text, uploaded as multipart.
+    AUDIO_TRANSCRIPTION = "audio_transcription"
+    AUDIO_TRANSLATION = "audio_translation"
 
 
 #: Operations a deployment that does not speak them natively serves through a chat request.
 TRANSLATED = frozenset({Operation.MESSAGES, Operation.RESPONSES})
+#: Operations whose answers the response cache does not keep (binary audio, uploads).
+UNCACHED = frozenset({Operation.AUDIO_SPEECH, Operation.AUDIO_TRANSCRIPTION, Operation.AUDIO_TRANSLATION})
 
 
 #: The largest token count one request may report; larger counts are clamped to it.
@@ -73,6 +80,10 @@ class Usage:
     #: Prompt tokens written to the provider's prompt cache (part of ``prompt_tokens`` too):
     #: Anthropic bills them above the input price.
     cache_write_tokens: int = 0
+    #: Characters of text turned into speech (priced per character).
+    characters: int = 0
+    #: Seconds of audio transcribed or translated (priced per second).
+    audio_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         # Counts come from upstreams: negative or absurd ones would corrupt metering (a negative
@@ -82,6 +93,9 @@ class Usage:
         self.cached_tokens = min(max(self.cached_tokens, 0), self.prompt_tokens)
         uncached = self.prompt_tokens - self.cached_tokens
         self.cache_write_tokens = min(max(self.cache_write_tokens, 0), uncached)
+        self.characters = min(max(self.characters, 0), MAX_TOKENS)
+        seconds = self.audio_seconds
+        self.audio_seconds = min(max(seconds, 0.0), 1e9) if seconds == seconds else 0.0  # NaN: 0
 
     @property
     def total_tokens(self) -> int:

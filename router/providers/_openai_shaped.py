@@ -23,6 +23,7 @@ from ._base import (
     Usage,
     extract_error_message,
 )
+from ._openai_audio import AUDIO, AUDIO_PATHS, AudioRelay, build_audio_request, parse_audio_response
 from ._openai_responses import ResponsesPassthroughTranslator, usage_from_responses
 
 _PATHS = {
@@ -30,6 +31,7 @@ _PATHS = {
     Operation.COMPLETION: "/completions",
     Operation.EMBEDDING: "/embeddings",
     Operation.RESPONSES: "/responses",
+    **AUDIO_PATHS,
 }
 
 
@@ -123,11 +125,17 @@ class OpenAIShapedProvider(Provider):
         return body
 
     def build_request(self, body: dict[str, Any], ctx: RequestContext) -> UpstreamRequest:
+        if ctx.operation in AUDIO:
+            return build_audio_request(
+                self.url(ctx), {**self.auth_headers(ctx), **ctx.deployment.headers}, body, ctx
+            )
         headers = {"Content-Type": "application/json", **self.auth_headers(ctx), **ctx.deployment.headers}
         payload = orjson.dumps(self.prepare_body(body, ctx))
         return UpstreamRequest("POST", self.url(ctx), headers, payload)
 
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
+        if ctx.operation in AUDIO:
+            return parse_audio_response(raw, ctx)
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -141,6 +149,8 @@ class OpenAIShapedProvider(Provider):
         return ProviderResponse(raw, Usage.from_openai(doc.get("usage")))
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation in AUDIO:
+            return AudioRelay()
         if ctx.operation is Operation.RESPONSES:
             return ResponsesPassthroughTranslator(self.name)
         return OpenAIPassthroughTranslator(ctx.include_usage, self.name)

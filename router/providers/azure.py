@@ -48,6 +48,7 @@ from ._base import (
     extract_error_message,
     map_status_error,
 )
+from ._openai_audio import AUDIO, AUDIO_PATHS, AudioRelay
 from ._openai_responses import ResponsesPassthroughTranslator
 from ._openai_shaped import OpenAIPassthroughTranslator, OpenAIShapedProvider
 
@@ -63,6 +64,7 @@ _PATHS = {
     Operation.CHAT: "/chat/completions",
     Operation.COMPLETION: "/completions",
     Operation.EMBEDDING: "/embeddings",
+    **AUDIO_PATHS,
 }
 _DATED = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
@@ -158,7 +160,7 @@ def _responses_url(base: str, version: str) -> str:
 
 class AzureOpenAIProvider(OpenAIShapedProvider):
     name = "azure"
-    operations = OpenAIShapedProvider.operations | {Operation.RESPONSES}
+    operations = OpenAIShapedProvider.operations | {Operation.RESPONSES} | AUDIO
 
     def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
         if operation is Operation.RESPONSES:
@@ -216,6 +218,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
 
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
         parsed = super().parse_response(raw, ctx)
+        if ctx.operation in AUDIO:
+            return parsed
         if b'"content_filter"' in raw:
             choice = _filtered_choice(orjson.loads(raw).get("choices"))
             if choice is not None:
@@ -223,6 +227,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
         return parsed
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation in AUDIO:
+            return AudioRelay()
         if ctx.operation is Operation.RESPONSES:
             return ResponsesPassthroughTranslator(self.name)
         return AzureStreamTranslator(ctx.include_usage)

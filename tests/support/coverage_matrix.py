@@ -40,7 +40,18 @@ from typing import Any
 
 import pytest
 
-FEATURES = ("chat", "stream", "tools", "vision", "json_mode", "embeddings", "stream_usage")
+FEATURES = (
+    "chat",
+    "stream",
+    "tools",
+    "vision",
+    "json_mode",
+    "embeddings",
+    "stream_usage",
+    "audio_speech",
+    "audio_transcription",
+    "audio_translation",
+)
 COMMAND = "python -m tests.support.coverage_matrix --write"
 ROOT = Path(__file__).resolve().parents[2]
 DOC = Path("docs") / "providers.md"
