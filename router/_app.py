@@ -36,6 +36,7 @@ from ._services import build_services
 from ._sinks import hub as sink_hub
 from ._state import RouterState, build_state, changed_deployments
 from .audio._routes import register_audio_routes
+from .files._routes import register_files_routes
 from .inbound.responses import ResponsesApi
 from .providers import Operation
 
@@ -360,6 +361,8 @@ def create_app(source: ConfigSource) -> RouterApp:
     register_responses_routes(app, router, responses_api)
     # OpenAI's audio API (speech, transcriptions, translations); see audio/.
     register_audio_routes(app, router)
+    # OpenAI's files and batches APIs on OpenAI and Azure deployments; see files/.
+    register_files_routes(app, router)
 
     async def anthropic_messages(inbound: Inbound) -> Response:
         return await router.serve(messages_api, inbound)

@@ -58,6 +58,10 @@ class Operation(StrEnum):
     #: OpenAI's audio API: speech to text, uploaded as multipart.
     AUDIO_TRANSCRIPTION = "audio_transcription"
     AUDIO_TRANSLATION = "audio_translation"
+    #: OpenAI's files and batches APIs: served beside the dispatcher (see router/files), named
+    #: here for the upstream calls they make.
+    FILES = "files"
+    BATCHES = "batches"
 
 
 #: Operations a deployment that does not speak them natively serves through a chat request.

@@ -51,6 +51,8 @@ FEATURES = (
     "audio_speech",
     "audio_transcription",
     "audio_translation",
+    "files",
+    "batches",
 )
 COMMAND = "python -m tests.support.coverage_matrix --write"
 ROOT = Path(__file__).resolve().parents[2]
