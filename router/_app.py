@@ -225,6 +225,10 @@ class RouterApp(FastAPI):
         async def asgi_endpoint(request: Request) -> Response:
             return await endpoint(AsgiInbound(request), request.path_params["deployment_id"])
 
+        # The endpoint reads the raw request, so FastAPI cannot see the parameter: declare it.
+        extra = dict(openapi.get("openapi_extra") or {})  # a copy: callers may share theirs
+        param = _string_param("deployment_id", "path", required=True)
+        openapi["openapi_extra"] = {**extra, "parameters": [*extra.get("parameters", []), param]}
         self.add_api_route(
             AZURE_PREFIX + "{deployment_id}" + suffix,
             asgi_endpoint,
