@@ -22,8 +22,19 @@ AZURE_UPSTREAM_KEY = "az-upstream-key-0123456789"
 KEY_A = "sk-audio-a-0123456789"
 KEY_B = "sk-audio-b-0123456789"
 API_VERSION = "2024-06-01"
-#: A small WAV-looking upload (the fakes do not decode audio).
-AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) * 4
+
+
+def _wav(seconds: int) -> bytes:
+    """A PCM WAV file: 16 kHz, 16-bit, mono (the fakes do not decode it; the router reads its header)."""
+    fmt = (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16000).to_bytes(4, "little")
+    fmt += (32000).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+    pcm = bytes(range(256)) * (125 * seconds)
+    head = b"RIFF" + (36 + len(pcm)).to_bytes(4, "little") + b"WAVE" + b"fmt " + (16).to_bytes(4, "little")
+    return head + fmt + b"data" + len(pcm).to_bytes(4, "little") + pcm
+
+
+#: One second of audio.
+AUDIO = _wav(1)
 
 
 @pytest.fixture
@@ -185,9 +196,9 @@ def test_transcription_upload(router: RouterProcess, fake_oa: FakePlatform, fmt:
     if fmt == "verbose_json":
         assert seen.body["timestamp_granularities[]"] == ["word", "segment"]
     spend = Decimal(_spend(router)["oa-whisper"]["spendUsd"])
-    # whisper-1 at the shipped $0.0001 a second, for the duration the answer reports; text and srt
-    # answers carry no duration and stay unpriced.
-    assert spend == (Decimal("0.00075") if fmt in ("json", "verbose_json") else 0)
+    # whisper-1 at the shipped $0.0001 a second, for the 7.5 s the answer reports; text and srt
+    # answers carry no duration, so the upload's WAV header gives it (1 s).
+    assert spend == (Decimal("0.00075") if fmt in ("json", "verbose_json") else Decimal("0.0001"))
 
 
 @pytest.mark.covers("openai", "audio_translation")
@@ -254,3 +265,23 @@ def test_azure_deployment_paths(router: RouterProcess, fake_az: FakePlatform) ->
     assert Decimal(spend["az-tts"]["spendUsd"]) == Decimal(20) * 12 / 1_000_000
     # 12 s transcribed, 12 s translated, at the deployment's $0.001 a second.
     assert Decimal(spend["az-whisper"]["spendUsd"]) == Decimal("0.024")
+
+
+def test_speech_falls_back_to_another_group(
+    router: RouterProcess, fake_oa: FakePlatform, fake_az: FakePlatform
+) -> None:
+    """Both attempts on the OpenAI deployment fail; the request falls back to the Azure group."""
+    fake_oa.faults = [503, 503]
+    raw = _client(router).audio.speech.with_raw_response.create(
+        model="tts", voice="alloy", input="fall back", extra_headers={"x-kubellm-fallbacks": "az-tts"}
+    )
+    assert raw.headers["x-kubellm-model-group"] == "az-tts"
+    assert raw.headers["x-kubellm-deployment"] == "az-tts"
+    assert raw.content == CHUNK * fake_az.speech_chunks
+    assert fake_oa.requests["/v1/audio/speech"] == 2
+    metrics = http_get(router.base_url + "/metrics")[1].decode()
+    assert any(
+        line.startswith("kubellm_fallbacks_total{") and 'to="az-tts"' in line for line in metrics.splitlines()
+    ), [line for line in metrics.splitlines() if "fallback" in line]
+    requests = [line for line in metrics.splitlines() if line.startswith("kubellm_requests_total{")]
+    assert any('model_group="tts"' in line for line in requests), requests

@@ -86,3 +86,17 @@ def test_transcription_usage_shapes() -> None:
     )
     assert transcription_usage({"text": "x", "duration": True}) is None
     assert Usage(audio_seconds=float("nan")).audio_seconds == 0.0
+
+
+def test_a_wav_header_gives_the_duration() -> None:
+    from kubellm.router.audio._api import wav_seconds
+
+    fmt = (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16000).to_bytes(4, "little")
+    fmt += (32000).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+    pcm = b"\0" * 48000  # 1.5 s of 16 kHz 16-bit mono
+    wav = b"RIFF" + (36 + len(pcm)).to_bytes(4, "little") + b"WAVE"
+    wav += b"fmt " + (16).to_bytes(4, "little") + fmt + b"data" + len(pcm).to_bytes(4, "little") + pcm
+    assert wav_seconds(wav) == 1.5
+    assert wav_seconds(wav[:-24000]) == 0.75  # a truncated upload: what arrived
+    assert wav_seconds(b"ID3 not a wav") is None
+    assert wav_seconds(b"RIFF\xff\xff\xff\xffWAVE") is None

@@ -143,11 +143,31 @@ class TranscriptionApi(InboundApi):
         return self.render_error(outcome.error, outcome.headers)
 
 
+def wav_seconds(data: bytes) -> float | None:
+    """The duration of a PCM WAV file from its header (``fmt`` byte rate, ``data`` size), if it is one."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, byte_rate = 12, 0
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk == b"fmt " and size >= 16:
+            byte_rate = int.from_bytes(data[pos + 16 : pos + 20], "little")
+        elif chunk == b"data":
+            # A streamed WAV may declare a placeholder size: what was uploaded bounds it.
+            size = min(size, len(data) - pos - 8)
+            return size / byte_rate if byte_rate else None
+        pos += 8 + size + (size & 1)
+    return None
+
+
 def audio_usage(call: Call) -> Usage:
     """What an audio request used when the upstream did not say: speech is billed by the
-    characters of its input (exact, not an estimate); a transcription whose answer carries no
-    duration (``text``, ``srt``, ``vtt``) is unpriced, and marked estimated."""
+    characters of its input (exact, not an estimate). A transcription whose answer carries no
+    duration (``text``, ``srt``, ``vtt``) is priced by the duration a WAV upload's header gives,
+    marked estimated; any other is unpriced (and marked estimated)."""
     if call.operation is Operation.AUDIO_SPEECH:
         text = call.body.get("input")
         return Usage(characters=len(text) if isinstance(text, str) else 0)
-    return Usage(estimated=True)
+    upload = getattr(call.body, "uploads", {}).get("file")
+    seconds = wav_seconds(upload.data) if upload is not None else None
+    return Usage(audio_seconds=seconds or 0.0, estimated=True)
