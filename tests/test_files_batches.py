@@ -5,6 +5,7 @@ input file lives, and a completed batch's usage in the ledger exactly once."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -81,7 +82,7 @@ def _config(fake_oa: FakePlatform, fake_az: FakePlatform, **settings: Any) -> di
             {"name": "mock", "model": "mock", "provider": "mock"},
         ],
         "keys": [
-            {"name": "a", "keyEnv": "KEY_A"},
+            {"name": "a", "keyEnv": "KEY_A", "budget": {"amountUsd": "10", "period": "daily"}},
             {"name": "b", "keyEnv": "KEY_B"},
             {"name": "c", "keyEnv": "KEY_C", "models": ["mock"]},
         ],
@@ -190,6 +191,14 @@ def test_a_batch_is_billed_once_when_it_completes(router: RouterProcess, fake_oa
     assert (spend["promptTokens"], spend["completionTokens"]) == (33, 63)
     assert Decimal(spend["spendUsd"]) == BATCH_COST
     assert fake_oa.downloads[done.output_file_id] == 1
+    # The owner's budget is charged too (in the background, idempotently by the batch's id).
+    deadline = time.monotonic() + 10
+    while True:
+        info = orjson.loads(http_get(router.v1 + "/key/info", {"Authorization": f"Bearer {KEY_A}"})[1])
+        if Decimal(info["budget"]["spentUsd"]) == BATCH_COST or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert Decimal(info["budget"]["spentUsd"]) == BATCH_COST, info
     # The output file is the batch owner's.
     output = a.files.content(done.output_file_id).content
     assert len(output.splitlines()) == 3
