@@ -206,6 +206,9 @@ def test_a_batch_is_billed_once_when_it_completes(router: RouterProcess, fake_oa
         b.files.content(done.output_file_id)
     with pytest.raises(openai.BadRequestError):
         a.batches.cancel(batch.id)  # the upstream refuses to cancel a completed batch
+    metrics = http_get(router.base_url + "/metrics")[1].decode()
+    assert 'kubellm_platform_requests_total{operation="retrieve_batch",status="404"} 1.0' in metrics
+    assert 'kubellm_platform_requests_total{operation="cancel_batch",status="400"} 1.0' in metrics
 
 
 def test_cancel_a_batch(router: RouterProcess) -> None:

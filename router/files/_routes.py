@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
     from .._state import Deployment
 
 Handler = Callable[[Request, Caller], Awaitable[Response]]
+#: These routes do not go through the dispatcher, so they count themselves.
+PLATFORM_REQUESTS = Counter(
+    "kubellm_platform_requests_total",
+    "Finished files and batches API requests.",
+    ["operation", "status"],
+)
 _TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
@@ -256,12 +263,14 @@ def _page(docs: list[dict[str, Any]], request: Request, default: int) -> dict[st
     }
 
 
-def _endpoint(router: Router, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(router: Router, handler: Handler, operation: str) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            return await handler(request, authenticate(router.state, request.headers))
+            response = await handler(request, authenticate(router.state, request.headers))
         except KubellmError as err:
-            return error_response(err)
+            response = error_response(err)
+        PLATFORM_REQUESTS.labels(operation, str(response.status_code)).inc()
+        return response
 
     return endpoint
 
@@ -280,7 +289,7 @@ def register_files_routes(app: RouterApp, router: Router) -> None:
         ("/batches/{batch_id}/cancel", "POST", api.cancel_batch, "Cancel a batch"),
     ]
     for path, method, handler, summary in routes:
-        endpoint = _endpoint(router, handler)
+        endpoint = _endpoint(router, handler, handler.__name__)
         # The endpoints read the raw request, so FastAPI cannot see the path parameters: declare them.
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
