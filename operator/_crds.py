@@ -300,6 +300,10 @@ def model_deployment_spec() -> Schema:
                         "USD per rerank search unit (Cohere's billed search units; Bedrock's queries of "
                         "up to 100 documents)."
                     ),
+                    "perMillionCharacters": _price(
+                        "USD per one million characters of text turned into speech (/v1/audio/speech)."
+                    ),
+                    "perSecond": _price("USD per second of audio transcribed or translated."),
                 },
             },
             "timeouts": {

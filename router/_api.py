@@ -18,11 +18,13 @@ from starlette.responses import Response, StreamingResponse
 from ._errors import KubellmError
 from ._outcome import Answer, Outcome, Stream, StreamError
 from ._sse import DONE, frame
-from ._validate import validate
+from ._validate import parse_body, validate
 from .providers import Operation
 
 if TYPE_CHECKING:
+    from ._config import RouterSettings
     from ._dispatch import Call
+    from ._inbound import Inbound
     from ._proxy import Caller
 
 __all__ = ["JSON", "SSE", "InboundApi", "OpenAiApi", "Requested", "stream_headers"]
@@ -52,6 +54,10 @@ class InboundApi(ABC):
     #: Client request headers (lower-case) a deployment speaking :attr:`operation` natively gets
     #: forwarded, such as ``anthropic-beta``; never credentials.
     forward_headers: ClassVar[frozenset[str]] = frozenset()
+
+    async def read_body(self, inbound: Inbound, settings: RouterSettings) -> dict[str, Any]:
+        """The request body as a document: JSON by default (multipart uploads override this)."""
+        return parse_body(await inbound.read(settings.max_request_body_bytes))
 
     @abstractmethod
     def validate(self, body: dict[str, Any]) -> Requested:

@@ -36,6 +36,8 @@ from ._services import build_services
 from ._sinks import hub as sink_hub
 from ._state import RouterState, build_state, changed_deployments
 from ._surface_routes import register_surface_routes
+from .audio._routes import register_audio_routes
+from .files._routes import register_files_routes
 from .inbound.responses import ResponsesApi
 from .providers import Operation
 
@@ -225,9 +227,9 @@ class RouterApp(FastAPI):
             return await endpoint(AsgiInbound(request), request.path_params["deployment_id"])
 
         # The endpoint reads the raw request, so FastAPI cannot see the parameter: declare it.
-        extra = openapi.setdefault("openapi_extra", {})
-        extra.setdefault("parameters", [_string_param("deployment_id", "path", required=True)])
-
+        extra = dict(openapi.get("openapi_extra") or {})  # a copy: callers may share theirs
+        param = _string_param("deployment_id", "path", required=True)
+        openapi["openapi_extra"] = {**extra, "parameters": [*extra.get("parameters", []), param]}
         self.add_api_route(
             AZURE_PREFIX + "{deployment_id}" + suffix,
             asgi_endpoint,
@@ -364,6 +366,10 @@ def create_app(source: ConfigSource) -> RouterApp:
     register_responses_routes(app, router, responses_api)
     # Images, moderations and rerank; see inbound/surface.
     register_surface_routes(app, router)
+    # OpenAI's audio API (speech, transcriptions, translations); see audio/.
+    register_audio_routes(app, router)
+    # OpenAI's files and batches APIs on OpenAI and Azure deployments; see files/.
+    register_files_routes(app, router)
 
     async def anthropic_messages(inbound: Inbound) -> Response:
         return await router.serve(messages_api, inbound)

@@ -53,7 +53,8 @@ class _Model(BaseModel):
 
 
 class Pricing(_Model):
-    """USD per one million tokens, per image, per rerank search unit; unset: the shipped table."""
+    """Prices in USD: per one million tokens, per image, per rerank search unit, per million characters
+    spoken or per second transcribed. Unset fields fall back to the shipped price table."""
 
     input_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M prompt tokens.")
     output_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M completion tokens.")
@@ -75,6 +76,15 @@ class Pricing(_Model):
         ge=0,
         description="USD per rerank search unit (Cohere's `billed_units.search_units`; on Bedrock, per "
         "query of up to 100 documents).",
+    )
+    per_million_characters: Decimal | None = Field(
+        None, ge=0, description="USD per 1M characters of input text turned into speech (`/v1/audio/speech`)."
+    )
+    per_second: Decimal | None = Field(
+        None,
+        ge=0,
+        description="USD per second of audio transcribed or translated (`/v1/audio/transcriptions`, "
+        "`/v1/audio/translations`), as the provider reports the duration.",
     )
 
 
@@ -447,6 +457,12 @@ class RouterSettings(_Model):
     )
     max_request_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest accepted request body; larger gets 413."
+    )
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024,
+        ge=1024,
+        description="Largest multipart upload (audio to transcribe or translate, a file for "
+        "`/v1/files`); larger gets 413 naming the field.",
     )
     reload_interval_seconds: float = Field(
         1.0, gt=0, description="How often the config file is checked for changes."

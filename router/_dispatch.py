@@ -49,6 +49,7 @@ from ._sse import Event
 from ._tokens import prompt_tokens, requested_completion_tokens
 from .providers import (
     TRANSLATED,
+    UNCACHED,
     Operation,
     Payload,
     RequestContext,
@@ -656,7 +657,8 @@ class Dispatcher:
             # Record before the client can see the end of the stream, so a crash cannot lose it.
             finished = True
             self._finish_stream(call, dep, 200, translator, ttft, keep)
-            await self._store(call, key, pack_stream(wire, keep))
+            if key is not None:  # packing decodes every payload: only for the cache
+                await self._store(call, key, pack_stream(wire, keep))
         except Exception as exc:
             err = redact.scrub_error(exc if isinstance(exc, KubellmError) else _unreadable(dep, exc))
             if isinstance(err, UpstreamStreamTruncatedError):
@@ -714,6 +716,8 @@ class Dispatcher:
 
     def _cache_key(self, call: Call) -> str | None:
         if self.cache is None or not (call.options.cache_read or call.options.cache_write):
+            return None
+        if call.operation in UNCACHED:
             return None
         opted = call.group.caches or (call.key is not None and call.key.config.cache)
         if not opted:

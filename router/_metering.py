@@ -497,6 +497,15 @@ class Meter:
             c.scope, c.period, c.request_id, c.estimate, c.actual, period_key=c.period_key
         )
 
+    def charge_budget(self, key: VirtualKey, request_id: str, spend: Decimal) -> None:
+        """Charge ``key``'s budget for spend no request admitted (a batch's, once it completes);
+        idempotent by ``request_id``, applied in the background."""
+        budget = key.config.budget
+        if budget is None or spend <= 0:
+            return
+        period_key = period_window(budget.period)[2]
+        self._owe(Charge(f"key:{key.config.name}", budget.period, request_id, Decimal(0), spend, period_key))
+
     def _owe(self, charge: Charge) -> None:
         if len(self.owed) >= MAX_OWED_CHARGES:
             metrics.STORE_ERRORS.labels("budget charge dropped").inc()

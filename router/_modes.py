@@ -38,6 +38,9 @@ _OPERATION_MODE: dict[Operation, Mode] = {
     Operation.IMAGE_EDIT: "image",
     Operation.MODERATION: "moderation",
     Operation.RERANK: "rerank",
+    Operation.AUDIO_SPEECH: "audio",
+    Operation.AUDIO_TRANSCRIPTION: "audio",
+    Operation.AUDIO_TRANSLATION: "audio",
 }
 
 #: What every deployment served before modes existed; a deployment without ``mode`` still does.

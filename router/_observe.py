@@ -16,7 +16,9 @@ from ._finished import Finished
 from ._logging import access_log
 from ._sinks import hub as sinks
 from ._tokens import real_count, real_prompt_tokens
+from .audio._api import audio_usage
 from .providers import Operation, Usage
+from .providers._openai_audio import AUDIO
 
 if TYPE_CHECKING:
     from ._dispatch import Call
@@ -42,6 +44,8 @@ def _answer_text(payloads: list[bytes]) -> str:
 
 
 def estimate_usage(call: Call, payloads: list[bytes]) -> Usage:
+    if call.operation in AUDIO:
+        return audio_usage(call)  # audio is counted in characters and seconds, not tokens
     prompt = real_prompt_tokens(call.body)
     completion = 0 if call.operation is Operation.EMBEDDING else real_count(_answer_text(payloads))
     return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)

@@ -71,6 +71,10 @@ class Price:
     #: USD per generated image, and per rerank search unit (``None``: free, or priced by tokens).
     per_image: Decimal | None = None
     per_search_unit: Decimal | None = None
+    #: USD per one million characters of text turned into speech (``tts-1``).
+    per_million_characters: Decimal | None = None
+    #: USD per second of audio transcribed or translated (``whisper-1``).
+    per_second: Decimal | None = None
 
     @property
     def cached_rate(self) -> Decimal:
@@ -104,6 +108,22 @@ class PricingLike(Protocol):
     @property
     def per_search_unit(self) -> Decimal | None: ...
 
+    @property
+    def per_million_characters(self) -> Decimal | None: ...
+
+    @property
+    def per_second(self) -> Decimal | None: ...
+
+
+def _audio(characters: str | None = None, seconds: str | None = None) -> Price:
+    """A model priced by characters of input (speech) or seconds of audio (transcription)."""
+    return Price(
+        Decimal(0),
+        Decimal(0),
+        per_million_characters=None if characters is None else Decimal(characters),
+        per_second=None if seconds is None else Decimal(seconds),
+    )
+
 
 def _p(input_: str, output: str, cached: str | None = None, written: str | None = None) -> Price:
     return Price(
@@ -135,6 +155,10 @@ DEFAULT_PRICES: dict[str, Price] = {
     "o3-mini": _p("1.10", "4.40", "0.55"),
     "text-embedding-3-small": _p("0.02", "0"),
     "text-embedding-3-large": _p("0.13", "0"),
+    # OpenAI audio: speech per character, transcription per second ($0.006 a minute)
+    "tts-1": _audio(characters="15.00"),
+    "tts-1-hd": _audio(characters="30.00"),
+    "whisper-1": _audio(seconds="0.0001"),
     # Anthropic (cached = cache read; written = 5-minute cache write, 1.25 x input)
     "claude-3-5-sonnet": _p("3.00", "15.00", "0.30", "3.75"),
     "claude-3-7-sonnet": _p("3.00", "15.00", "0.30", "3.75"),
@@ -228,19 +252,30 @@ def price_for(upstream_model: str, override: PricingLike | None = None) -> Price
     cached = override.cached_input_per_million
     written = override.cache_write_input_per_million
     image, unit = override.per_image, override.per_search_unit
+    chars, seconds = override.per_million_characters, override.per_second
     if base is None:
-        if inp is None and image is None and unit is None:
+        if inp is None and image is None and unit is None and chars is None and seconds is None:
             return None
         zero = Decimal(0)
-        return Price(inp if inp is not None else zero, out if out is not None else zero, cached, written,
-                     image, unit)  # fmt: skip
+        return Price(
+            inp if inp is not None else zero,
+            out if out is not None else zero,
+            cached,
+            written,
+            per_image=image,
+            per_search_unit=unit,
+            per_million_characters=chars,
+            per_second=seconds,
+        )
     return Price(
         base.input_per_million if inp is None else inp,
         base.output_per_million if out is None else out,
         base.cached_input_per_million if cached is None else cached,
         base.cache_write_input_per_million if written is None else written,
-        base.per_image if image is None else image,
-        base.per_search_unit if unit is None else unit,
+        per_image=base.per_image if image is None else image,
+        per_search_unit=base.per_search_unit if unit is None else unit,
+        per_million_characters=base.per_million_characters if chars is None else chars,
+        per_second=base.per_second if seconds is None else seconds,
     )
 
 
@@ -292,6 +327,12 @@ class UsageLike(Protocol):
     @property
     def search_units(self) -> int: ...
 
+    @property
+    def characters(self) -> int: ...
+
+    @property
+    def audio_seconds(self) -> float: ...
+
 
 def unit_cost(images: int, search_units: int, price: Price) -> Decimal:
     """What images and rerank search units cost at ``price`` (nothing where it sets no unit price)."""
@@ -305,8 +346,16 @@ def unit_cost(images: int, search_units: int, price: Price) -> Decimal:
 
 def usage_cost(usage: UsageLike, price: Price) -> Decimal:
     """:func:`cost` of one request's usage, cache reads and writes at their own prices, plus its
-    images and rerank search units at theirs."""
-    tokens = cost(
+    images, rerank search units, characters spoken and seconds transcribed at theirs."""
+    total = cost(
         usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price, usage.cache_write_tokens
     )
-    return tokens + unit_cost(usage.images, usage.search_units, price)
+    total += unit_cost(usage.images, usage.search_units, price)
+    characters = usage.characters
+    if characters and price.per_million_characters is not None:
+        total += characters * price.per_million_characters / _MILLION
+    seconds = usage.audio_seconds
+    if seconds and price.per_second is not None:
+        # repr: the float's shortest exact decimal (2.5 s, not 2.5000000000000000001).
+        total += Decimal(repr(float(seconds))) * price.per_second
+    return total

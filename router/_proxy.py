@@ -32,7 +32,6 @@ from ._metering import Ticket
 from ._outcome import Failure
 from ._services import Services
 from ._state import ModelGroup, RouterState, VirtualKey
-from ._validate import parse_body
 from .providers import TRANSLATED, Operation
 
 __all__ = ["JSON", "Caller", "Router", "authenticate", "error_response"]
@@ -180,8 +179,7 @@ class Router:
             headers = inbound.headers
             caller = authenticate(state, headers)
             options = request_options(headers)
-            raw = await inbound.read(state.config.settings.max_request_body_bytes)
-            body = parse_body(raw)
+            body = await api.read_body(inbound, state.config.settings)
             if model is not None:
                 body["model"] = model
             requested = api.validate(body)

@@ -28,6 +28,7 @@ from ._limits_redis import RedisLimiter
 from ._metering import Meter, ledger_writer, local_ledger
 from ._redis import connect as connect_redis
 from ._upstream import UpstreamPool
+from .files._store import ObjectStore, object_store
 from .inbound.responses import ResponseStore, responses_store
 from .providers import UpstreamClient
 
@@ -55,6 +56,8 @@ class Services:
     dispatcher: Dispatcher
     #: Stored Responses API responses (``previous_response_id``, GET, DELETE).
     responses: ResponseStore
+    #: Where each uploaded file and batch lives and whose it is (``/v1/files``, ``/v1/batches``).
+    files: ObjectStore
     #: The shared-state client, when Redis is configured (closed at shutdown).
     redis: Redis | None
 
@@ -96,5 +99,6 @@ def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient 
         meter=meter,
         dispatcher=dispatcher,
         responses=responses_store(settings, client),
+        files=object_store(settings, client),
         redis=client,
     )

@@ -80,8 +80,13 @@ def test_unknown_models_have_no_price(model: str) -> None:
 def test_table_is_dated_and_sane() -> None:
     assert PRICES_AS_OF[:4].isdigit()
     for name, p in DEFAULT_PRICES.items():
-        # Image and rerank models are priced per unit; moderation is free.
-        assert p.input_per_million > 0 or p.per_image or p.per_search_unit or "moderation" in name, name
+        # Image and rerank models are priced per unit, audio models per character or second;
+        # moderation is free.
+        audio = [r for r in (p.per_million_characters, p.per_second) if r is not None]
+        assert (
+            p.input_per_million > 0 or p.per_image or p.per_search_unit or audio or "moderation" in name
+        ), name
+        assert all(r > 0 for r in audio), name
         for unit in (p.per_image, p.per_search_unit):
             assert unit is None or (unit > 0 and unit.scaleb(12) == unit.scaleb(12).to_integral_value()), name
         assert p.output_per_million >= 0, name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._base import (
     TRANSLATED,
+    UNCACHED,
     Event,
     Operation,
     Payload,
@@ -64,6 +65,7 @@ def provider_names() -> frozenset[str]:
 
 __all__ = [
     "TRANSLATED",
+    "UNCACHED",
     "Event",
     "Operation",
     "Payload",

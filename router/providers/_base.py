@@ -60,10 +60,21 @@ class Operation(StrEnum):
     MODERATION = "moderation"
     #: ``/v1/rerank``, in Cohere's (and Jina's) shape.
     RERANK = "rerank"
+    #: OpenAI's audio API: text to speech (a binary answer, relayed as it arrives).
+    AUDIO_SPEECH = "audio_speech"
+    #: OpenAI's audio API: speech to text, uploaded as multipart.
+    AUDIO_TRANSCRIPTION = "audio_transcription"
+    AUDIO_TRANSLATION = "audio_translation"
+    #: OpenAI's files and batches APIs: served beside the dispatcher (see router/files), named
+    #: here for the upstream calls they make.
+    FILES = "files"
+    BATCHES = "batches"
 
 
 #: Operations a deployment that does not speak them natively serves through a chat request.
 TRANSLATED = frozenset({Operation.MESSAGES, Operation.RESPONSES})
+#: Operations whose answers the response cache does not keep (binary audio, uploads).
+UNCACHED = frozenset({Operation.AUDIO_SPEECH, Operation.AUDIO_TRANSCRIPTION, Operation.AUDIO_TRANSLATION})
 
 
 #: The largest token count one request may report; larger counts are clamped to it.
@@ -84,6 +95,10 @@ class Usage:
     images: int = 0
     #: Rerank search units (Cohere's ``billed_units.search_units``; Bedrock's queries).
     search_units: int = 0
+    #: Characters of text turned into speech (priced per character).
+    characters: int = 0
+    #: Seconds of audio transcribed or translated (priced per second).
+    audio_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         # Counts come from upstreams: negative or absurd ones would corrupt metering (a negative
@@ -95,6 +110,9 @@ class Usage:
         self.cache_write_tokens = min(max(self.cache_write_tokens, 0), uncached)
         self.images = min(max(self.images, 0), MAX_TOKENS)
         self.search_units = min(max(self.search_units, 0), MAX_TOKENS)
+        self.characters = min(max(self.characters, 0), MAX_TOKENS)
+        seconds = self.audio_seconds
+        self.audio_seconds = min(max(seconds, 0.0), 1e9) if seconds == seconds else 0.0  # NaN: 0
 
     @property
     def total_tokens(self) -> int:

@@ -25,6 +25,7 @@ from ._base import (
     Usage,
     extract_error_message,
 )
+from ._openai_audio import AUDIO, AUDIO_PATHS, AudioRelay, build_audio_request, parse_audio_response
 from ._openai_responses import ResponsesPassthroughTranslator, usage_from_responses
 from ._surface import SURFACE, finish_rerank, openai_surface_request, parse_surface, read_openai_compatible
 
@@ -37,6 +38,7 @@ _PATHS = {
     Operation.IMAGE_EDIT: "/images/edits",
     Operation.MODERATION: "/moderations",
     Operation.RERANK: "/rerank",
+    **AUDIO_PATHS,
 }
 
 
@@ -133,6 +135,10 @@ class OpenAIShapedProvider(Provider):
         if ctx.operation in SURFACE:  # images, moderations, rerank: see _surface
             auth = {**self.auth_headers(ctx), **ctx.deployment.headers}
             return openai_surface_request(body, ctx, self.url(ctx), auth)
+        if ctx.operation in AUDIO:
+            return build_audio_request(
+                self.url(ctx), {**self.auth_headers(ctx), **ctx.deployment.headers}, body, ctx
+            )
         headers = {"Content-Type": "application/json", **self.auth_headers(ctx), **ctx.deployment.headers}
         payload = orjson.dumps(self.prepare_body(body, ctx))
         return UpstreamRequest("POST", self.url(ctx), headers, payload)
@@ -148,6 +154,8 @@ class OpenAIShapedProvider(Provider):
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
         if ctx.operation in SURFACE:
             return parse_surface(raw, ctx, self.name)
+        if ctx.operation in AUDIO:
+            return parse_audio_response(raw, ctx)
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -161,6 +169,8 @@ class OpenAIShapedProvider(Provider):
         return ProviderResponse(raw, Usage.from_openai(doc.get("usage")))
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation in AUDIO:
+            return AudioRelay()
         if ctx.operation is Operation.RESPONSES:
             return ResponsesPassthroughTranslator(self.name)
         return OpenAIPassthroughTranslator(ctx.include_usage, self.name)

@@ -51,6 +51,7 @@ from ._base import (
     map_status_error,
 )
 from ._content_safety import analyze_request, moderate, moderation_texts
+from ._openai_audio import AUDIO, AUDIO_PATHS, AudioRelay
 from ._openai_responses import ResponsesPassthroughTranslator
 from ._openai_shaped import OpenAIPassthroughTranslator, OpenAIShapedProvider
 
@@ -68,6 +69,7 @@ _PATHS = {
     Operation.EMBEDDING: "/embeddings",
     Operation.IMAGE: "/images/generations",
     Operation.IMAGE_EDIT: "/images/edits",
+    **AUDIO_PATHS,
 }
 _DATED = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
@@ -164,9 +166,11 @@ def _responses_url(base: str, version: str) -> str:
 class AzureOpenAIProvider(OpenAIShapedProvider):
     name = "azure"
     #: Moderations go to Azure AI Content Safety (see _content_safety); images to the deployment.
-    operations = OpenAIShapedProvider.operations | {
-        Operation.RESPONSES, Operation.IMAGE, Operation.IMAGE_EDIT, Operation.MODERATION
-    }  # fmt: skip
+    operations = (
+        OpenAIShapedProvider.operations
+        | {Operation.RESPONSES, Operation.IMAGE, Operation.IMAGE_EDIT, Operation.MODERATION}
+        | AUDIO
+    )
 
     def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
         if operation is Operation.RESPONSES:
@@ -236,6 +240,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
 
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
         parsed = super().parse_response(raw, ctx)
+        if ctx.operation in AUDIO:
+            return parsed
         if b'"content_filter"' in raw:
             choice = _filtered_choice(orjson.loads(raw).get("choices"))
             if choice is not None:
@@ -243,6 +249,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
         return parsed
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation in AUDIO:
+            return AudioRelay()
         if ctx.operation is Operation.RESPONSES:
             return ResponsesPassthroughTranslator(self.name)
         return AzureStreamTranslator(ctx.include_usage)

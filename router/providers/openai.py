@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from ._base import Operation
+from ._openai_audio import AUDIO
 from ._openai_shaped import OpenAIShapedProvider
 
 
 class OpenAIProvider(OpenAIShapedProvider):
     name = "openai"
     #: The Responses API is OpenAI's own; OpenAI-compatible servers are not assumed to have it.
-    operations = OpenAIShapedProvider.operations | {
-        Operation.RESPONSES, Operation.IMAGE, Operation.IMAGE_EDIT, Operation.MODERATION
-    }  # fmt: skip
+    operations = (
+        OpenAIShapedProvider.operations
+        | {Operation.RESPONSES, Operation.IMAGE, Operation.IMAGE_EDIT, Operation.MODERATION}
+        | AUDIO
+    )
     default_api_key_env = "OPENAI_API_KEY"
     default_base_url = "https://api.openai.com/v1"
 

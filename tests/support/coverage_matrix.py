@@ -43,6 +43,7 @@ import pytest
 FEATURES = (
     "chat", "stream", "tools", "vision", "json_mode", "embeddings", "stream_usage",
     "images", "image_edits", "moderations", "rerank",
+    "audio_speech", "audio_transcription", "audio_translation", "files", "batches",
 )  # fmt: skip
 COMMAND = "python -m tests.support.coverage_matrix --write"
 ROOT = Path(__file__).resolve().parents[2]
