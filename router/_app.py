@@ -8,7 +8,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -201,6 +201,13 @@ def _json(doc: Any, status: int = 200) -> Response:
 
 _REQUEST_SCHEMA = {"type": "object", "required": ["model"], "additionalProperties": True}
 
+#: Azure OpenAI's data-plane paths, ``/openai/deployments/{deployment}/<operation>``: the deployment
+#: names the model group, so ``AzureOpenAI(azure_endpoint=<router>)`` clients work unchanged.
+AZURE_PREFIX = "/openai/deployments/"
+
+#: An endpoint of a path with the model group in it; ``model`` is taken from the path.
+ModelEndpoint = Callable[[Inbound, str], Awaitable[Response]]
+
 
 def _string_param(name: str, where: str, *, required: bool = False) -> dict[str, Any]:
     """An OpenAPI parameter, for endpoints that read the raw request."""
@@ -220,6 +227,8 @@ class RouterApp(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fast_routes: dict[str, Endpoint] = {}
+        #: (operation suffix, endpoint) under :data:`AZURE_PREFIX`, longest suffix first.
+        self.deployment_routes: list[tuple[str, ModelEndpoint]] = []
 
     def add_fast_route(self, path: str, endpoint: Endpoint, **openapi: Any) -> None:
         """A POST model endpoint at ``path`` and at ``path`` without ``/v1``."""
@@ -239,9 +248,38 @@ class RouterApp(FastAPI):
             )
             self.fast_routes[prefix + path] = endpoint
 
+    def add_deployment_route(self, suffix: str, endpoint: ModelEndpoint, **openapi: Any) -> None:
+        """A POST model endpoint at ``/openai/deployments/{deployment_id}<suffix>`` (Azure's paths)."""
+
+        async def asgi_endpoint(request: Request) -> Response:
+            return await endpoint(AsgiInbound(request), request.path_params["deployment_id"])
+
+        self.add_api_route(
+            AZURE_PREFIX + "{deployment_id}" + suffix,
+            asgi_endpoint,
+            methods=["POST"],
+            **openapi,
+        )
+        self.deployment_routes.append((suffix, endpoint))
+        # "/chat/completions" before "/completions", which it ends with.
+        self.deployment_routes.sort(key=lambda route: -len(route[0]))
+
+    def find_fast_route(self, path: str) -> Endpoint | None:
+        """The endpoint of a path with a parameter in it; asked only once the exact lookup missed."""
+        if not path.startswith(AZURE_PREFIX):
+            return None
+        rest = path[len(AZURE_PREFIX) :]
+        for suffix, endpoint in self.deployment_routes:
+            # The SDK percent-encodes the name, and the path arrives decoded: a name may hold a '/'.
+            # The longest suffix that matches decides, so an empty name is no route.
+            if rest.endswith(suffix):
+                name = rest[: -len(suffix)]
+                return _bind_model(endpoint, name) if name else None
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = self.fast_routes.get(scope["path"])
+            endpoint = self.fast_routes.get(scope["path"]) or self.find_fast_route(scope["path"])
             if endpoint is not None:
                 request = Request(scope, receive)
                 try:
@@ -254,6 +292,13 @@ class RouterApp(FastAPI):
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+def _bind_model(endpoint: ModelEndpoint, model: str) -> Endpoint:
+    async def bound(inbound: Inbound) -> Response:
+        return await endpoint(inbound, model)
+
+    return bound
 
 
 def create_app(source: ConfigSource) -> RouterApp:
@@ -329,6 +374,18 @@ def create_app(source: ConfigSource) -> RouterApp:
     openai_route("/chat/completions", Operation.CHAT, "Create a chat completion (OpenAI format)")
     openai_route("/completions", Operation.COMPLETION, "Create a text completion (OpenAI format)")
     openai_route("/embeddings", Operation.EMBEDDING, "Create embeddings (OpenAI format)")
+
+    # Azure OpenAI's paths: the deployment in the path is the model group, whatever the body says;
+    # `api-version` is accepted and not needed (the router speaks one version of each API).
+    def azure_route(suffix: str, operation: Operation, summary: str) -> None:
+        async def endpoint(inbound: Inbound, model: str) -> Response:
+            return await router.handle(operation, inbound, model=model)
+
+        app.add_deployment_route(suffix, endpoint, summary=summary, name=f"azure_{operation.value}")
+
+    azure_route("/chat/completions", Operation.CHAT, "Create a chat completion (Azure OpenAI path)")
+    azure_route("/completions", Operation.COMPLETION, "Create a text completion (Azure OpenAI path)")
+    azure_route("/embeddings", Operation.EMBEDDING, "Create embeddings (Azure OpenAI path)")
 
     # Anthropic's Messages API in front of any deployment; see _anthropic_inbound.
     async def anthropic_messages(inbound: Inbound) -> Response:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn._types import ASGI3Application
@@ -124,7 +125,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             tick = min(SWEEP_SECONDS, self.header_timeout / 4, max(config.timeout_keep_alive, 0.01) / 4)
             sweep = _SWEEPS[server_state] = _Sweep(self.loop, tick)
         self._sweep = sweep
-        self.fast_routes = _fast_routes(self.app)
+        self.fast_routes, self.find_fast_route = _fast_routes(self.app)
         self.direct_inbound: _direct.DirectInbound | None = None
 
     # -- the deadline ---------------------------------------------------------------------------
@@ -249,7 +250,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         scope = cycle.scope
-        endpoint = self.fast_routes.get(scope["path"]) if scope["method"] == "POST" else None
+        endpoint = None
+        if scope["method"] == "POST":
+            path = scope["path"]
+            endpoint = self.fast_routes.get(path) or self.find_fast_route(path)
         if endpoint is None or app is not self.app:
             super()._start_asgi_task(cycle, app)
             return
@@ -297,13 +301,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._keep_alive_wait = True
 
 
-def _fast_routes(app: Any) -> dict[str, _direct.Endpoint]:
-    """The router app's model endpoints, found under uvicorn's middleware wrappers."""
+def _no_route(path: str) -> _direct.Endpoint | None:
+    return None
+
+
+def _fast_routes(
+    app: Any,
+) -> tuple[dict[str, _direct.Endpoint], Callable[[str], _direct.Endpoint | None]]:
+    """The router app's model endpoints, found under uvicorn's middleware wrappers: those at an exact
+    path, and the lookup of those with a parameter in their path."""
     for _ in range(8):
         routes = getattr(app, "fast_routes", None)
         if isinstance(routes, dict):
-            return routes
+            return routes, getattr(app, "find_fast_route", _no_route)
         app = getattr(app, "app", None)
         if app is None:
             break
-    return {}
+    return {}, _no_route

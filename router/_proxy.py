@@ -67,7 +67,8 @@ def authenticate(state: RouterState, headers: Mapping[str, str]) -> Caller:
         presented = headers.get("api-key") or headers.get("x-api-key")
         if presented is None:
             raise AuthenticationError(
-                "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
+                "missing API key: send 'Authorization: Bearer <key>' or 'api-key: <key>'",
+                code="missing_api_key",
             )
     else:
         scheme, _, presented = header.partition(" ")
@@ -162,7 +163,9 @@ class Router:
     def deployment_names(self) -> list[str]:
         return [d.name for g in self.state.groups.values() for d in g.deployments]
 
-    async def handle(self, operation: Operation, inbound: Inbound) -> Response:
+    async def handle(self, operation: Operation, inbound: Inbound, *, model: str | None = None) -> Response:
+        """Serve one request; ``model``, when the path names the model group (Azure's paths), wins
+        over the body's."""
         started = time.monotonic()
         state = self.state  # one snapshot for the whole request, even across a reload
         request_id = next_request_id()
@@ -172,6 +175,8 @@ class Router:
             options = request_options(headers)
             raw = await inbound.read(state.config.settings.max_request_body_bytes)
             body = parse_body(raw)
+            if model is not None:
+                body["model"] = model
             model, stream, include_usage = validate(operation, body)
             group = state.groups.get(model)
             if group is None:
