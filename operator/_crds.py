@@ -272,7 +272,14 @@ def model_deployment_spec() -> Schema:
                 "properties": {
                     "inputPerMillion": _price("Prompt tokens."),
                     "outputPerMillion": _price("Completion tokens."),
-                    "cachedInputPerMillion": _price("Cached prompt tokens (default: the input price)."),
+                    "cachedInputPerMillion": _price(
+                        "Cached prompt tokens, read from the provider's prompt cache (default: the input "
+                        "price)."
+                    ),
+                    "cacheWriteInputPerMillion": _price(
+                        "Prompt tokens written to the provider's prompt cache, such as Anthropic's "
+                        "cache_creation_input_tokens (default: the input price)."
+                    ),
                 },
             },
             "timeouts": {

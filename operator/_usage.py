@@ -33,8 +33,8 @@ class UsageReader:
 
     @classmethod
     def from_settings(cls, settings: RedisSettings) -> UsageReader | None:
-        from kubellm.router._app import redis_url
         from kubellm.router._redis import connect
+        from kubellm.router._services import redis_url
 
         url = redis_url(settings)
         return cls(connect(url, timeout=2.0), settings.key_prefix) if url else None

@@ -1,36 +1,43 @@
 """Anthropic's Messages API (``POST /v1/messages``), served in front of any deployment.
 
-The Anthropic request is translated into an OpenAI chat request and run through
-the router's ordinary path (:meth:`Router.handle`: authentication, model groups,
-retries, metering) as a request whose body is the translated JSON. The answer is
-translated back: a JSON body into an Anthropic message, OpenAI chunks, as they
-arrive, into Anthropic's named SSE events, and errors into Anthropic's shape
+:class:`MessagesApi` is an inbound API of the core (:meth:`Router.serve`: authentication, model
+groups, retries, metering). A deployment that speaks Messages natively gets the request as the
+client sent it and its answer passes through. Any other deployment gets it translated into an
+OpenAI chat request, and its answer is translated back: a JSON body into an Anthropic message,
+OpenAI chunks, as they arrive, into Anthropic's named SSE events. Errors take Anthropic's shape
 ``{"type": "error", "error": {"type", "message"}}``.
 
-Not carried over: ``top_k``, ``thinking`` and other Anthropic-only options
+Native deployments: the anthropic provider, and Claude on Bedrock and Vertex AI
+(:mod:`.providers._anthropic_native`). The client's ``anthropic-beta`` header is forwarded to them
+(:attr:`MessagesApi.forward_headers`).
+
+Not carried over by the translation: ``top_k``, ``thinking`` and other Anthropic-only options
 (dropped); server tools, documents and files (400). Usage maps back as
-``input_tokens = prompt_tokens - cached_tokens`` and
-``cache_read_input_tokens = cached_tokens``.
+``input_tokens = prompt_tokens - cached_tokens - cache_write_tokens``,
+``cache_read_input_tokens = cached_tokens`` and
+``cache_creation_input_tokens = cache_write_tokens``.
+
+``POST /v1/messages/count_tokens`` is served by :mod:`._count_tokens`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from . import _metrics as metrics
+from ._api import JSON, SSE, InboundApi, Requested
 from ._errors import InvalidRequestError, KubellmError
-from ._inbound import Inbound, ReplacedBody
-from ._proxy import Router, authenticate
-from ._sse import SSEDecoder, frame_named
-from ._validate import parse_body
+from ._outcome import Failure, Outcome, Stream, StreamError, StreamEvent
+from ._sse import frame, frame_named
 from .providers import Operation, Usage
 from .providers._translate import content_text
 
-JSON = "application/json"
+if TYPE_CHECKING:
+    from ._dispatch import Call
+
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -242,9 +249,9 @@ def openai_finish_reason_to_anthropic(reason: str | None) -> str:
 def openai_usage_to_anthropic(usage: Usage | None) -> dict[str, int]:
     usage = usage or Usage()
     return {
-        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens,
         "output_tokens": usage.completion_tokens,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
         "cache_read_input_tokens": usage.cached_tokens,
     }
 
@@ -417,61 +424,63 @@ class AnthropicEventStream:
         return [_event("error", {"error": {"type": kind, "message": str(error.get("message"))}})]
 
 
-async def _relay(chunks: AsyncIterable[Any], events: AnthropicEventStream) -> AsyncIterator[bytes]:
-    decoder = SSEDecoder()
-    iterator = chunks.__aiter__()
-    try:
-        async for piece in iterator:
-            data = piece.encode() if isinstance(piece, str) else bytes(piece)
-            out = [frame for event in decoder.feed(data) for frame in events.event(event.data)]
-            if out:
-                yield b"".join(out)
-        tail = [frame for event in decoder.close() for frame in events.event(event.data)]
-        yield b"".join([*tail, *events.cut_short()])
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+async def _translated(events: AsyncIterator[StreamEvent], out: AnthropicEventStream) -> AsyncIterator[bytes]:
+    """A chat stream (the core's OpenAI chunk payloads) as Anthropic events."""
+    async for batch in events:
+        if isinstance(batch, StreamError):
+            yield b"".join(out.fail(batch.error.to_dict()["error"]))
+            return
+        framed = [f for p in batch if isinstance(p, bytes) for f in out.chunk(orjson.loads(p))]
+        if framed:
+            yield b"".join(framed)
+    yield b"".join(out.close())
 
 
-def _error_response(status: int, message: str, request_id: str | None, headers: dict[str, str]) -> Response:
-    return Response(
-        orjson.dumps(anthropic_error(status, message, request_id)),
-        status_code=status,
-        media_type=JSON,
-        headers=headers,
-    )
+async def _native(events: AsyncIterator[StreamEvent], out: AnthropicEventStream) -> AsyncIterator[bytes]:
+    """A native Messages stream: the upstream's events as they are."""
+    async for batch in events:
+        if isinstance(batch, StreamError):
+            yield b"".join(out.fail(batch.error.to_dict()["error"]))
+            return
+        yield b"".join([frame(p) for p in batch])
 
 
-async def handle_messages(router: Router, inbound: Inbound) -> Response:
-    """Serve ``POST /v1/messages`` on top of the router's OpenAI chat path."""
-    state = router.state
-    try:
-        authenticate(state, inbound.headers)
-        raw = await inbound.read(state.config.settings.max_request_body_bytes)
-        translated = anthropic_request_to_openai(parse_body(raw))
-    except KubellmError as err:
-        metrics.ERRORS.labels("", err.type).inc()
-        return _error_response(err.status, err.message, None, err.headers)
-    inner = await router.handle(Operation.CHAT, ReplacedBody(inbound, orjson.dumps(translated)))
-    request_id = inner.headers.get("x-request-id")
-    headers = {
-        k: v for k, v in inner.headers.items() if k.startswith("x-") or k in ("retry-after", "cache-control")
-    }
-    if inner.status_code == 499:
-        return inner
-    if inner.status_code >= 400:
-        try:
-            error = orjson.loads(inner.body).get("error") or {}
-        except (orjson.JSONDecodeError, AttributeError):
-            error = {}
-        message = str(error.get("message") or f"the router answered {inner.status_code}")
-        if error.get("code") == "context_length_exceeded" and "prompt is too long" not in message:
+class MessagesApi(InboundApi):
+    """``POST /v1/messages``."""
+
+    operation = Operation.MESSAGES
+    forward_headers = frozenset({"anthropic-beta"})
+
+    def validate(self, body: dict[str, Any]) -> Requested:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _bad("model", "required, a non-empty string")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _bad("stream", "expected a boolean")
+        return Requested(model=model, stream=stream, include_usage=stream)
+
+    def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        return anthropic_request_to_openai(body)
+
+    def render(self, outcome: Outcome, call: Call) -> Response:
+        if isinstance(outcome, Failure):
+            return self.render_error(outcome.error, outcome.headers)
+        headers = {k: v for k, v in outcome.headers.items() if k.startswith("x-") or k == "cache-control"}
+        message_id = f"msg_{call.request_id}"
+        if isinstance(outcome, Stream):
+            stream = AnthropicEventStream(message_id)
+            relay = _native if outcome.wire is Operation.MESSAGES else _translated
+            return StreamingResponse(relay(outcome.events, stream), media_type=SSE, headers=headers)
+        if outcome.wire is Operation.MESSAGES:
+            return Response(outcome.body, media_type=JSON, headers=headers)
+        doc = openai_response_to_anthropic(outcome.doc(), message_id)
+        return Response(orjson.dumps(doc), media_type=JSON, headers=headers)
+
+    def render_error(self, err: KubellmError, headers: dict[str, str]) -> Response:
+        message = err.message
+        if err.code == "context_length_exceeded" and "prompt is too long" not in message:
             message = f"prompt is too long: {message}"  # what Anthropic clients look for
-        return _error_response(inner.status_code, message, request_id, headers)
-    message_id = f"msg_{request_id or 'kubellm'}"
-    if isinstance(inner, StreamingResponse):
-        body = _relay(inner.body_iterator, AnthropicEventStream(message_id))
-        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-    doc = openai_response_to_anthropic(orjson.loads(inner.body), message_id)
-    return Response(orjson.dumps(doc), media_type=JSON, headers=headers)
+        headers = {**headers, **err.headers}
+        doc = anthropic_error(err.status, message, headers.get("x-request-id"))
+        return Response(orjson.dumps(doc), status_code=err.status, media_type=JSON, headers=headers)

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 from fastapi import FastAPI
-from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -26,20 +24,18 @@ from starlette.types import Receive, Scope, Send
 from . import _http
 from . import _metrics as metrics
 from ._admin import register_admin_routes
-from ._anthropic_inbound import handle_messages
-from ._budget import RedisBudgetStore
-from ._cache import MemoryCache, RedisCache
-from ._config import ConfigError, RedisSettings, RouterConfig, load_config
+from ._anthropic_inbound import MessagesApi
+from ._config import ConfigError, RouterConfig, load_config
+from ._count_tokens import handle_count_tokens
 from ._direct import Endpoint
 from ._errors import INTERNAL_ERROR_BODY, KubellmError, ModelNotFoundError, error_body
-from ._health import RedisHealthStore
 from ._inbound import AsgiInbound, Inbound
-from ._ledger import RedisLedger
-from ._limits import RedisLimiter
 from ._proxy import JSON, Router, authenticate, error_response
-from ._redis import connect as connect_redis
+from ._responses_routes import register_responses_routes
+from ._services import build_services
 from ._sinks import hub as sink_hub
 from ._state import RouterState, build_state, changed_deployments
+from .inbound.responses import ResponsesApi
 from .providers import Operation
 
 log = logging.getLogger("kubellm.router")
@@ -145,33 +141,6 @@ async def _watch_kube(router: Router, source: ConfigSource, loaded: asyncio.Even
         log.warning("config Secret %s: %s", source.kube_secret, err)
 
     await watch_config_secret(namespace, name, source.kubeconfig, on_config, on_error)
-
-
-def redis_url(settings: RedisSettings) -> str | None:
-    url = settings.url or (os.environ.get(settings.url_env) if settings.url_env else None)
-    if not url:
-        return None
-    password = os.environ.get(settings.password_env) if settings.password_env else None
-    if password:
-        scheme, _, rest = url.partition("://")
-        url = f"{scheme}://:{quote(password, safe='')}@{rest}"
-    return url
-
-
-def _connect_shared_state(router: Router) -> Redis | None:
-    """Move breakers and the cache to Redis when it is configured (read once, at start)."""
-    settings = router.state.config.settings.redis
-    url = redis_url(settings)
-    if url is None:
-        return None
-    client = connect_redis(url)
-    prefix = settings.key_prefix
-    router.health.store = RedisHealthStore(client, prefix)
-    router.cache = router.dispatcher.cache = RedisCache(client, router.state.config.settings.cache, prefix)
-    router.meter.limiter = RedisLimiter(client, prefix)
-    router.meter.budgets = RedisBudgetStore(client, prefix)
-    router.meter.ledger.store = RedisLedger(client, f"{prefix}ledger", prefix=prefix)
-    return client
 
 
 def _drain_on_sigterm(router: Router) -> None:
@@ -303,36 +272,32 @@ def _bind_model(endpoint: ModelEndpoint, model: str) -> Endpoint:
 
 def create_app(source: ConfigSource) -> RouterApp:
     """Build the router app. Raises :class:`ConfigError` if the initial config is invalid."""
-    router = Router(build_state(source.load()))
+    state = build_state(source.load())
+    router = Router(state, build_services(state.config.settings))
     loaded = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks: list[asyncio.Task[None]] = []
-        redis: list[Redis] = []
 
-        async def connect_shared_state() -> None:
-            client = _connect_shared_state(router)
-            if client is not None:
-                redis.append(client)
+        async def start_services() -> None:
+            if router.services.redis is not None:
                 tasks.append(asyncio.create_task(router.health.run_refresh(router.deployment_names)))
             await router.meter.ledger.start()
             sink_hub.start(router.state.config.settings)  # settings.otel and settings.sinks
 
-        async def connect_after_first_config() -> None:
+        async def start_after_first_config() -> None:
             await loaded.wait()  # settings (cooldown, cache, Redis) come with the first config
-            settings = router.state.config.settings
-            router.health.policy = settings.cooldown
-            router.cache = router.dispatcher.cache = MemoryCache(settings.cache)
-            await connect_shared_state()
+            router.adopt(build_services(router.state.config.settings))
+            await start_services()
 
         if source.kube_secret is not None:
             tasks.append(asyncio.create_task(_watch_kube(router, source, loaded)))
-            tasks.append(asyncio.create_task(connect_after_first_config()))
+            tasks.append(asyncio.create_task(start_after_first_config()))
         else:
             loaded.set()
             metrics.set_config_version(None, router.state.version)
-            await connect_shared_state()
+            await start_services()
         if source.path is not None:
             tasks.append(asyncio.create_task(_watch_config(router, source)))
         _drain_on_sigterm(router)
@@ -349,8 +314,8 @@ def create_app(source: ConfigSource) -> RouterApp:
             await router.upstream.stop()
             await router.meter.drain()
             await asyncio.to_thread(sink_hub.close)  # flush what the sinks still hold
-            for client in redis:
-                await client.aclose()
+            if router.services.redis is not None:
+                await router.services.redis.aclose()
 
     app = RouterApp(
         title="kubellm router",
@@ -388,11 +353,26 @@ def create_app(source: ConfigSource) -> RouterApp:
     azure_route("/embeddings", Operation.EMBEDDING, "Create embeddings (Azure OpenAI path)")
 
     # Anthropic's Messages API in front of any deployment; see _anthropic_inbound.
+    messages_api = MessagesApi()
+    # OpenAI's Responses API in front of any deployment; see inbound/responses.
+    responses_api = ResponsesApi(lambda: router.services.responses)
+    register_responses_routes(app, router, responses_api)
+
     async def anthropic_messages(inbound: Inbound) -> Response:
-        return await handle_messages(router, inbound)
+        return await router.serve(messages_api, inbound)
 
     app.add_fast_route(
         "/messages", anthropic_messages, summary="Create a message (Anthropic format)", name="messages"
+    )
+
+    async def anthropic_count_tokens(inbound: Inbound) -> Response:
+        return await handle_count_tokens(router, inbound)
+
+    app.add_fast_route(
+        "/messages/count_tokens",
+        anthropic_count_tokens,
+        summary="Count the input tokens of a message (Anthropic format)",
+        name="count_tokens",
     )
 
     def visible_models(request: Request) -> list[str]:

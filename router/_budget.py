@@ -18,17 +18,20 @@ Each (scope, period window) has a bucket: ``spent`` (settled actual cost),
   ``settle(actual=0)`` cancels a reservation. A reservation that is never
   settled (its router died) expires after ``reservation_ttl``.
 
-**The bound.** Let R be the last request admitted in a window. When R was
-admitted, ``spent + reserved < limit``, and every request that will ever be
-charged to the window was either settled by then (in ``spent``) or in flight
-(its estimate in ``reserved``, R included). Hence::
+**The bound.** Let R be the last request admitted in a window, E its
+reservation and A its actual cost. When R was admitted, ``spent +
+reserved < limit``, and every request that will ever be charged to the window
+was either settled by then (in ``spent``) or in flight (its estimate in
+``reserved``). Hence::
 
-    final spent < limit + (actual cost of the requests in flight when R was admitted)
+    final spent < limit + A_R + sum over the others in flight at R of max(0, A_i - E_i)
 
-Spend exceeds the budget by at most the cost of the requests in flight when
-it was crossed. If estimates are upper bounds (``actual <= estimate``), the
-overshoot is below the actual cost of R alone, one request. Replicas change
-nothing: every decision is one atomic step on the shared store.
+Replicas change nothing: every decision is one atomic step on the shared
+store. The metering layer (``_metering.worst_case``) makes ``E`` the worst
+case, so that ``A <= E`` and the overshoot is below the actual cost of R
+alone, one request. It can only fail to be when an upstream bills more than
+the request allowed (more completion tokens than ``max_tokens``, or a prompt
+the router's estimate undercounts); see docs/keys-and-metering.md.
 
 Periods: ``daily``, ``weekly`` (ISO weeks from Monday 00:00 UTC), ``monthly``
 (calendar months UTC) or a duration ``<n>s|m|h|d`` aligned to the Unix epoch
@@ -39,6 +42,7 @@ skew only decides which window a request at the very boundary lands in.
 
 from __future__ import annotations
 
+import collections
 import re
 import time
 from dataclasses import dataclass, field
@@ -68,10 +72,23 @@ def validate_period(period: str) -> str:
     )
 
 
+#: The last window computed per period: every request of a period asks for the same one.
+_LAST: dict[str, tuple[float, float, str]] = {}
+
+
 def period_window(period: str, now: float | None = None) -> tuple[float, float, str]:
     """``(start, end, key_suffix)`` of the window of ``period`` containing ``now`` (Unix seconds)."""
-    validate_period(period)
     t = time.time() if now is None else now
+    last = _LAST.get(period)
+    if last is not None and last[0] <= t < last[1]:
+        return last
+    window = _period_window(period, t)
+    _LAST[period] = window
+    return window
+
+
+def _period_window(period: str, t: float) -> tuple[float, float, str]:
+    validate_period(period)
     if period in ("daily", "weekly", "monthly"):
         day = datetime.fromtimestamp(t, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         if period == "daily":
@@ -172,13 +189,19 @@ class MemoryBudgetStore:
         self.dedupe_ttl = dedupe_ttl
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._done: dict[tuple[str, str, str], float] = {}
+        #: (expiry, id) of ``_done`` in the order settled: expired ones leave from the left, O(1) each.
+        self._done_order: collections.deque[tuple[float, tuple[str, str, str]]] = collections.deque()
         self._ops = 0
 
     def _bucket(self, scope: str, key: str, end: float, now: float) -> _Bucket:
         self._ops += 1
         if self._ops % 1024 == 0:
             self._buckets = {k: b for k, b in self._buckets.items() if b.expires > now}
-            self._done = {k: exp for k, exp in self._done.items() if exp > now}
+        order = self._done_order
+        while order and order[0][0] <= now:
+            exp, done = order.popleft()
+            if self._done.get(done) == exp:
+                del self._done[done]
         b = self._buckets.get((scope, key))
         if b is None or b.expires <= now:
             b = self._buckets[(scope, key)] = _Bucket(end + GRACE)
@@ -196,13 +219,17 @@ class MemoryBudgetStore:
         now: float | None = None,
     ) -> BudgetDecision:
         t = time.time() if now is None else now
-        _, end, key = period_window(period, t)
-        lim, est = to_pico(limit), to_pico(estimate)
-        b = self._bucket(scope, key, end, t)
-        allowed = reservation_id in b.held or b.spent + b.reserved < lim
-        if allowed and reservation_id not in b.held:
+        return self.reserve_now(BudgetAsk(scope, period, limit, estimate, reservation_id, t), True)
+
+    def reserve_now(self, ask: BudgetAsk, commit: bool) -> BudgetDecision:
+        """Reserve synchronously (``commit=False``: only decide), for the memory limiter's one step."""
+        _, end, key = period_window(ask.period, ask.now)
+        lim, est = to_pico(ask.limit), to_pico(ask.estimate)
+        b = self._bucket(ask.scope, key, end, ask.now)
+        allowed = ask.reservation_id in b.held or b.spent + b.reserved < lim
+        if commit and allowed and ask.reservation_id not in b.held:
             b.reserved += est
-            b.held[reservation_id] = (est, t + self.reservation_ttl)
+            b.held[ask.reservation_id] = (est, ask.now + self.reservation_ttl)
         return _decision(allowed, b.spent, b.reserved, lim, end, key)
 
     async def settle(
@@ -217,17 +244,21 @@ class MemoryBudgetStore:
         now: float | None = None,
     ) -> bool:
         t = time.time() if now is None else now
-        _, end, key = period_window(period, t)
-        key = period_key or key
-        done = (scope, key, reservation_id)
-        if self._done.get(done, 0.0) > t:
+        key = period_key or period_window(period, t)[2]
+        return self.settle_now(BudgetCharge(scope, period, reservation_id, actual, key, t))
+
+    def settle_now(self, c: BudgetCharge) -> bool:
+        end = period_window(c.period, c.now)[1]
+        done = (c.scope, c.period_key, c.reservation_id)
+        if self._done.get(done, 0.0) > c.now:
             return False
-        self._done[done] = t + self.dedupe_ttl
-        b = self._bucket(scope, key, end, t)
-        held = b.held.pop(reservation_id, None)
+        self._done[done] = c.now + self.dedupe_ttl
+        self._done_order.append((c.now + self.dedupe_ttl, done))
+        b = self._bucket(c.scope, c.period_key, end, c.now)
+        held = b.held.pop(c.reservation_id, None)
         if held is not None:
             b.reserved -= held[0]
-        b.spent += to_pico(actual)
+        b.spent += to_pico(c.actual)
         return True
 
     async def spent(self, scope: str, period: str, now: float | None = None) -> Decimal:
@@ -239,10 +270,12 @@ class MemoryBudgetStore:
 
 # --------------------------------------------------------------------------- redis
 
-# KEYS[1] bucket hash {s, r, c}; KEYS[2] reservation estimates (hash id -> pico);
-# KEYS[3] reservation expiries (zset id -> ms). Money stays in decimal strings.
-_PRELUDE = """
-local function cmp(a, b)
+# A bucket is three keys: bk the bucket hash {s, r, c}, hk reservation estimates (hash id -> pico),
+# ek reservation expiries (zset id -> ms); dk is the bucket's set of settled ids. Money stays in
+# decimal strings. These functions are shared with the limiter's admission and settlement scripts,
+# which reserve and settle budgets in the same atomic step as the limits (see ``_limits``).
+LUA = """
+local function b_cmp(a, b)
   local na, nb = a:sub(1, 1) == '-', b:sub(1, 1) == '-'
   if na ~= nb then return na and -1 or 1 end
   if na then a, b = b:sub(2), a:sub(2) end
@@ -251,71 +284,91 @@ local function cmp(a, b)
   if a == b then return 0 end
   return a < b and -1 or 1
 end
-local function neg(x) if x == '0' then return '0' end return '-' .. x end
-local function expire_held(now)
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 256)
-  for _, rid in ipairs(gone) do
-    local est = redis.call('HGET', KEYS[2], rid)
-    if est then
-      redis.call('HINCRBY', KEYS[1], 'r', neg(est))
-      redis.call('HINCRBY', KEYS[1], 'c', neg(est))
-      redis.call('HDEL', KEYS[2], rid)
-    end
-    redis.call('ZREM', KEYS[3], rid)
+local function b_neg(x) if x == '0' then return '0' end return '-' .. x end
+local function b_unhold(bk, hk, ek, rid)
+  local est = redis.call('HGET', hk, rid)
+  if est then
+    redis.call('HINCRBY', bk, 'r', b_neg(est))
+    redis.call('HINCRBY', bk, 'c', b_neg(est))
+    redis.call('HDEL', hk, rid)
   end
+  redis.call('ZREM', ek, rid)
 end
-local function state()
-  local h = redis.call('HMGET', KEYS[1], 's', 'r')
+local function b_expire_held(bk, hk, ek, now)
+  local gone = redis.call('ZRANGEBYSCORE', ek, '-inf', now, 'LIMIT', 0, 256)
+  for _, rid in ipairs(gone) do b_unhold(bk, hk, ek, rid) end
+end
+local function b_state(bk)
+  local h = redis.call('HMGET', bk, 's', 'r')
   return {h[1] or '0', h[2] or '0'}
 end
-local function keep(ttl)
-  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
+-- Would a reservation be admitted? (allowed, already held). Expired reservations are dropped first.
+local function b_check(bk, hk, ek, now, limit, rid)
+  b_expire_held(bk, hk, ek, now)
+  if redis.call('HEXISTS', hk, rid) == 1 then return true, true end
+  return b_cmp(redis.call('HGET', bk, 'c') or '0', limit) < 0, false
+end
+local function b_hold(bk, hk, ek, est, rid, expiry, ttl)
+  redis.call('HINCRBY', bk, 'r', est)
+  redis.call('HINCRBY', bk, 'c', est)
+  redis.call('HSET', hk, rid, est)
+  redis.call('ZADD', ek, expiry, rid)
+  for _, k in ipairs({bk, hk, ek}) do redis.call('PEXPIRE', k, ttl) end
+end
+-- Settle once per id: release the reservation, add the actual cost. Returns 0 if already settled.
+local function b_settle(bk, hk, ek, dk, now, rid, actual, ttl, dedupe)
+  if redis.call('SADD', dk, rid) == 0 then return 0 end
+  redis.call('PEXPIRE', dk, math.max(tonumber(ttl), tonumber(dedupe)))
+  b_expire_held(bk, hk, ek, now)
+  b_unhold(bk, hk, ek, rid)
+  redis.call('HINCRBY', bk, 's', actual)
+  redis.call('HINCRBY', bk, 'c', actual)
+  for _, k in ipairs({bk, hk, ek}) do redis.call('PEXPIRE', k, ttl) end
+  return 1
 end
 """
 
-# ARGV: now ms, limit, estimate, reservation id, reservation expiry ms, key ttl ms.
+# KEYS: bk, hk, ek. ARGV: now ms, limit, estimate, reservation id, reservation expiry ms, key ttl ms.
 _RESERVE = Script(
-    _PRELUDE
+    LUA
     + """
-expire_held(ARGV[1])
-local rid = ARGV[4]
-if redis.call('HEXISTS', KEYS[2], rid) == 1 then
-  local s = state(); return {1, s[1], s[2]}
-end
-local c = redis.call('HGET', KEYS[1], 'c') or '0'
-if cmp(c, ARGV[2]) >= 0 then
-  local s = state(); return {0, s[1], s[2]}
-end
-redis.call('HINCRBY', KEYS[1], 'r', ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'c', ARGV[3])
-redis.call('HSET', KEYS[2], rid, ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[5], rid)
-keep(ARGV[6])
-local s = state(); return {1, s[1], s[2]}
+local ok, held = b_check(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[4])
+if ok and not held then b_hold(KEYS[1], KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[6]) end
+local s = b_state(KEYS[1]); return {ok and 1 or 0, s[1], s[2]}
 """
 )
 
-# KEYS[4] the bucket's set of settled reservation ids (one set per bucket, so Redis' key count stays
-# bounded however many requests settle). ARGV: now ms, reservation id, actual, key ttl ms, dedupe ttl ms.
+# KEYS: bk, hk, ek, dk. ARGV: now ms, reservation id, actual, key ttl ms, dedupe ttl ms.
 _SETTLE = Script(
-    _PRELUDE
+    LUA
     + """
-if redis.call('SADD', KEYS[4], ARGV[2]) == 0 then return 0 end
-redis.call('PEXPIRE', KEYS[4], math.max(tonumber(ARGV[4]), tonumber(ARGV[5])))
-expire_held(ARGV[1])
-local est = redis.call('HGET', KEYS[2], ARGV[2])
-if est then
-  redis.call('HINCRBY', KEYS[1], 'r', neg(est))
-  redis.call('HINCRBY', KEYS[1], 'c', neg(est))
-  redis.call('HDEL', KEYS[2], ARGV[2])
-  redis.call('ZREM', KEYS[3], ARGV[2])
-end
-redis.call('HINCRBY', KEYS[1], 's', ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'c', ARGV[3])
-keep(ARGV[4])
-return 1
+return b_settle(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
 )
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAsk:
+    """A reservation to make in the same atomic step as a limiter's admission (see ``_limits``)."""
+
+    scope: str
+    period: str
+    limit: Decimal
+    estimate: Decimal
+    reservation_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCharge:
+    """A settlement to apply in a limiter's batched settlement (see ``_limits``)."""
+
+    scope: str
+    period: str
+    reservation_id: str
+    actual: Decimal
+    period_key: str
+    now: float
 
 
 class RedisBudgetStore:
@@ -337,6 +390,33 @@ class RedisBudgetStore:
         base = f"{self.prefix}budget:{scope}:{key}"
         return [base, base + ":held", base + ":exp"]
 
+    def reserve_keys_args(self, ask: BudgetAsk) -> tuple[list[str], list[Arg], int, float, str]:
+        """Keys and ARGV of a reservation (as ``_RESERVE`` takes them), its limit, window end and key."""
+        _, end, key = period_window(ask.period, ask.now)
+        lim = to_pico(ask.limit)
+        args: list[Arg] = [
+            round(ask.now * 1000),
+            str(lim),
+            str(to_pico(ask.estimate)),
+            ask.reservation_id,
+            round((ask.now + self.reservation_ttl) * 1000),
+            _ttl_ms(end, ask.now),
+        ]
+        return self._keys(ask.scope, key), args, lim, end, key
+
+    def settle_keys_args(self, c: BudgetCharge) -> tuple[list[str], list[Arg]]:
+        """Keys and ARGV of a settlement, as ``_SETTLE`` takes them."""
+        end = period_window(c.period, c.now)[1]
+        keys = [*self._keys(c.scope, c.period_key), f"{self.prefix}budget:{c.scope}:{c.period_key}:done"]
+        args: list[Arg] = [
+            round(c.now * 1000),
+            c.reservation_id,
+            str(to_pico(c.actual)),
+            _ttl_ms(end, c.now),
+            round(self.dedupe_ttl * 1000),
+        ]
+        return keys, args
+
     async def reserve(
         self,
         scope: str,
@@ -347,17 +427,9 @@ class RedisBudgetStore:
         now: float | None = None,
     ) -> BudgetDecision:
         t = time.time() if now is None else now
-        _, end, key = period_window(period, t)
-        lim, est = to_pico(limit), to_pico(estimate)
-        args: list[Arg] = [
-            round(t * 1000),
-            str(lim),
-            str(est),
-            reservation_id,
-            round((t + self.reservation_ttl) * 1000),
-            _ttl_ms(end, t),
-        ]
-        ok, spent, reserved = await _RESERVE(self.client, self._keys(scope, key), args)
+        ask = BudgetAsk(scope, period, limit, estimate, reservation_id, t)
+        keys, args, lim, end, key = self.reserve_keys_args(ask)
+        ok, spent, reserved = await _RESERVE(self.client, keys, args)
         return _decision(bool(ok), int(spent), int(reserved), lim, end, key)
 
     async def settle(
@@ -373,17 +445,8 @@ class RedisBudgetStore:
     ) -> bool:
         """Returns False when this reservation was already settled (nothing changed)."""
         t = time.time() if now is None else now
-        _, end, key = period_window(period, t)
-        key = period_key or key
-        keys = [*self._keys(scope, key), f"{self.prefix}budget:{scope}:{key}:done"]
-        ttl = _ttl_ms(end, t)
-        args: list[Arg] = [
-            round(t * 1000),
-            reservation_id,
-            str(to_pico(actual)),
-            ttl,
-            round(self.dedupe_ttl * 1000),
-        ]
+        key = period_key or period_window(period, t)[2]
+        keys, args = self.settle_keys_args(BudgetCharge(scope, period, reservation_id, actual, key, t))
         return bool(await _SETTLE(self.client, keys, args))
 
     async def spent(self, scope: str, period: str, now: float | None = None) -> Decimal:

@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import orjson
-from starlette.responses import Response, StreamingResponse
 
 from ._config import CacheSettings
-from ._sse import DONE, frame
+from ._outcome import Answer, Batch, Stream
+from ._sse import Event
+from .providers import Operation
 
 log = logging.getLogger("kubellm.router")
 
@@ -90,12 +91,14 @@ class RedisCache:
         await self._redis.set(self._prefix + key, value, px=int(self._settings.ttl_seconds * 1000))
 
 
-def pack_stream(payloads: list[bytes]) -> bytes:
-    return orjson.dumps([p.decode() for p in payloads])
+def pack_answer(wire: Operation, body: bytes) -> bytes:
+    return orjson.dumps({"w": wire.value, "j": body.decode()})
 
 
-def unpack_stream(value: bytes) -> list[bytes]:
-    return [p.encode() for p in orjson.loads(value)]
+def pack_stream(wire: Operation, payloads: list[bytes | Event]) -> bytes:
+    """A stream's payloads; named events as ``[name, data]`` pairs."""
+    items = [p.decode() if isinstance(p, bytes) else [p.name, p.data.decode()] for p in payloads]
+    return orjson.dumps({"w": wire.value, "s": items})
 
 
 async def read_quietly(cache: ResponseCache, key: str) -> bytes | None:
@@ -114,13 +117,19 @@ async def write_quietly(cache: ResponseCache, key: str, value: bytes) -> None:
         log.warning("cache write failed: %s", type(exc).__name__)
 
 
-def replay(hit: bytes, headers: dict[str, str]) -> Response:
-    """A cached answer as the client asked for it: JSON (``j``) or the stream it was (``s``)."""
-    if hit[:1] == b"j":
-        return Response(hit[1:], media_type="application/json", headers=headers)
-    payloads = unpack_stream(hit[1:])
+def replay(hit: bytes, headers: dict[str, str]) -> Answer | Stream | None:
+    """A cached answer as the client asked for it: the JSON body or the stream it was; None for an
+    entry this version cannot read (a cache shared with an older router), which counts as a miss."""
+    try:
+        doc = orjson.loads(hit)
+        wire = Operation(doc["w"])
+        if "j" in doc:
+            return Answer(headers=headers, body=doc["j"].encode(), usage=None, wire=wire, cached=True)
+        batch: Batch = [p.encode() if isinstance(p, str) else Event(p[0], p[1].encode()) for p in doc["s"]]
+    except (orjson.JSONDecodeError, KeyError, ValueError, TypeError, IndexError, AttributeError):
+        return None
 
-    async def chunks() -> AsyncIterator[bytes]:
-        yield b"".join(frame(p) for p in payloads) + DONE
+    async def events() -> AsyncIterator[Batch]:
+        yield batch
 
-    return StreamingResponse(chunks(), media_type="text/event-stream", headers=headers)
+    return Stream(headers=headers, events=events(), wire=wire, cached=True)

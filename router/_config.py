@@ -57,7 +57,16 @@ class Pricing(_Model):
     input_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M prompt tokens.")
     output_per_million: Decimal | None = Field(None, ge=0, description="USD per 1M completion tokens.")
     cached_input_per_million: Decimal | None = Field(
-        None, ge=0, description="USD per 1M cached prompt tokens (defaults to the input price)."
+        None,
+        ge=0,
+        description="USD per 1M cached prompt tokens, read from the provider's prompt cache "
+        "(defaults to the input price).",
+    )
+    cache_write_input_per_million: Decimal | None = Field(
+        None,
+        ge=0,
+        description="USD per 1M prompt tokens written to the provider's prompt cache, such as "
+        "Anthropic's `cache_creation_input_tokens` (defaults to the input price).",
     )
 
 
@@ -251,6 +260,23 @@ class CacheSettings(_Model):
     max_entry_bytes: int = Field(1_048_576, ge=1, description="Answers larger than this are not cached.")
 
 
+class ResponsesSettings(_Model):
+    """Stored responses of the Responses API (`store`, `previous_response_id`, `GET /v1/responses/{id}`).
+
+    Read once at start. Kept in Redis when `redis` is configured (shared by every replica), else in
+    process memory.
+    """
+
+    ttl_seconds: float = Field(
+        2_592_000.0,
+        gt=0,
+        description="How long a stored response is kept after it was last written or read (default 30 days).",
+    )
+    max_entries: int = Field(
+        10_000, ge=1, description="In-memory backend: responses kept (the least recently used go first)."
+    )
+
+
 class RedisSettings(_Model):
     """Where the shared state lives. Without a URL, state is kept in process memory."""
 
@@ -420,9 +446,20 @@ class RouterSettings(_Model):
         default_factory=lambda: CooldownSettings(), description="Circuit breaker."
     )
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings(), description="Response cache.")
+    responses: ResponsesSettings = Field(
+        default_factory=lambda: ResponsesSettings(), description="Stored responses of the Responses API."
+    )
     redis: RedisSettings = Field(
         default_factory=lambda: RedisSettings(),
         description="Shared state between replicas; unset: in memory.",
+    )
+    budget_reserve_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Completion tokens a budgeted request reserves (at the group's highest price) when it "
+        "sets no `max_tokens`/`max_completion_tokens`, or when its group's upstream billed more than a "
+        "request allowed. A `contextWindow` on every deployment of the group lowers it to the room the "
+        "prompt leaves. See docs/keys-and-metering.md.",
     )
     access_log: bool = Field(True, description="Write one JSON access log line per request.")
     otel: OtelSettings | None = Field(

@@ -15,16 +15,17 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from starlette.responses import Response, StreamingResponse
+import orjson
 
 from . import _metrics as metrics
 from . import _redact as redact
+from ._api import stream_headers
 from ._balancer import Headroom, Stats, order_tier
-from ._cache import cache_key, pack_stream, read_quietly, replay, write_quietly
+from ._cache import cache_key, pack_answer, pack_stream, read_quietly, replay, write_quietly
 from ._config import Timeouts
 from ._errors import (
     AuthenticationError,
@@ -41,19 +42,27 @@ from ._errors import (
     UpstreamTimeoutError,
 )
 from ._health import rejection_reason
-from ._metering import Meter, Ticket
+from ._metering import CallerRefused, Meter, Ticket
 from ._observe import finish_request
-from ._sse import DONE, frame
+from ._outcome import Answer, Batch, Failure, Outcome, Stream, StreamError, StreamEvent
+from ._sse import Event
 from ._tokens import prompt_tokens, requested_completion_tokens
-from .providers import Operation, Payload, RequestContext, StreamTranslator, UpstreamResponse, Usage
+from .providers import (
+    TRANSLATED,
+    Operation,
+    Payload,
+    RequestContext,
+    StreamTranslator,
+    UpstreamClient,
+    UpstreamResponse,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from ._cache import ResponseCache
     from ._health import HealthTracker
     from ._state import Deployment, ModelGroup, RouterState, VirtualKey
-    from ._upstream import UpstreamPool
 
-JSON = "application/json"
 #: Streams renew their concurrency leases this often (leases expire after 30 s without renewal).
 LEASE_RENEW_SECONDS = 10.0
 
@@ -70,7 +79,7 @@ class RequestOptions:
     cache_write: bool = True
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Call:
     """One client request on its way through the dispatcher."""
 
@@ -86,6 +95,9 @@ class Call:
     state: RouterState
     started: float
     deadline: float
+    #: For operations in TRANSLATED: the chat request for deployments that do not speak
+    #: ``operation`` natively (None: no chat form). Called once, on the first such deployment.
+    to_chat: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
     attempts: int = 0
     #: The deployment of the latest attempt, named in error responses.
     last_deployment: str | None = None
@@ -95,6 +107,11 @@ class Call:
     #: Why the request failed, and the model groups it tried: what error sinks (Sentry) report.
     error: KubellmError | None = None
     groups_tried: tuple[str, ...] = ()
+    #: Client headers a deployment speaking ``operation`` natively gets (the inbound API's
+    #: ``forward_headers``, e.g. ``anthropic-beta``), by lower-case name.
+    forward_headers: dict[str, str] = field(default_factory=dict)
+    #: ``to_chat``'s answer, once asked for.
+    chat_request: dict[str, Any] | None = None
     _prompt_tokens: int | None = None
 
     @property
@@ -108,6 +125,43 @@ class Call:
     def estimated_tokens(self) -> int:
         """Prompt plus requested completion: what a tpm limit reserves before the call."""
         return self.prompt_tokens + requested_completion_tokens(self.body)
+
+    def chat_body(self) -> dict[str, Any] | None:
+        """The request as chat, for a deployment that does not speak :attr:`operation`; raises the
+        translation's :class:`InvalidRequestError` (a request only the native dialect can carry)."""
+        if self.chat_request is None and self.to_chat is not None:
+            self.chat_request = self.to_chat(self.body)
+        return self.chat_request
+
+    def serves(self, dep: Deployment) -> bool:
+        """Whether ``dep`` can answer: natively, or through chat for a translated operation."""
+        provider = dep.provider
+        if provider.speaks(self.operation, dep.config):
+            return True
+        if (
+            self.operation not in TRANSLATED
+            or self.to_chat is None
+            or Operation.CHAT not in provider.operations
+        ):
+            return False
+        try:
+            return self.chat_body() is not None
+        except InvalidRequestError:
+            # Only the native dialect can carry this request (an Anthropic document, say): leave it
+            # to the group's deployments that speak it. The server layer already answered 400 when
+            # the group has none.
+            return False
+
+    def base_headers(self) -> dict[str, str]:
+        """The headers every answer carries, whichever deployment (or none) produced it."""
+        headers = {
+            "x-request-id": self.request_id,
+            "x-kubellm-model-group": self.group.name,
+            "x-kubellm-attempts": str(self.attempts),
+        }
+        if self.ticket is not None:
+            headers.update(self.ticket.headers)
+        return headers
 
 
 class _GroupFailed(Exception):
@@ -167,7 +221,7 @@ def _credential_error(dep_name: str, status: int, detail: str | None = None) -> 
 class Dispatcher:
     def __init__(
         self,
-        upstream: UpstreamPool,
+        upstream: UpstreamClient,
         health: HealthTracker,
         stats: Stats,
         cache: ResponseCache | None,
@@ -182,12 +236,13 @@ class Dispatcher:
 
     # -- the chain of model groups -------------------------------------------------------------
 
-    async def run(self, call: Call) -> Response:
+    async def run(self, call: Call) -> Outcome:
         key = self._cache_key(call)
         if key is not None and call.options.cache_read and self.cache is not None:
             hit = await read_quietly(self.cache, key)
-            if hit is not None:
-                return self._replay(call, hit)
+            replayed = self._replay(call, hit) if hit is not None else None
+            if replayed is not None:
+                return replayed
         chain = [call.group]
         visited = {call.group.name}
         last: KubellmError | None = None
@@ -210,18 +265,10 @@ class Dispatcher:
         metrics.ERRORS.labels(call.group.name, last.type).inc()
         call.error, call.groups_tried = last, tuple(g.name for g in chain)
         self.finish(call, None, last.status, None, None)
-        headers = {
-            "x-request-id": call.request_id,
-            "x-kubellm-model-group": call.group.name,
-            "x-kubellm-attempts": str(call.attempts),
-        }
+        headers = call.base_headers()
         if call.last_deployment is not None:
             headers["x-kubellm-deployment"] = call.last_deployment
-        if call.ticket is not None:
-            headers.update(call.ticket.headers)
-        return Response(
-            last.to_json(), status_code=last.status, media_type=JSON, headers={**headers, **last.headers}
-        )
+        return Failure(error=last, headers=headers)
 
     def finish(
         self,
@@ -250,7 +297,7 @@ class Dispatcher:
 
     # -- one model group ----------------------------------------------------------------------
 
-    async def _run_group(self, call: Call, group: ModelGroup, key: str | None) -> Response:
+    async def _run_group(self, call: Call, group: ModelGroup, key: str | None) -> Outcome:
         settings = call.state.config.settings
         retries = call.options.num_retries if call.options.num_retries is not None else settings.num_retries
         budget = 1 + retries
@@ -327,7 +374,6 @@ class Dispatcher:
 
         A deployment whose credentials were rejected is skipped like an open breaker; when only
         such deployments are left, the reason is the credential error, not a cooldown."""
-        operation = call.operation
         too_long = 0
         cooling = 0
         denied: Deployment | None = None
@@ -335,7 +381,7 @@ class Dispatcher:
         for tier in group.tiers:
             usable = []
             for dep in tier:
-                if operation not in dep.provider.operations or dep.name in saturated:
+                if dep.name in saturated or not call.serves(dep):
                     continue
                 window = dep.config.context_window
                 if window is not None and call.prompt_tokens > window:
@@ -380,7 +426,7 @@ class Dispatcher:
                 headers=self._retry_after_header(group),
             )
         return InvalidRequestError(
-            f"no deployment of model {group.name!r} supports {operation.value} requests", param="model"
+            f"no deployment of model {group.name!r} supports {call.operation.value} requests", param="model"
         )
 
     async def _headroom(self, deps: list[Deployment]) -> Headroom | None:
@@ -444,9 +490,12 @@ class Dispatcher:
             return None
         return Timeouts.model_construct(**{**dep.config.timeouts.model_dump(), **call.options.timeouts})
 
-    async def _attempt(self, call: Call, group: ModelGroup, dep: Deployment, key: str | None) -> Response:
-        if call.ticket is not None and dep.limit_rule is not None:
-            admission = await self.meter.admit_deployment(call, call.ticket, dep)
+    async def _attempt(self, call: Call, group: ModelGroup, dep: Deployment, key: str | None) -> Outcome:
+        if call.ticket is not None and (dep.limit_rule is not None or call.ticket.pending):
+            try:  # with the first attempt, also the caller's limits and budget: one round trip
+                admission = await self.meter.admit_deployment(call, call.ticket, dep)
+            except CallerRefused as refused:
+                raise _GroupFailed(refused.error) from None
             if admission is not None and not admission.allowed:
                 raise _Saturated(admission.retry_after or 1.0)
         call.attempts += 1
@@ -454,9 +503,14 @@ class Dispatcher:
             metrics.RETRIES.labels(call.group.name).inc()
         call.last_deployment = dep.name
         timeouts = self._timeouts(call, dep)
+        wire, body = call.operation, call.body
+        if not dep.provider.speaks(wire, dep.config):
+            wire, chat = Operation.CHAT, call.chat_body()
+            assert chat is not None  # call.serves(dep) held
+            body = chat
         ctx = RequestContext(
             call.request_id,
-            call.operation,
+            wire,
             group.name,
             dep.config,
             call.stream,
@@ -464,15 +518,12 @@ class Dispatcher:
             api_key=dep.api_key,
             timeouts=timeouts,
             deadline=call.deadline,
+            # Only the native dialect carries them: a chat translation has no place for betas.
+            client_headers=call.forward_headers if wire is call.operation else {},
         )
-        headers = {
-            "x-request-id": call.request_id,
-            "x-kubellm-model-group": group.name,
-            "x-kubellm-deployment": dep.name,
-            "x-kubellm-attempts": str(call.attempts),
-        }
-        if call.ticket is not None:
-            headers.update(call.ticket.headers)
+        headers = call.base_headers()
+        headers["x-kubellm-model-group"] = group.name
+        headers["x-kubellm-deployment"] = dep.name
         if key is not None:
             headers["x-kubellm-cache"] = "miss"
         stats = self.stats[dep.name]
@@ -481,11 +532,11 @@ class Dispatcher:
         try:
             first_token = ctx.effective_timeouts.first_token
             if first_token is None:
-                resp = await dep.provider.send(self.upstream, call.body, ctx)
+                resp = await dep.provider.send(self.upstream, body, ctx)
             else:
                 try:
                     async with asyncio.timeout(first_token):
-                        resp = await dep.provider.send(self.upstream, call.body, ctx)
+                        resp = await dep.provider.send(self.upstream, body, ctx)
                 except TimeoutError:
                     raise self._first_token_timeout(dep) from None
             if resp.status >= 400:
@@ -509,8 +560,8 @@ class Dispatcher:
             stats.observe(time.monotonic() - call.started, None)
             self.finish(call, dep, 200, parsed.usage, None, [parsed.body])
             if key is not None:
-                await self._store(call, key, b"j" + parsed.body)
-            return Response(parsed.body, media_type=JSON, headers=headers)
+                await self._store(call, key, pack_answer(wire, parsed.body))
+            return Answer(headers=headers, body=parsed.body, usage=parsed.usage, wire=wire)
         except KubellmError as err:
             # Upstreams quote the credential they were sent, in any field: scrub the error before
             # the retry loop, the client, a log line or the other Anthropic-shaped endpoint sees it.
@@ -532,7 +583,7 @@ class Dispatcher:
         ctx: RequestContext,
         headers: dict[str, str],
         key: str | None,
-    ) -> Response:
+    ) -> Stream:
         """Read until the first chunk is ready, so that failures before any byte can still be retried."""
         translator = dep.provider.stream_translator(ctx)
         chunks = resp.iter_chunks().__aiter__()
@@ -560,10 +611,8 @@ class Dispatcher:
         except BaseException:
             resp.close()
             raise
-        headers["cache-control"] = "no-cache"
-        headers["x-accel-buffering"] = "no"
-        body = self._relay(call, dep, resp, chunks, translator, first, ended, key)
-        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        events = self._relay(call, dep, resp, chunks, translator, first, ended, key, ctx.operation)
+        return Stream(headers=stream_headers(headers), events=events, wire=ctx.operation)
 
     async def _relay(
         self,
@@ -575,22 +624,23 @@ class Dispatcher:
         first: list[Payload],
         ended: bool,
         key: str | None,
-    ) -> AsyncIterator[bytes]:
+        wire: Operation,
+    ) -> AsyncIterator[StreamEvent]:
         status = 200
         finished = False
         ttft: float | None = None
         # Payload references are cheap to keep; they feed the cache and, if the provider reports no
         # usage, the tokenizer.
-        keep: list[bytes] = []
+        keep: Batch = []
         renew_at = time.monotonic() + LEASE_RENEW_SECONDS
         try:
-            yield self._frames(first, keep)
+            yield self._batch(first, keep)
             ttft = time.monotonic() - call.started
             if not ended and translator.error is None:
                 async for data in chunks:
                     out = translator.feed(data)
                     if out:
-                        yield self._frames(out, keep)
+                        yield self._batch(out, keep)
                     if translator.error is not None:
                         break
                     if call.ticket is not None and call.ticket.leases and time.monotonic() > renew_at:
@@ -598,14 +648,13 @@ class Dispatcher:
                         await self.meter.renew(call.ticket)
                 tail = translator.finish()
                 if tail:
-                    yield self._frames(tail, keep)
+                    yield self._batch(tail, keep)
             if translator.error is not None:
                 raise translator.error
             # Record before the client can see the end of the stream, so a crash cannot lose it.
             finished = True
             self._finish_stream(call, dep, 200, translator, ttft, keep)
-            yield DONE
-            await self._store(call, key, b"s" + pack_stream(keep))
+            await self._store(call, key, pack_stream(wire, keep))
         except Exception as exc:
             err = redact.scrub_error(exc if isinstance(exc, KubellmError) else _unreadable(dep, exc))
             if isinstance(err, UpstreamStreamTruncatedError):
@@ -617,8 +666,7 @@ class Dispatcher:
             metrics.ERRORS.labels(call.group.name, err.type).inc()
             if _counts_against_deployment(err):
                 await self.health.failure(dep.name)
-            # The stream has begun, so the error travels as an event; no [DONE] follows it.
-            yield frame(err.to_dict())
+            yield StreamError(error=err)
         except BaseException:
             status = 499
             raise
@@ -634,26 +682,31 @@ class Dispatcher:
         status: int,
         translator: StreamTranslator,
         ttft: float | None,
-        payloads: list[bytes],
+        payloads: Batch,
     ) -> None:
         stats = self.stats[dep.name]
         stats.in_flight -= 1
         if status == 200:
             stats.observe(time.monotonic() - call.started, ttft)
-        self.finish(call, dep, status, translator.usage, ttft, payloads)
+        data = [p if isinstance(p, bytes) else p.data for p in payloads]
+        self.finish(call, dep, status, translator.usage, ttft, data)
 
     @staticmethod
-    def _frames(payloads: list[Payload], keep: list[bytes]) -> bytes:
-        framed = [frame(p) for p in payloads]
+    def _batch(payloads: list[Payload], keep: Batch) -> Batch:
+        """The translator's payloads as bytes (or named events), scrubbed, and kept for the cache
+        and the tokenizer (references are cheap to keep)."""
+        batch: Batch = [p if isinstance(p, bytes | Event) else orjson.dumps(p) for p in payloads]
         if redact.active():
-            for i, f in enumerate(framed):
+            for i, p in enumerate(batch):
                 # Only a payload with an "error" key can carry an upstream's error text (error events
                 # themselves become KubellmErrors, scrubbed in _relay). The substring test is a memchr
                 # over bytes already in cache; a full scan per chunk would cost more than the relay.
-                if b'"error"' in f:
-                    framed[i] = frame(redact.scrub_payload(f[6:-2]))
-        keep.extend(f[6:-2] for f in framed)
-        return b"".join(framed)
+                data = p if isinstance(p, bytes) else p.data
+                if b'"error"' in data:
+                    clean = redact.scrub_payload(data)
+                    batch[i] = clean if isinstance(p, bytes) else Event(p.name, clean)
+        keep.extend(batch)
+        return batch
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -663,20 +716,19 @@ class Dispatcher:
         opted = call.group.caches or (call.key is not None and call.key.config.cache)
         if not opted:
             return None
-        return cache_key(call.group.name, call.operation.value, call.stream, call.body)
+        # Forwarded headers (betas) change the answer, so they are part of the key.
+        body = {**call.body, "_headers": call.forward_headers} if call.forward_headers else call.body
+        return cache_key(call.group.name, call.operation.value, call.stream, body)
 
     async def _store(self, call: Call, key: str | None, value: bytes) -> None:
         if key is not None and call.options.cache_write and self.cache is not None:
             await write_quietly(self.cache, key, value)
 
-    def _replay(self, call: Call, hit: bytes) -> Response:
+    def _replay(self, call: Call, hit: bytes) -> Answer | Stream | None:
+        headers = {**call.base_headers(), "x-kubellm-deployment": "cache", "x-kubellm-cache": "hit"}
+        replayed = replay(hit, headers)
+        if replayed is None:
+            return None
         metrics.CACHE_HITS.labels(call.group.name).inc()
-        headers = {
-            "x-request-id": call.request_id,
-            "x-kubellm-model-group": call.group.name,
-            "x-kubellm-deployment": "cache",
-            "x-kubellm-attempts": "0",
-            "x-kubellm-cache": "hit",
-        }
         self.finish(call, None, 200, None, None, cached=True)
-        return replay(hit, headers)
+        return replayed

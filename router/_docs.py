@@ -58,11 +58,34 @@ def _models(root: type[BaseModel]) -> list[type[BaseModel]]:
     return seen
 
 
+#: Settings read once, when the router's services are built (router/_services.py, the sink hub).
+BUILT_AT_START = (
+    "redis",
+    "cache",
+    "cooldown",
+    "stateDir",
+    "sinks",
+    "otel",
+)
+
+
 def config_reference() -> str:
     out = [
         "# Router config reference",
         "",
         "Generated from `kubellm.router._config` by `kubellm config-docs -o docs/config.md`; do not edit.",
+        "",
+        "## What reloads live",
+        "",
+        "A changed config file (or config Secret) is applied without a restart, atomically: each request",
+        "sees one config from start to end. Everything reloads live except the settings the router's",
+        "services are built from at start, which take effect at the next restart (rolling the pods):",
+        "",
+        *[f"- `settings.{name}`" for name in BUILT_AT_START],
+        "",
+        "Reloading live: deployments, model groups, keys (and their limits, budgets and model access),",
+        "the master key, retries, backoff, timeouts, queueing, fallbacks, body limits, the access log",
+        "switch, the drain delay and the reload interval itself.",
         "",
     ]
     for model in _models(RouterConfig):

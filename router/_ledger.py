@@ -77,6 +77,9 @@ class UsageRecord:
     status: int = 200
     #: Token counts were estimated (the upstream reported no usage).
     estimated: bool = False
+    #: Prompt tokens written to the provider's prompt cache (part of ``prompt_tokens``, like
+    #: ``cached_tokens``, the cache reads), priced at the cache-write price.
+    cache_write_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.cost = quantize(Decimal(self.cost))
@@ -86,11 +89,16 @@ class UsageRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UsageRecord:
-        return cls(**{**d, "cost": Decimal(d["cost"])})
+        # Fields a newer router added are dropped, so a rolled-back router still reads its journal.
+        known = {k: v for k, v in d.items() if k in _FIELDS}
+        return cls(**{**known, "cost": Decimal(d["cost"])})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> UsageRecord:
         return cls.from_dict(orjson.loads(data))
+
+
+_FIELDS = frozenset(UsageRecord.__dataclass_fields__)
 
 
 @dataclass(slots=True)
@@ -134,8 +142,9 @@ def _check_by(by: str) -> None:
 
 _COLUMNS = (
     "id, ts, request_id, key, model_group, deployment, prompt_tokens, completion_tokens, "
-    "cached_tokens, cost, cost_pico, latency_ms, ttft_ms, status, estimated"
+    "cached_tokens, cost, cost_pico, latency_ms, ttft_ms, status, estimated, cache_write_tokens"
 )
+_NAMES = [name.strip() for name in _COLUMNS.split(",")]
 
 
 class SqliteLedger:
@@ -155,6 +164,10 @@ class SqliteLedger:
                 "latency_ms REAL, ttft_ms REAL, status INTEGER, estimated INTEGER)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts)")
+            # Ledgers created before cache writes were metered lack the column: add it in place.
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(usage)")}
+            if "cache_write_tokens" not in columns:
+                self._db.execute("ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -178,6 +191,7 @@ class SqliteLedger:
                 r.ttft_ms,
                 r.status,
                 int(r.estimated),
+                r.cache_write_tokens,
             )
             for r in records
         ]
@@ -186,7 +200,7 @@ class SqliteLedger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    f"INSERT OR IGNORE INTO usage ({_COLUMNS}) VALUES ({','.join('?' * 15)})", rows
+                    f"INSERT OR IGNORE INTO usage ({_COLUMNS}) VALUES ({','.join('?' * 16)})", rows
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -199,25 +213,13 @@ class SqliteLedger:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM usage WHERE ts >= ? AND ts < ? ORDER BY ts, id", (since, until)
             ).fetchall()
-        return [
-            UsageRecord(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                Decimal(r[9]),
-                r[11],
-                r[12],
-                r[13],
-                bool(r[14]),
-            )
-            for r in rows
-        ]
+        records = []
+        for row in rows:
+            d = dict(zip(_NAMES, row, strict=True))
+            del d["cost_pico"]
+            d.update(cost=Decimal(d["cost"]), estimated=bool(d["estimated"]))
+            records.append(UsageRecord(**{**d, "cache_write_tokens": d["cache_write_tokens"] or 0}))
+        return records
 
     def _aggregate(self, since: float, until: float, by: GroupBy) -> dict[str, Totals]:
         _check_by(by)
@@ -247,11 +249,23 @@ class SqliteLedger:
 # group, deployment, prompt, completion, cost in pico-USD (a decimal string; Lua never does math on
 # it), record id. One id set per day (not one key per record) keeps Redis' key count bounded.
 _WRITE = Script("""
+-- Exact sum of two non-negative decimal integer strings (money must not go through doubles).
+local function add(a, b)
+  local out, carry, i, j = {}, 0, #a, #b
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry + (i > 0 and a:byte(i) - 48 or 0) + (j > 0 and b:byte(j) - 48 or 0)
+    out[#out + 1] = string.char(48 + d % 10)
+    carry, i, j = math.floor(d / 10), i - 1, j - 1
+  end
+  return string.reverse(table.concat(out))
+end
 local new, maxlen = 0, tonumber(ARGV[3])
+-- The batch's new records are summed here first: one HINCRBY per aggregate field per batch.
+local sums, hashes, sets = {}, {}, {}
 for i = 1, (#KEYS - 1) / 4 do
   local k, a = 1 + 4 * (i - 1), 3 + 8 * (i - 1)
   if redis.call('SADD', KEYS[k + 1], ARGV[a + 8]) == 1 then
-    redis.call('PEXPIRE', KEYS[k + 1], ARGV[1])
+    sets[KEYS[k + 1]] = true
     if maxlen > 0 then
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[a + 1])
     else
@@ -259,14 +273,25 @@ for i = 1, (#KEYS - 1) / 4 do
     end
     for j = 1, 3 do
       local h, name = KEYS[k + 1 + j], ARGV[a + 1 + j]
-      redis.call('HINCRBY', h, name .. '|n', 1)
-      redis.call('HINCRBY', h, name .. '|p', ARGV[a + 5])
-      redis.call('HINCRBY', h, name .. '|c', ARGV[a + 6])
-      redis.call('HINCRBY', h, name .. '|$', ARGV[a + 7])
-      redis.call('PEXPIRE', h, ARGV[2])
+      local t = sums[h]
+      if not t then t = {}; sums[h] = t; hashes[#hashes + 1] = h end
+      local e = t[name]
+      if not e then e = {0, 0, 0, '0'}; t[name] = e end
+      e[1], e[2], e[3] = e[1] + 1, e[2] + tonumber(ARGV[a + 5]), e[3] + tonumber(ARGV[a + 6])
+      e[4] = add(e[4], ARGV[a + 7])
     end
     new = new + 1
   end
+end
+for set in pairs(sets) do redis.call('PEXPIRE', set, ARGV[1]) end
+for _, h in ipairs(hashes) do
+  for name, e in pairs(sums[h]) do
+    redis.call('HINCRBY', h, name .. '|n', e[1])
+    redis.call('HINCRBY', h, name .. '|p', string.format('%d', e[2]))
+    redis.call('HINCRBY', h, name .. '|c', string.format('%d', e[3]))
+    redis.call('HINCRBY', h, name .. '|$', e[4])
+  end
+  redis.call('PEXPIRE', h, ARGV[2])
 end
 return new
 """)

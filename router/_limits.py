@@ -7,15 +7,28 @@ synchronous block in memory), so N router replicas behave like one.
 
 Semantics, identical for :class:`MemoryLimiter` and :class:`RedisLimiter`:
 
-* **rpm** counts admitted requests in fixed 60 s windows aligned to the epoch
-  minute. A window never admits more than ``rpm``.
-* **tpm** uses the same windows with reserve-then-settle: admission reserves
-  ``estimated_tokens`` and is denied if ``counted + estimate > tpm``, where
-  ``counted`` is settled usage plus outstanding reservations. One exception
-  prevents starvation: a window with nothing counted yet admits a request even
-  if its estimate alone exceeds ``tpm`` (otherwise a large prompt could never
-  run). :meth:`Limiter.settle` later corrects the admission's window by
-  ``actual - estimate``; a window that has already ended is left alone.
+* **rpm** and **tpm** are sliding windows of 60 s, exact in the direction that
+  matters: *no 60 s interval, wherever it starts, ever holds more than rpm
+  admissions* (or more than tpm counted tokens), across minute boundaries and
+  across replicas. Admissions are counted in 1 s buckets; a request admitted at
+  ``t`` is counted until the end of bucket ``floor(t) + 60``, i.e. for 60 to
+  61 s. Counting one partial bucket too many is what makes the bound hold for
+  every interval; the price is that a slot may reopen up to 1 s later than a
+  per-request log would reopen it. Why buckets and not a log of admissions or
+  GCRA: a log costs memory and a sorted-set update per request and grows with
+  rpm, and GCRA admits up to 2x rpm in some 60 s interval unless it forbids
+  bursts. Buckets cost a handful of hash commands per request whatever the
+  limit, and at most one walk over 61 fields per scope per second.
+* **tpm** reserves then settles: admission reserves ``estimated_tokens`` and is
+  denied if ``counted + estimate > tpm``, where ``counted`` is settled usage
+  plus outstanding reservations in the window. One exception prevents
+  starvation: a window with nothing counted admits a request even if its
+  estimate alone exceeds ``tpm`` (otherwise a large prompt could never run).
+  :meth:`Limiter.settle` corrects the admission's bucket by ``actual -
+  estimate``; a bucket that has already left the window is left alone.
+* ``Retry-After`` (``Admission.retry_after``) is when the next slot opens: when
+  enough admissions (rpm) or tokens (tpm) have left the window for the request
+  to fit. ``x-ratelimit-reset-*`` is when the oldest counted bucket leaves it.
 * **max_parallel** counts *leases*: a sorted set of lease ids scored by their
   expiry. A lease ends on settle/release, or by expiring ``lease_ttl``
   seconds after its last acquire/renew, so a crashed router's slots free
@@ -29,8 +42,13 @@ Time: with ``now=None`` the Redis limiter uses the Redis server clock, so all
 replicas agree on window edges and lease expiry whatever their own clocks say.
 Passing ``now`` (seconds) pins time, for tests.
 
-Round trips: ``acquire``, ``settle``, ``renew``, ``release`` and ``headroom``
-are each one EVALSHA (two only right after a Redis restart, see ``_redis``).
+Round trips: ``acquire`` (every limit of a request and its budget reservation),
+``settle_many`` (a whole batch of settlements and budget charges), ``settle``,
+``renew``, ``release`` and ``headroom`` are each one EVALSHA (two only right
+after a Redis restart, see ``_redis``). The Redis twin is in ``_limits_redis``;
+it coalesces the acquires that are ready at the same time into one script,
+run one after the other exactly as if sent one by one (a busy router sends
+about one acquire script per round trip, an idle one each acquire at once).
 """
 
 from __future__ import annotations
@@ -40,13 +58,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from redis.asyncio import Redis
-
-from ._redis import Arg, Script
+from ._budget import BudgetAsk, BudgetCharge, BudgetDecision, MemoryBudgetStore
 
 WINDOW_MS = 60_000
+#: Window resolution: admissions are counted per bucket of this many ms.
+BUCKET_MS = 1_000
+#: Buckets counted at any instant: the current one and the 60 before it (see the module docs).
+SPAN = WINDOW_MS // BUCKET_MS + 1
 DEFAULT_LEASE_TTL = 30.0
-_SLACK_MS = 1_000  # keys outlive their contents by this much
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +106,33 @@ class Admission:
     retry_after: float | None = None
     denied_by: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    #: Start of the rpm/tpm window the request was counted in; pass it to settle.
+    #: Start of the rpm/tpm bucket the request was counted in; pass it to settle.
     window_start: float = 0.0
+    #: Every scope whose limits denied (``denied_by`` names the one that frees last).
+    denied_scopes: tuple[str, ...] = ()
+    #: The budget reservation made (or refused) in the same atomic step, when one was asked for.
+    budget: BudgetDecision | None = None
+    #: The rules and counts the headers were built from (see :meth:`headers_of`).
+    counts: Sequence[tuple[LimitRule, _Count]] = field(default=(), compare=False, repr=False)
+    now_ms: int = field(default=0, compare=False, repr=False)
+
+    def headers_of(self, scope: str) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers of one scope's own limits (``headers``: the tightest of all)."""
+        if len(self.counts) == 1:
+            return self.headers if self.counts[0][0].scope == scope else {}
+        return _rate_headers([(r, c) for r, c in self.counts if r.scope == scope], self.now_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One lease to settle in a batch, and the budget charge to apply with it."""
+
+    rules: Sequence[LimitRule]
+    lease_id: str
+    estimated_tokens: int
+    actual_tokens: int
+    window_start: float
+    charge: BudgetCharge | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +144,21 @@ class Headroom:
 
 
 class Limiter(Protocol):
+    @property
+    def budgets(self) -> object | None:
+        """The budget store whose reservations and charges this limiter makes in its own steps."""
+        ...
+
     async def acquire(
-        self, rules: Sequence[LimitRule], estimated_tokens: int, lease_id: str, now: float | None = None
+        self,
+        rules: Sequence[LimitRule],
+        estimated_tokens: int,
+        lease_id: str,
+        now: float | None = None,
+        budget: BudgetAsk | None = None,
     ) -> Admission: ...
+
+    async def settle_many(self, items: Sequence[Settlement]) -> None: ...
 
     async def settle(
         self,
@@ -137,12 +193,17 @@ def format_reset(seconds: float) -> str:
 
 @dataclass(slots=True)
 class _Count:
-    """One rule's state as the atomic step saw it: window usage and live leases."""
+    """One rule's state as the atomic step saw it: sliding-window usage and live leases."""
 
     requests: int
     tokens: int
     parallel: int
     first_expiry_ms: int  # earliest live lease expiry, -1 if none
+    #: When the oldest bucket holding data leaves the window (ms, -1: nothing counted).
+    oldest_drop_ms: int = -1
+    #: Only for a denial: when enough requests / tokens have left the window (ms, -1: not computed).
+    wait_requests_ms: int = -1
+    wait_tokens_ms: int = -1
 
 
 def _denials(rules: Sequence[LimitRule], counts: Sequence[_Count], est: int) -> list[tuple[int, str]]:
@@ -158,48 +219,62 @@ def _denials(rules: Sequence[LimitRule], counts: Sequence[_Count], est: int) -> 
     return out
 
 
+def _reset_ms(c: _Count, now_ms: int) -> int:
+    return max(0, c.oldest_drop_ms - now_ms) if c.oldest_drop_ms >= 0 else 0
+
+
 def _build(
     rules: Sequence[LimitRule],
     counts: Sequence[_Count],
     allowed: bool,
     lease_id: str,
     now_ms: int,
-    win: int,
     est: int,
 ) -> Admission:
     """Build the answer. ``counts`` are post-admission when allowed, pre-admission when denied."""
-    reset_s = (win + WINDOW_MS - now_ms) / 1000
-    adm = Admission(allowed, lease_id, window_start=win / 1000)
+    adm = Admission(allowed, lease_id, window_start=(now_ms - now_ms % BUCKET_MS) / 1000)
     if not allowed:
         worst: tuple[float, str] | None = None
-        for i, kind in _denials(rules, counts, est):
+        denials = _denials(rules, counts, est)
+        adm.denied_scopes = tuple(dict.fromkeys(rules[i].scope for i, _ in denials))
+        for i, kind in denials:
+            c = counts[i]
             if kind == "parallel":
-                first = counts[i].first_expiry_ms
+                first = c.first_expiry_ms
                 wait = min(1.0, max(0.001, (first - now_ms) / 1000)) if first >= 0 else 1.0
             else:
-                wait = reset_s
+                at = c.wait_requests_ms if kind == "rpm" else c.wait_tokens_ms
+                wait = max(0.001, (at - now_ms) / 1000)
             if worst is None or wait > worst[0]:
                 worst = (wait, f"{rules[i].scope} {kind}")
         if worst is not None:
             adm.retry_after, adm.denied_by = worst
-    req = [(r.rpm - c.requests, r.rpm) for r, c in zip(rules, counts, strict=True) if r.rpm is not None]
-    tok = [(r.tpm - c.tokens, r.tpm) for r, c in zip(rules, counts, strict=True) if r.tpm is not None]
-    reset = format_reset(reset_s)
-    for suffix, options in (("requests", req), ("tokens", tok)):
-        if options:
-            left, limit = min(options)
-            adm.headers[f"x-ratelimit-limit-{suffix}"] = str(limit)
-            adm.headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, left))
-            adm.headers[f"x-ratelimit-reset-{suffix}"] = reset
+    pairs = list(zip(rules, counts, strict=True))
+    adm.headers = _rate_headers(pairs, now_ms)
+    adm.counts, adm.now_ms = pairs, now_ms
     return adm
 
 
-def _headroom(r: LimitRule, c: _Count, now_ms: int, win: int) -> Headroom:
+def _rate_headers(pairs: Sequence[tuple[LimitRule, _Count]], now_ms: int) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the tightest of these rules."""
+    out: dict[str, str] = {}
+    req = [(r.rpm - c.requests, r.rpm, _reset_ms(c, now_ms)) for r, c in pairs if r.rpm]
+    tok = [(r.tpm - c.tokens, r.tpm, _reset_ms(c, now_ms)) for r, c in pairs if r.tpm]
+    for suffix, options in (("requests", req), ("tokens", tok)):
+        if options:
+            left, limit, reset = min(options)
+            out[f"x-ratelimit-limit-{suffix}"] = str(limit)
+            out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, left))
+            out[f"x-ratelimit-reset-{suffix}"] = format_reset(reset / 1000)
+    return out
+
+
+def _headroom(r: LimitRule, c: _Count, now_ms: int) -> Headroom:
     return Headroom(
         None if r.rpm is None else max(0, r.rpm - c.requests),
         None if r.tpm is None else max(0, r.tpm - c.tokens),
         None if r.max_parallel is None else max(0, r.max_parallel - c.parallel),
-        (win + WINDOW_MS - now_ms) / 1000,
+        _reset_ms(c, now_ms) / 1000,
     )
 
 
@@ -207,57 +282,144 @@ def _ms(now: float | None) -> int:
     return round((time.time() if now is None else now) * 1000)
 
 
+def _span(now_ms: int) -> tuple[int, int]:
+    """(current bucket, lowest bucket still in the window)."""
+    cur = now_ms // BUCKET_MS
+    return cur, cur - SPAN + 1
+
+
 # --------------------------------------------------------------------------- memory
 
 
 @dataclass(slots=True)
 class _Window:
-    start: int = -1
+    """A scope's sliding window: per-bucket [requests, tokens] and their sums."""
+
     requests: int = 0
     tokens: int = 0
+    buckets: dict[int, list[int]] = field(default_factory=dict)
+
+    def view(self, low: int) -> tuple[int, int, int | None]:
+        """(requests, tokens, oldest bucket with data) counting only buckets >= ``low``."""
+        r, t, oldest = self.requests, self.tokens, None
+        for b, (br, bt) in self.buckets.items():
+            if b < low:
+                r, t = r - br, t - bt
+            elif oldest is None or b < oldest:
+                oldest = b
+        return r, t, oldest
+
+    def advance(self, low: int) -> None:
+        for b in [b for b in self.buckets if b < low]:
+            br, bt = self.buckets.pop(b)
+            self.requests, self.tokens = self.requests - br, self.tokens - bt
+
+    def wait(self, low: int, cur: int, index: int, need: int) -> int:
+        """When (ms) at least ``need`` of the requests (index 0) or tokens (1) have left the window."""
+        freed = 0
+        for b in range(low, cur + 1):
+            freed += self.buckets.get(b, (0, 0))[index]
+            if freed >= need:
+                return (b + SPAN) * BUCKET_MS
+        return (cur + SPAN) * BUCKET_MS
 
 
 class MemoryLimiter:
     """The single-process limiter: same semantics, no I/O (each call is atomic on the event loop)."""
 
-    def __init__(self, lease_ttl: float = DEFAULT_LEASE_TTL) -> None:
+    def __init__(
+        self, lease_ttl: float = DEFAULT_LEASE_TTL, budgets: MemoryBudgetStore | None = None
+    ) -> None:
         self.lease_ttl_ms = round(lease_ttl * 1000)
+        self.budgets = budgets
         self._windows: dict[str, _Window] = {}
         self._leases: dict[str, dict[str, int]] = {}
 
-    def _count(self, r: LimitRule, lease_id: str, now_ms: int, win: int) -> _Count:
+    def _count(self, r: LimitRule, lease_id: str, now_ms: int, write: bool) -> _Count:
+        low = _span(now_ms)[1]
+        requests = tokens = 0
+        oldest: int | None = None
         w = self._windows.get(r.scope)
-        requests, tokens = (w.requests, w.tokens) if w is not None and w.start == win else (0, 0)
+        if w is not None:
+            if write:
+                w.advance(low)
+            requests, tokens, oldest = w.view(low)
+            if write and not w.buckets:
+                del self._windows[r.scope]
         parallel, first = 0, -1
         leases = self._leases.get(r.scope)
         if leases:
-            for lid in [lid for lid, exp in leases.items() if exp <= now_ms]:
-                del leases[lid]
-            if r.max_parallel is not None:
-                parallel = len(leases) - (lease_id in leases)
-                first = min(leases.values(), default=-1)
-        return _Count(requests, tokens, parallel, first)
+            if write:
+                for lid in [lid for lid, exp in leases.items() if exp <= now_ms]:
+                    del leases[lid]
+                if r.max_parallel is not None:
+                    parallel = len(leases) - (lease_id in leases)
+                    first = min(leases.values(), default=-1)
+            else:
+                parallel = sum(1 for exp in leases.values() if exp > now_ms)
+        drop = -1 if oldest is None else (oldest + SPAN) * BUCKET_MS
+        return _Count(requests, tokens, parallel, first, drop)
 
     async def acquire(
-        self, rules: Sequence[LimitRule], estimated_tokens: int, lease_id: str, now: float | None = None
+        self,
+        rules: Sequence[LimitRule],
+        estimated_tokens: int,
+        lease_id: str,
+        now: float | None = None,
+        budget: BudgetAsk | None = None,
     ) -> Admission:
         rules = [r for r in rules if r.active]
         now_ms = _ms(now)
-        win = now_ms - now_ms % WINDOW_MS
-        counts = [self._count(r, lease_id, now_ms, win) for r in rules]
-        allowed = not _denials(rules, counts, estimated_tokens)
+        cur, low = _span(now_ms)
+        if budget is not None and self.budgets is None:
+            raise TypeError("this limiter holds no budget store to reserve in")
+        counts = [self._count(r, lease_id, now_ms, True) for r in rules]
+        denials = _denials(rules, counts, estimated_tokens)
+        for i, kind in denials:
+            w, c = self._windows.get(rules[i].scope), counts[i]
+            if w is not None and kind == "rpm":
+                c.wait_requests_ms = w.wait(low, cur, 0, c.requests + 1 - (rules[i].rpm or 0))
+            elif w is not None and kind == "tpm":
+                need = min(c.tokens, c.tokens + estimated_tokens - (rules[i].tpm or 0))
+                c.wait_tokens_ms = w.wait(low, cur, 1, need)
+        decision = None
+        if budget is not None and self.budgets is not None:
+            # The budget is judged last, so it reserves only when every limit admits.
+            decision = self.budgets.reserve_now(budget, commit=not denials)
+        allowed = not denials and (decision is None or decision.allowed)
         if allowed:
             for r, c in zip(rules, counts, strict=True):
                 if r.rpm is not None or r.tpm is not None:
+                    w = self._windows.setdefault(r.scope, _Window())
+                    bucket = w.buckets.setdefault(cur, [0, 0])
+                    bucket[0] += 1
+                    bucket[1] += estimated_tokens
+                    w.requests += 1
+                    w.tokens += estimated_tokens
                     c.requests += 1
                     c.tokens += estimated_tokens
-                    self._windows[r.scope] = _Window(win, c.requests, c.tokens)
+                    if c.oldest_drop_ms < 0:
+                        c.oldest_drop_ms = (cur + SPAN) * BUCKET_MS
                 if r.max_parallel is not None or r.tpm is not None:
                     leases = self._leases.setdefault(r.scope, {})
                     if r.max_parallel is not None and lease_id not in leases:
                         c.parallel += 1
                     leases[lease_id] = now_ms + self.lease_ttl_ms
-        return _build(rules, counts, allowed, lease_id, now_ms, win, estimated_tokens)
+        adm = _build(rules, counts, allowed, lease_id, now_ms, estimated_tokens)
+        adm.budget = decision
+        return adm
+
+    async def settle_many(self, items: Sequence[Settlement]) -> None:
+        self.settle_now(items)
+
+    def settle_now(self, items: Sequence[Settlement]) -> None:
+        """:meth:`settle_many`, synchronously (it does no I/O)."""
+        for it in items:
+            self._settle(it.rules, it.lease_id, it.estimated_tokens, it.actual_tokens, it.window_start)
+            if it.charge is not None:
+                if self.budgets is None:
+                    raise TypeError("this limiter holds no budget store to charge")
+                self.budgets.settle_now(it.charge)
 
     async def settle(
         self,
@@ -267,13 +429,24 @@ class MemoryLimiter:
         actual_tokens: int,
         window_start: float,
     ) -> None:
-        win = round(window_start * 1000)
+        self._settle(rules, lease_id, estimated_tokens, actual_tokens, window_start)
+
+    def _settle(
+        self,
+        rules: Sequence[LimitRule],
+        lease_id: str,
+        estimated_tokens: int,
+        actual_tokens: int,
+        window_start: float,
+    ) -> None:
+        bucket = round(window_start * 1000) // BUCKET_MS
         for r in rules:
             leases = self._leases.get(r.scope)
             if leases is None or leases.pop(lease_id, None) is None:
                 continue
             w = self._windows.get(r.scope)
-            if r.tpm is not None and w is not None and w.start == win:
+            if r.tpm is not None and w is not None and bucket in w.buckets:
+                w.buckets[bucket][1] += actual_tokens - estimated_tokens
                 w.tokens += actual_tokens - estimated_tokens
 
     async def renew(self, rules: Sequence[LimitRule], lease_id: str, now: float | None = None) -> bool:
@@ -296,223 +469,4 @@ class MemoryLimiter:
 
     async def headroom(self, rules: Sequence[LimitRule], now: float | None = None) -> dict[str, Headroom]:
         now_ms = _ms(now)
-        win = now_ms - now_ms % WINDOW_MS
-        out: dict[str, Headroom] = {}
-        for r in rules:
-            w = self._windows.get(r.scope)
-            req, tok = (w.requests, w.tokens) if w is not None and w.start == win else (0, 0)
-            live = sum(1 for exp in self._leases.get(r.scope, {}).values() if exp > now_ms)
-            out[r.scope] = _headroom(r, _Count(req, tok, live, -1), now_ms, win)
-        return out
-
-
-# --------------------------------------------------------------------------- redis
-
-# KEYS: per rule i, KEYS[2i-1] = window hash {w, r, t}, KEYS[2i] = lease zset (member lease id,
-# score expiry ms). ARGV: now_ms ("" = server clock), then script arguments, then per rule
-# rpm, tpm, max_parallel (-1 = none). Lua numbers are doubles: every value here is < 2^53.
-_PRELUDE = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local win = now - (now % 60000)
-local function lim(i, base)
-  local a = base + 3 * (i - 1)
-  return tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-end
-local function int(x) return string.format('%d', x) end
-local function window(wk)
-  local h = redis.call('HMGET', wk, 'w', 'r', 't')
-  if tonumber(h[1]) == win then return tonumber(h[2]) or 0, tonumber(h[3]) or 0 end
-  return 0, 0
-end
-local function touch_leases(lk)
-  local last = redis.call('ZRANGE', lk, -1, -1, 'WITHSCORES')
-  if last[2] then redis.call('PEXPIRE', lk, math.max(1, tonumber(last[2]) - now + 1000)) end
-end
-"""
-
-# ARGV[2] lease id, ARGV[3] estimate, ARGV[4] lease ttl ms, rules from ARGV[5].
-_ACQUIRE = Script(
-    _PRELUDE
-    + """
-local lease, est, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = #KEYS / 2
-local ok, st = true, {}
-for i = 1, n do
-  local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
-  local rpm, tpm, par = lim(i, 4)
-  local r, t, p, first, member = 0, 0, 0, -1, false
-  if rpm >= 0 or tpm >= 0 then r, t = window(wk) end
-  if par >= 0 or tpm >= 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
-  if par >= 0 then
-    member = redis.call('ZSCORE', lk, lease) ~= false
-    p = redis.call('ZCARD', lk)
-    if member then p = p - 1 end
-    local e = redis.call('ZRANGE', lk, 0, 0, 'WITHSCORES')
-    if e[2] then first = tonumber(e[2]) end
-  end
-  if (rpm >= 0 and r + 1 > rpm) or (tpm >= 0 and t > 0 and t + est > tpm) or (par >= 0 and p + 1 > par) then
-    ok = false
-  end
-  st[i] = {r, t, p, first, member}
-end
-if ok then
-  for i = 1, n do
-    local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
-    local rpm, tpm, par = lim(i, 4)
-    local s = st[i]
-    if rpm >= 0 or tpm >= 0 then
-      s[1] = s[1] + 1
-      s[2] = s[2] + est
-      redis.call('HSET', wk, 'w', int(win), 'r', int(s[1]), 't', int(s[2]))
-      redis.call('PEXPIRE', wk, win + 60000 - now + 1000)
-    end
-    if par >= 0 or tpm >= 0 then
-      redis.call('ZADD', lk, int(now + ttl), lease)
-      touch_leases(lk)
-      if par >= 0 and not s[5] then s[3] = s[3] + 1 end
-    end
-  end
-end
-local out = {ok and 1 or 0, win, now}
-for i = 1, n do
-  local s = st[i]
-  table.insert(out, s[1]); table.insert(out, s[2]); table.insert(out, s[3]); table.insert(out, s[4])
-end
-return out
-"""
-)
-
-# ARGV[2] lease id, ARGV[3] token correction, ARGV[4] admission window ms, rules from ARGV[5].
-_SETTLE = Script(
-    _PRELUDE
-    + """
-local lease, delta, at = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-for i = 1, #KEYS / 2 do
-  local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
-  local rpm, tpm, par = lim(i, 4)
-  if (par >= 0 or tpm >= 0) and redis.call('ZREM', lk, lease) == 1 then
-    if tpm >= 0 and delta ~= 0 and tonumber(redis.call('HGET', wk, 'w')) == at then
-      redis.call('HINCRBY', wk, 't', int(delta))
-    end
-  end
-end
-return 1
-"""
-)
-
-# ARGV[2] lease id, ARGV[3] lease ttl ms, rules from ARGV[4]. Returns 1 if every lease was still live.
-_RENEW = Script(
-    _PRELUDE
-    + """
-local lease, ttl, held = ARGV[2], tonumber(ARGV[3]), 1
-for i = 1, #KEYS / 2 do
-  local lk = KEYS[2 * i]
-  local rpm, tpm, par = lim(i, 3)
-  if par >= 0 or tpm >= 0 then
-    local score = tonumber(redis.call('ZSCORE', lk, lease))
-    if score and score > now then
-      redis.call('ZADD', lk, int(now + ttl), lease)
-      touch_leases(lk)
-    else
-      redis.call('ZREM', lk, lease)
-      held = 0
-    end
-  end
-end
-return held
-"""
-)
-
-# Read-only. Rules from ARGV[2]. Returns {win, now, r, t, live leases per rule...}.
-_HEADROOM = Script(
-    _PRELUDE
-    + """
-local out = {win, now}
-for i = 1, #KEYS / 2 do
-  local r, t = window(KEYS[2 * i - 1])
-  table.insert(out, r); table.insert(out, t)
-  table.insert(out, redis.call('ZCOUNT', KEYS[2 * i], '(' .. int(now), '+inf'))
-end
-return out
-"""
-)
-
-
-class RedisLimiter:
-    """The shared limiter: every call is one atomic script on one Redis."""
-
-    def __init__(self, client: Redis, prefix: str = "kubellm:", lease_ttl: float = DEFAULT_LEASE_TTL) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.lease_ttl_ms = round(lease_ttl * 1000)
-
-    def _keys_args(self, rules: Sequence[LimitRule]) -> tuple[list[str], list[Arg]]:
-        keys: list[str] = []
-        args: list[Arg] = []
-        for r in rules:
-            base = f"{self.prefix}lim:{r.scope}"
-            keys += (base + ":w", base + ":l")
-            args += (_neg(r.rpm), _neg(r.tpm), _neg(r.max_parallel))
-        return keys, args
-
-    async def acquire(
-        self, rules: Sequence[LimitRule], estimated_tokens: int, lease_id: str, now: float | None = None
-    ) -> Admission:
-        rules = [r for r in rules if r.active]
-        if not rules:
-            now_ms = _ms(now)
-            return _build(rules, [], True, lease_id, now_ms, now_ms - now_ms % WINDOW_MS, estimated_tokens)
-        keys, args = self._keys_args(rules)
-        head: list[Arg] = [_now_arg(now), lease_id, estimated_tokens, self.lease_ttl_ms]
-        res = await _ACQUIRE(self.client, keys, head + args)
-        vals = [int(v) for v in res]
-        allowed, win, now_ms = bool(vals[0]), vals[1], vals[2]
-        counts = [_Count(*vals[3 + 4 * i : 7 + 4 * i]) for i in range(len(rules))]
-        return _build(rules, counts, allowed, lease_id, now_ms, win, estimated_tokens)
-
-    async def settle(
-        self,
-        rules: Sequence[LimitRule],
-        lease_id: str,
-        estimated_tokens: int,
-        actual_tokens: int,
-        window_start: float,
-    ) -> None:
-        rules = [r for r in rules if r.active]
-        if rules:
-            keys, args = self._keys_args(rules)
-            delta = actual_tokens - estimated_tokens
-            await _SETTLE(self.client, keys, ["", lease_id, delta, round(window_start * 1000), *args])
-
-    async def renew(self, rules: Sequence[LimitRule], lease_id: str, now: float | None = None) -> bool:
-        rules = [r for r in rules if r.active]
-        if not rules:
-            return True
-        keys, args = self._keys_args(rules)
-        return bool(await _RENEW(self.client, keys, [_now_arg(now), lease_id, self.lease_ttl_ms, *args]))
-
-    async def release(self, rules: Sequence[LimitRule], lease_id: str) -> None:
-        await self.settle(rules, lease_id, 0, 0, 0.0)
-
-    async def headroom(self, rules: Sequence[LimitRule], now: float | None = None) -> dict[str, Headroom]:
-        if not rules:
-            return {}
-        keys, args = self._keys_args(rules)
-        vals = [int(v) for v in await _HEADROOM(self.client, keys, [_now_arg(now), *args])]
-        win, now_ms = vals[0], vals[1]
-        return {
-            r.scope: _headroom(r, _Count(vals[2 + 3 * i], vals[3 + 3 * i], vals[4 + 3 * i], -1), now_ms, win)
-            for i, r in enumerate(rules)
-        }
-
-
-def _neg(v: int | None) -> int:
-    return -1 if v is None else v
-
-
-def _now_arg(now: float | None) -> str:
-    return "" if now is None else str(round(now * 1000))
+        return {r.scope: _headroom(r, self._count(r, "", now_ms, False), now_ms) for r in rules}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 from bisect import bisect_left
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,6 +25,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+if TYPE_CHECKING:
+    from ._finished import Finished
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -116,32 +119,21 @@ class Recorder:
     def ended(self, group: str) -> None:
         self.in_flight[group] -= 1
 
-    def finished(
-        self,
-        group: str,
-        deployment: str,
-        key: str,
-        status: int,
-        served_by: str | None,
-        latency: float,
-        ttft: float | None,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-        spend: float,
-    ) -> None:
-        """A finished request; ``served_by`` is the deployment that answered, if one did."""
+    def finished(self, rec: Finished) -> None:
+        """A finished request (``dep``: the deployment that answered or last failed, if any)."""
+        usage = rec.usage
         self._finished.append(
             (
-                group,
-                deployment,
-                key,
-                str(status),
-                served_by,
-                latency,
-                ttft,
-                prompt_tokens,
-                completion_tokens,
-                spend,
+                rec.call.group.name,
+                rec.deployment,
+                rec.call.caller_label,
+                str(rec.status),
+                rec.dep.name if rec.dep is not None else None,
+                rec.latency,
+                rec.ttft,
+                usage.prompt_tokens if usage is not None else None,
+                usage.completion_tokens if usage is not None else None,
+                rec.spend,
             )
         )
         self._schedule()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import _metrics as metrics
+from ._finished import Finished
 from ._logging import access_log
 from ._sinks import hub as sinks
 from ._tokens import real_count, real_prompt_tokens
@@ -56,47 +57,52 @@ def finish_request(
     payloads: list[bytes] | None = None,
     *,
     cached: bool = False,
-) -> None:
-    """Count, log and meter a finished request; ``payloads`` are the OpenAI bodies or chunks it returned."""
+) -> Finished:
+    """Meter a finished request, then build its one record and report it to the metrics, the
+    sinks and the access log; ``payloads`` are the bodies or stream event data it returned."""
     latency = time.monotonic() - call.started
     # A stream that failed part-way still cost what flowed before the failure: estimate it too.
     if usage is None and payloads and not cached:
         usage = estimate_usage(call, payloads)
-    group = call.group.name
-    deployment = "cache" if cached else dep.name if dep is not None else ""
     spend = (
         meter.finish(call, call.ticket, None if cached else dep, status, usage, latency, ttft)
         if call.ticket is not None
         else 0
     )
-    metrics.recorder.finished(
-        group,
-        deployment,
-        call.caller_label,
-        status,
-        dep.name if dep is not None else None,
-        latency,
-        ttft,
-        usage.prompt_tokens if usage is not None else None,
-        usage.completion_tokens if usage is not None else None,
-        float(spend),
+    record = Finished(
+        call=call,
+        dep=dep,
+        status=status,
+        usage=usage,
+        ttft=ttft,
+        payloads=payloads,
+        latency=latency,
+        cached=cached,
+        spend=float(spend),
+        end_ns=time.time_ns(),
     )
+    metrics.recorder.finished(record)
     if sinks.active:  # observability sinks (OTel, webhook, vendors): an O(1) hand-off, off the loop
-        sinks.submit(call, dep, status, usage, ttft, payloads, latency, cached)
-    if not call.state.config.settings.access_log or not access_log.enabled:
-        return
+        sinks.submit(record)
+    if call.state.config.settings.access_log and access_log.enabled:
+        access_log.emit(_access_fields(record))
+    return record
+
+
+def _access_fields(rec: Finished) -> dict[str, Any]:
+    call, usage, dep = rec.call, rec.usage, rec.dep
     fields: dict[str, Any] = {
         "request_id": call.request_id,
         "operation": call.operation.value,
-        "model_group": group,
-        "deployment": deployment or None,
+        "model_group": call.group.name,
+        "deployment": rec.deployment or None,
         "key": call.caller_label,
-        "status": status,
+        "status": rec.status,
         "stream": call.stream,
         "attempts": call.attempts,
-        "cached": cached,
-        "latency_ms": round(latency * 1000, 3),
-        "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+        "cached": rec.cached,
+        "latency_ms": round(rec.latency * 1000, 3),
+        "ttft_ms": round(rec.ttft * 1000, 3) if rec.ttft is not None else None,
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
         "usage_estimated": bool(usage and usage.estimated),
@@ -106,5 +112,5 @@ def finish_request(
     )
     if opted_in:
         fields["request"] = call.body
-        fields["response"] = _answer_text(payloads or [])
-    access_log.emit(fields)
+        fields["response"] = _answer_text(rec.payloads or [])
+    return fields

@@ -207,6 +207,8 @@ def client_attributes(f: Facts) -> dict[str, Any]:
             attrs["gen_ai.usage.output_tokens"] = f.usage.completion_tokens
         if f.usage.cached_tokens:
             attrs["gen_ai.usage.cache_read.input_tokens"] = f.usage.cached_tokens
+        if f.usage.cache_write_tokens:
+            attrs["gen_ai.usage.cache_creation.input_tokens"] = f.usage.cache_write_tokens
         attrs["kubellm.usage.estimated"] = f.usage.estimated
     if f.error_type:
         attrs["error.type"] = f.error_type

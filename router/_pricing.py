@@ -6,8 +6,10 @@ places per million tokens costs a whole number of pico-USD per token, so
 costs computed from the shipped table convert without rounding.
 
 The shipped table holds list prices in USD per one million tokens, standard
-(not batch) tier, shortest-context tier where a vendor has two, and the cache
-*read* price as the cached-input price. Open-weight models are priced as a
+(not batch) tier, shortest-context tier where a vendor has two, the cache
+*read* price as the cached-input price and, where a vendor charges for writing
+its prompt cache (Anthropic: 1.25 times the input price for the 5-minute
+cache), that as the cache-write price. Open-weight models are priced as a
 typical hosted provider lists them. A deployment's ``pricing`` overrides any
 field (see :func:`price_for`).
 """
@@ -62,13 +64,20 @@ class Price:
 
     input_per_million: Decimal
     output_per_million: Decimal
-    #: Cached prompt tokens; ``None`` bills them at the input price.
+    #: Cached prompt tokens (cache reads); ``None`` bills them at the input price.
     cached_input_per_million: Decimal | None = None
+    #: Prompt tokens written to the cache; ``None`` bills them at the input price.
+    cache_write_input_per_million: Decimal | None = None
 
     @property
     def cached_rate(self) -> Decimal:
         cached = self.cached_input_per_million
         return self.input_per_million if cached is None else cached
+
+    @property
+    def cache_write_rate(self) -> Decimal:
+        written = self.cache_write_input_per_million
+        return self.input_per_million if written is None else written
 
 
 class PricingLike(Protocol):
@@ -83,9 +92,17 @@ class PricingLike(Protocol):
     @property
     def cached_input_per_million(self) -> Decimal | None: ...
 
+    @property
+    def cache_write_input_per_million(self) -> Decimal | None: ...
 
-def _p(input_: str, output: str, cached: str | None = None) -> Price:
-    return Price(Decimal(input_), Decimal(output), None if cached is None else Decimal(cached))
+
+def _p(input_: str, output: str, cached: str | None = None, written: str | None = None) -> Price:
+    return Price(
+        Decimal(input_),
+        Decimal(output),
+        None if cached is None else Decimal(cached),
+        None if written is None else Decimal(written),
+    )
 
 
 #: Model name prefix -> price. Lookup is by longest prefix on a name boundary.
@@ -99,15 +116,15 @@ DEFAULT_PRICES: dict[str, Price] = {
     "o3-mini": _p("1.10", "4.40", "0.55"),
     "text-embedding-3-small": _p("0.02", "0"),
     "text-embedding-3-large": _p("0.13", "0"),
-    # Anthropic (cached = cache read; cache writes are not modelled)
-    "claude-3-5-sonnet": _p("3.00", "15.00", "0.30"),
-    "claude-3-7-sonnet": _p("3.00", "15.00", "0.30"),
-    "claude-sonnet-4": _p("3.00", "15.00", "0.30"),
-    "claude-3-haiku": _p("0.25", "1.25", "0.03"),
-    "claude-3-5-haiku": _p("0.80", "4.00", "0.08"),
-    "claude-3-opus": _p("15.00", "75.00", "1.50"),
-    "claude-opus-4": _p("15.00", "75.00", "1.50"),
-    "claude-opus-4-1": _p("15.00", "75.00", "1.50"),
+    # Anthropic (cached = cache read; written = 5-minute cache write, 1.25 x input)
+    "claude-3-5-sonnet": _p("3.00", "15.00", "0.30", "3.75"),
+    "claude-3-7-sonnet": _p("3.00", "15.00", "0.30", "3.75"),
+    "claude-sonnet-4": _p("3.00", "15.00", "0.30", "3.75"),
+    "claude-3-haiku": _p("0.25", "1.25", "0.03", "0.30"),
+    "claude-3-5-haiku": _p("0.80", "4.00", "0.08", "1.00"),
+    "claude-3-opus": _p("15.00", "75.00", "1.50", "18.75"),
+    "claude-opus-4": _p("15.00", "75.00", "1.50", "18.75"),
+    "claude-opus-4-1": _p("15.00", "75.00", "1.50", "18.75"),
     # Google (prompts up to 128k tokens for 1.5, up to 200k for 2.5 Pro)
     "gemini-1.5-flash": _p("0.075", "0.30", "0.01875"),
     "gemini-1.5-flash-8b": _p("0.0375", "0.15", "0.01"),
@@ -173,29 +190,64 @@ def price_for(upstream_model: str, override: PricingLike | None = None) -> Price
         return base
     inp, out = override.input_per_million, override.output_per_million
     cached = override.cached_input_per_million
+    written = override.cache_write_input_per_million
     if base is None:
         if inp is None:
             return None
-        return Price(inp, out if out is not None else Decimal(0), cached)
+        return Price(inp, out if out is not None else Decimal(0), cached, written)
     return Price(
         base.input_per_million if inp is None else inp,
         base.output_per_million if out is None else out,
         base.cached_input_per_million if cached is None else cached,
+        base.cache_write_input_per_million if written is None else written,
     )
 
 
-def cost(prompt_tokens: int, completion_tokens: int, cached_tokens: int, price: Price) -> Decimal:
-    """The exact USD cost: cached prompt tokens at the cached rate, the rest at the input rate.
+def cost(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    price: Price,
+    cache_write_tokens: int = 0,
+) -> Decimal:
+    """The exact USD cost: cache reads at the cached rate, cache writes at the cache-write rate,
+    the rest of the prompt at the input rate.
 
-    ``cached_tokens`` is part of ``prompt_tokens`` (OpenAI's convention) and is
-    clamped to it.
+    ``cached_tokens`` and ``cache_write_tokens`` are part of ``prompt_tokens``
+    (OpenAI's convention; Anthropic reports them beside ``input_tokens``, and the
+    providers add them up) and are clamped to it, reads first.
     """
-    if min(prompt_tokens, completion_tokens, cached_tokens) < 0:
+    if min(prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens) < 0:
         raise ValueError("token counts must not be negative")
     cached = min(cached_tokens, prompt_tokens)
+    written = min(cache_write_tokens, prompt_tokens - cached)
     total = (
-        (prompt_tokens - cached) * price.input_per_million
+        (prompt_tokens - cached - written) * price.input_per_million
         + cached * price.cached_rate
+        + written * price.cache_write_rate
         + completion_tokens * price.output_per_million
     )
     return total / _MILLION
+
+
+class UsageLike(Protocol):
+    """What :func:`usage_cost` reads (``providers.Usage`` fits)."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def completion_tokens(self) -> int: ...
+
+    @property
+    def cached_tokens(self) -> int: ...
+
+    @property
+    def cache_write_tokens(self) -> int: ...
+
+
+def usage_cost(usage: UsageLike, price: Price) -> Decimal:
+    """:func:`cost` of one request's usage, cache reads and writes at their own prices."""
+    return cost(
+        usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price, usage.cache_write_tokens
+    )

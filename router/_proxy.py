@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from starlette.responses import Response
 
 from . import _metrics as metrics
-from ._balancer import Stats
-from ._budget import MemoryBudgetStore
-from ._cache import MemoryCache, ResponseCache
+from ._api import JSON, InboundApi, OpenAiApi
 from ._cache import wants as cache_wants
-from ._dispatch import JSON, Call, Dispatcher, RequestOptions
+from ._dispatch import Call, RequestOptions
 from ._errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -29,14 +27,13 @@ from ._errors import (
     ModelNotFoundError,
     PermissionDeniedError,
 )
-from ._health import HealthTracker, MemoryHealthStore
 from ._inbound import Inbound
-from ._limits import MemoryLimiter
-from ._metering import Meter, Ticket, local_ledger
-from ._state import RouterState, VirtualKey
-from ._upstream import UpstreamPool
-from ._validate import parse_body, validate
-from .providers import Operation
+from ._metering import Ticket
+from ._outcome import Failure
+from ._services import Services
+from ._state import ModelGroup, RouterState, VirtualKey
+from ._validate import parse_body
+from .providers import TRANSLATED, Operation
 
 __all__ = ["JSON", "Caller", "Router", "authenticate", "error_response"]
 
@@ -54,6 +51,7 @@ class Caller:
 
 
 def error_response(err: KubellmError, headers: dict[str, str] | None = None) -> Response:
+    """An OpenAI-shaped error, for routes outside the inbound APIs (models, admin)."""
     return Response(
         err.to_json(), status_code=err.status, media_type=JSON, headers={**err.headers, **(headers or {})}
     )
@@ -141,31 +139,40 @@ def next_request_id() -> str:
 class Router:
     """Serves requests against the current :class:`RouterState`."""
 
-    def __init__(self, state: RouterState, health: HealthTracker | None = None) -> None:
+    def __init__(self, state: RouterState, services: Services) -> None:
         self.state = state
-        self.upstream = UpstreamPool()
-        self.stats = Stats()
-        self.health = health or HealthTracker(MemoryHealthStore(), state.config.settings.cooldown)
-        self.health.on_change = lambda name, is_open: metrics.DEPLOYMENT_COOLDOWN.labels(name).set(
-            1 if is_open else 0
-        )
-        self.cache: ResponseCache = MemoryCache(state.config.settings.cache)
-        self.meter = Meter(
-            MemoryLimiter(),
-            MemoryBudgetStore(),
-            local_ledger(state.config.settings),
-            fail_open=state.config.settings.redis.fail_open,
-        )
-        self.health.on_store_error = self.meter.store_failed
-        self.dispatcher = Dispatcher(self.upstream, self.health, self.stats, self.cache, self.meter)
+        self.openai_apis = {
+            op: OpenAiApi(op) for op in (Operation.CHAT, Operation.COMPLETION, Operation.EMBEDDING)
+        }
         self.draining = False
+        self._use(services)
+
+    def _use(self, services: Services) -> None:
+        self.services = services
+        self.upstream = services.upstream
+        self.stats = services.stats
+        self.health = services.health
+        self.cache = services.cache
+        self.meter = services.meter
+        self.dispatcher = services.dispatcher
+
+    def adopt(self, services: Services) -> None:
+        """Serve with ``services`` from now on. Only for a router whose config (and with it the
+        settings its services are built from) arrives after it starts, from a Kubernetes Secret:
+        called once, before that config is served."""
+        self._use(services)
 
     def deployment_names(self) -> list[str]:
         return [d.name for g in self.state.groups.values() for d in g.deployments]
 
     async def handle(self, operation: Operation, inbound: Inbound, *, model: str | None = None) -> Response:
-        """Serve one request; ``model``, when the path names the model group (Azure's paths), wins
-        over the body's."""
+        """Serve an OpenAI chat, completions or embeddings request."""
+        return await self.serve(self.openai_apis[operation], inbound, model=model)
+
+    async def serve(self, api: InboundApi, inbound: Inbound, *, model: str | None = None) -> Response:
+        """One request in ``api``'s dialect: authenticate, validate, admit, dispatch, render.
+
+        ``model``, when given, is the model group named by the route (Azure's deployment paths)."""
         started = time.monotonic()
         state = self.state  # one snapshot for the whole request, even across a reload
         request_id = next_request_id()
@@ -177,39 +184,34 @@ class Router:
             body = parse_body(raw)
             if model is not None:
                 body["model"] = model
-            model, stream, include_usage = validate(operation, body)
-            group = state.groups.get(model)
-            if group is None:
-                raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
-            if caller.key is not None and not caller.key.may_use(group.name):
-                raise PermissionDeniedError(
-                    f"API key {caller.key.config.name!r} may not use model {group.name!r}", param="model"
-                )
-            # Fallbacks the client names are models it asks for: the key must be allowed them too.
-            for name in options.fallbacks or () if caller.key is not None else ():
-                target = state.groups.get(name)
-                if caller.key is not None and target is not None and not caller.key.may_use(target.name):
-                    raise PermissionDeniedError(
-                        f"API key {caller.key.config.name!r} may not use model {target.name!r}",
-                        param="x-kubellm-fallbacks",
-                    )
+            requested = api.validate(body)
+            group = self._group(state, caller, requested.model, options)
+            body = await api.prepare(body, caller)
+            # A request no deployment of the group can take natively is translated now, so that
+            # one the translation refuses is a 400 before it counts against any limit.
+            chat = None
+            if api.operation in TRANSLATED and not group.speaks(api.operation):
+                chat = api.to_chat(body)
         except KubellmError as err:
             metrics.ERRORS.labels("", err.type).inc()
-            return error_response(err, {"x-request-id": request_id})
+            return api.render_error(err, {"x-request-id": request_id})
         deadline = started + options.timeouts.get("total", state.config.settings.request_timeout_seconds)
         call = Call(
-            request_id,
-            operation,
-            body,
-            stream,
-            include_usage,
-            group,
-            caller.label,
-            caller.key,
-            options,
-            state,
-            started,
-            deadline,
+            request_id=request_id,
+            operation=api.operation,
+            body=body,
+            stream=requested.stream,
+            include_usage=requested.include_usage,
+            group=group,
+            caller_label=caller.label,
+            key=caller.key,
+            options=options,
+            state=state,
+            started=started,
+            deadline=deadline,
+            to_chat=api.to_chat if api.operation in TRANSLATED else None,
+            chat_request=chat,
+            forward_headers={h: v for h in api.forward_headers if (v := headers.get(h)) is not None},
         )
         traceparent = headers.get("traceparent")
         if traceparent is not None:
@@ -220,13 +222,13 @@ class Router:
             call.ticket = Ticket()
             metrics.ERRORS.labels(group.name, err.type).inc()
             self.dispatcher.finish(call, None, err.status, None, None)
-            return error_response(err, {"x-request-id": request_id})
+            return api.render(Failure(error=err, headers={"x-request-id": request_id}), call)
         current = asyncio.current_task()
         assert current is not None
         unwatch = inbound.cancel_on_disconnect(current)
         metrics.recorder.started(group.name)
         try:
-            return await self.dispatcher.run(call)
+            return api.render(await self.dispatcher.run(call), call)
         except asyncio.CancelledError:
             if not inbound.gone or current.cancelling() == 0:
                 raise
@@ -236,3 +238,26 @@ class Router:
         finally:
             unwatch()
             metrics.recorder.ended(group.name)
+
+    @staticmethod
+    def _group(state: RouterState, caller: Caller, model: str, options: RequestOptions) -> ModelGroup:
+        """The model group asked for, if it exists and the caller may use it and its fallbacks."""
+        group = state.groups.get(model)
+        if group is None:
+            raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
+        key = caller.key
+        if key is None:
+            return group
+        if not key.may_use(group.name):
+            raise PermissionDeniedError(
+                f"API key {key.config.name!r} may not use model {group.name!r}", param="model"
+            )
+        # Fallbacks the client names are models it asks for: the key must be allowed them too.
+        for name in options.fallbacks or ():
+            target = state.groups.get(name)
+            if target is not None and not key.may_use(target.name):
+                raise PermissionDeniedError(
+                    f"API key {key.config.name!r} may not use model {target.name!r}",
+                    param="x-kubellm-fallbacks",
+                )
+        return group

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -43,9 +42,6 @@ TRACELOOP_URL = "https://api.traceloop.com"
 
 if TYPE_CHECKING:
     from ._config import RouterSettings, SinkConfig
-    from ._dispatch import Call
-    from ._state import Deployment
-    from .providers import Usage
 
 log = logging.getLogger("kubellm.sinks")
 
@@ -137,19 +133,8 @@ class Hub:
 
     # -- the request path -----------------------------------------------------------------------
 
-    def submit(
-        self,
-        call: Call,
-        dep: Deployment | None,
-        status: int,
-        usage: Usage | None,
-        ttft: float | None,
-        payloads: list[bytes] | None,
-        latency: float,
-        cached: bool,
-    ) -> None:
+    def submit(self, record: Record) -> None:
         """Hand a finished request to every sink: O(1) per sink, never blocks."""
-        record = Record(call, dep, status, usage, ttft, payloads, latency, cached, time.time_ns())
         for sink in self.sinks:
             sink.offer(record)
 

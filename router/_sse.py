@@ -14,8 +14,22 @@ import orjson
 DONE = b"data: [DONE]\n\n"
 
 
-def frame(payload: bytes | dict[str, Any]) -> bytes:
-    """One ``data:`` event carrying a JSON payload."""
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A named stream event in a native (non-OpenAI-chat) dialect, such as Anthropic's."""
+
+    name: str
+    data: bytes
+
+
+#: A stream or response payload: pre-serialized JSON bytes, a dict to serialize, or a named event.
+Payload = bytes | dict[str, Any] | Event
+
+
+def frame(payload: Payload) -> bytes:
+    """One ``data:`` event carrying a JSON payload; a named :class:`Event` gets its ``event:`` line."""
+    if isinstance(payload, Event):
+        return b"event: " + payload.name.encode() + b"\ndata: " + payload.data + b"\n\n"
     if not isinstance(payload, bytes):
         payload = orjson.dumps(payload)
     return b"data: " + payload + b"\n\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import _redact as redact
 from ._config import ConfigError, DeploymentConfig, KeyConfig, ModelGroupConfig, RouterConfig
 from ._limits import LimitRule, rule
-from .providers import Provider, get_provider
+from .providers import Operation, Provider, get_provider
 
 
 def hash_key(key: str) -> str:
@@ -55,6 +55,10 @@ class ModelGroup:
             by_tier.setdefault(dep.config.priority, []).append(dep)
         self.tiers = [by_tier[t] for t in sorted(by_tier)]
         self.caches = any(dep.config.cache for dep in self.deployments)
+
+    def speaks(self, operation: Operation) -> bool:
+        """Some deployment serves ``operation`` natively."""
+        return any(dep.provider.speaks(operation, dep.config) for dep in self.deployments)
 
 
 @dataclass(slots=True)

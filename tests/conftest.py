@@ -10,6 +10,40 @@ from tests.support.servers import RouterProcess
 
 pytest_plugins = ["tests.support.coverage_matrix"]
 
+#: Support modules that start processes or servers (router processes, Redis, a Kubernetes control
+#: plane, nginx): a test module that uses any of them is end-to-end.
+_E2E_SUPPORT = (
+    "tests.support.servers",
+    "tests.support.redis_server",
+    "tests.support.kube",
+    "tests.support.chaos",
+    "tests.support.proxy",
+    "tests.support.ledger_crash",
+    "subprocess",
+)
+
+
+def _uses_processes(module: Any) -> bool:
+    for value in vars(module).values():
+        name = value.__name__ if isinstance(value, type(pytest)) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.startswith(_E2E_SUPPORT):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``e2e`` every test that starts processes or servers; the rest is the in-process inner
+    loop, ``pytest -m "not e2e"`` (docs/development.md)."""
+    seen: dict[str, bool] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None:
+            continue
+        if module.__name__ not in seen:
+            seen[module.__name__] = _uses_processes(module)
+        if seen[module.__name__] or "start_router" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
 UPSTREAM_KEY = "sk-test-key-7Hq2Vw9Lx4"  # no word a router message uses: see router/_redact.py
 MASTER_KEY = "sk-master-test-0123456789"
 

@@ -915,8 +915,8 @@ def test_redis_command_line_runs_with_the_generated_password(tmp_path: Path) -> 
     the URL + password the routers get (through RouterSettings.redis) authenticate."""
     import redis as redis_lib
 
-    from kubellm.router._app import redis_url
     from kubellm.router._config import RedisSettings
+    from kubellm.router._services import redis_url
 
     docs = rendered()
     c = container(component(docs, "StatefulSet", "redis"))

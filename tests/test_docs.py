@@ -38,3 +38,11 @@ def test_example_router_config_is_valid() -> None:
 
     config = load_config(ROOT / "examples" / "router.yaml")
     assert {d.model for d in config.deployments} == {"gpt-4o-mini"}
+
+
+def test_settings_built_at_start_are_real_settings() -> None:
+    from kubellm.router._config import RouterSettings
+    from kubellm.router._docs import BUILT_AT_START
+
+    aliases = {field.alias or name for name, field in RouterSettings.model_fields.items()}
+    assert set(BUILT_AT_START) <= aliases

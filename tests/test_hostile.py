@@ -80,7 +80,7 @@ def assert_alive(router: RouterProcess) -> None:
 
 def assert_error_body(raw: bytes, path: str = "/v1/chat/completions") -> dict[str, Any]:
     doc = orjson.loads(raw)
-    if path.endswith("/messages"):  # the Anthropic-format endpoint answers Anthropic-style errors
+    if path.endswith(("/messages", "/messages/count_tokens")):  # Anthropic-format endpoints: their errors
         assert doc["type"] == "error" and isinstance(doc["error"]["message"], str), doc
         return dict(doc["error"])
     error = doc["error"]

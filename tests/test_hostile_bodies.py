@@ -31,8 +31,14 @@ from tests.support.servers import RouterProcess
 
 PLAIN_KEY = "sk-fuzz-plain-0123456789abcdef"
 LIMITED_KEY = "sk-fuzz-limited-0123456789abcdef"
-PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
-EXAMPLES = 200  # per path and key: 1,600 requests, about 20 s
+PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+)
+EXAMPLES = 200  # per path and key: 2,000 requests, about 25 s
 COUNTS: Counter[tuple[str, str, str]] = Counter()
 
 
@@ -185,6 +191,22 @@ _VALID: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         },
         optional={"system": _TEXT, "stream": st.booleans(), "temperature": st.floats(0, 1)},
     ),
+    "/v1/messages/count_tokens": st.fixed_dictionaries(
+        {
+            "model": _MODEL,
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "role": st.just("user"),
+                        "content": st.one_of(_TEXT, st.lists(_ANTHROPIC_BLOCK, min_size=1, max_size=2)),
+                    }
+                ),
+                min_size=1,
+                max_size=2,
+            ),
+        },
+        optional={"system": _TEXT},
+    ),
 }
 #: Keys added with a hostile value: every field the router or a provider reads, and some it does not.
 _EXTRA_KEYS = st.sampled_from(
@@ -293,7 +315,7 @@ def _check(path: str, status: int, raw: bytes) -> None:
             orjson.loads(raw)
         return
     doc = orjson.loads(raw)
-    if path == "/v1/messages":  # Anthropic-style errors carry no param: the message names it
+    if path.startswith("/v1/messages"):  # Anthropic-style errors carry no param: the message names it
         assert doc["type"] == "error" and doc["error"]["message"], doc
         return
     error = doc["error"]

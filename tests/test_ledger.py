@@ -89,11 +89,46 @@ async def open_store(kind: str, url: str, tmp: Path) -> AsyncIterator[LedgerStor
     completion_tokens=st.integers(0, 10**9), cached_tokens=st.integers(0, 10**9),
     cost=st.decimals(0, 10**6, places=15, allow_nan=False, allow_infinity=False),
     latency_ms=st.floats(0, 1e7), ttft_ms=st.none() | st.floats(0, 1e7), status=st.integers(100, 599),
-    estimated=st.booleans(),
+    estimated=st.booleans(), cache_write_tokens=st.integers(0, 10**9),
 ))  # fmt: skip
 def test_record_json_round_trip(record: UsageRecord) -> None:
     assert record.cost == record.cost.quantize(Decimal("1e-12"))
     assert UsageRecord.from_json(record.to_json()) == record
+
+
+def test_records_of_an_older_or_newer_router_are_read() -> None:
+    """A journal line written before cache writes were metered reads as none; one from a newer
+    router with fields this one does not know still reads."""
+    old = {"id": "a", "ts": 1.0, "request_id": "a", "key": "k", "model_group": "g", "deployment": "d",
+           "prompt_tokens": 3, "cost": "0.5"}  # fmt: skip
+    assert UsageRecord.from_dict(old).cache_write_tokens == 0
+    assert UsageRecord.from_dict({**old, "cache_write_tokens": 2, "later": 1}).cache_write_tokens == 2
+
+
+def test_sqlite_ledger_gains_the_cache_write_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE usage (id TEXT PRIMARY KEY, ts REAL NOT NULL, request_id TEXT, key TEXT, "
+        "model_group TEXT, deployment TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, "
+        "cached_tokens INTEGER, cost TEXT, cost_pico INTEGER, latency_ms REAL, ttft_ms REAL, "
+        "status INTEGER, estimated INTEGER)"
+    )
+    db.execute("INSERT INTO usage VALUES ('old', 5, 'old', 'k', 'g', 'd', 1, 1, 0, '0', 0, 1, NULL, 200, 0)")
+    db.commit()
+    db.close()
+    store = SqliteLedger(path)
+    new = UsageRecord("new", 6, "new", "k", "g", "d", 9, 1, 2, Decimal(1), cache_write_tokens=5)
+
+    async def scenario() -> list[UsageRecord]:
+        await store.write([new])
+        return await store.records(0, 10)
+
+    got = asyncio.run(scenario())
+    store.close()
+    assert [(r.id, r.cache_write_tokens) for r in got] == [("old", 0), ("new", 5)]
 
 
 def test_store_is_idempotent_and_aggregates_reconcile(kind: str, redis_url: str, tmp_path: Path) -> None:

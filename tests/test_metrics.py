@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from types import SimpleNamespace
+from typing import Any, cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
 from kubellm.router import _metrics as metrics
+from kubellm.router._finished import Finished
+from kubellm.router.providers import Usage
 
 
 def _samples(histogram: Histogram) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -41,6 +45,31 @@ def _value(metric: object, *labels: str) -> float:
     return metrics.child(metric, *labels)._value.get()  # type: ignore[no-any-return]
 
 
+def _finished(
+    group: str,
+    dep: str | None,
+    status: int,
+    latency: float,
+    ttft: float | None = None,
+    tokens: tuple[int, int] | None = None,
+    spend: float = 0.0,
+) -> Finished:
+    """A finished-request record with just what the recorder reads."""
+    call = SimpleNamespace(group=SimpleNamespace(name=group), caller_label="key")
+    return Finished(
+        call=cast(Any, call),
+        dep=cast(Any, SimpleNamespace(name=dep)) if dep is not None else None,
+        status=status,
+        usage=Usage(prompt_tokens=tokens[0], completion_tokens=tokens[1]) if tokens else None,
+        ttft=ttft,
+        payloads=None,
+        latency=latency,
+        cached=False,
+        spend=spend,
+        end_ns=0,
+    )
+
+
 def test_recorder_folds_counts_tokens_spend_latency_and_in_flight() -> None:
     recorder = metrics.Recorder()
     group = f"fold-{random.getrandbits(32):x}"  # labels of our own in the process-wide registry
@@ -49,8 +78,8 @@ def test_recorder_folds_counts_tokens_spend_latency_and_in_flight() -> None:
         recorder.started(group)
         recorder.started(group)
         for i in range(5):
-            recorder.finished(group, "dep", "key", 200, "dep", 0.02 * (i + 1), None, 10, 3, 0.5)
-        recorder.finished(group, "", "key", 429, None, 0.001, None, None, None, 0.0)
+            recorder.finished(_finished(group, "dep", 200, 0.02 * (i + 1), tokens=(10, 3), spend=0.5))
+        recorder.finished(_finished(group, None, 429, 0.001))
         recorder.ended(group)
         recorder.fold()
 
@@ -71,7 +100,7 @@ def test_recorder_folds_by_itself_within_the_interval() -> None:
     group = f"timer-{random.getrandbits(32):x}"
 
     async def main() -> None:
-        recorder.finished(group, "dep", "key", 200, "dep", 0.01, 0.005, 1, 1, 0.0)
+        recorder.finished(_finished(group, "dep", 200, 0.01, ttft=0.005, tokens=(1, 1)))
         await asyncio.sleep(metrics.FOLD_SECONDS + 0.2)
 
     asyncio.run(main())

@@ -13,12 +13,15 @@ from kubellm.router._pricing import (
     DEFAULT_PRICES,
     PRICES_AS_OF,
     Price,
+    _p,
     cost,
     from_pico,
     lookup,
     price_for,
     to_pico,
+    usage_cost,
 )
+from kubellm.router.providers import Usage
 
 D = Decimal
 
@@ -108,6 +111,34 @@ def test_cost_bills_cached_prompt_tokens_at_the_cached_rate() -> None:
     assert cost(3, 0, 3, Price(D("1"), D("1"))) == cost(3, 0, 0, Price(D("1"), D("1")))  # no cached rate
     with pytest.raises(ValueError):
         cost(-1, 0, 0, p)
+
+
+def test_cost_bills_cache_writes_at_the_cache_write_rate() -> None:
+    p = DEFAULT_PRICES["claude-sonnet-4"]  # 3.00 in, 0.30 read, 3.75 written, 15.00 out
+    assert p.cache_write_rate == D("3.75")
+    # 1M prompt tokens: 200k read from the cache, 300k written to it, 500k plain input.
+    assert cost(1_000_000, 0, 200_000, p, 300_000) == D("0.06") + D("1.125") + D("1.5")
+    assert usage_cost(Usage(1_000_000, 0, 200_000, cache_write_tokens=300_000), p) == D("2.685")
+    # Writes are part of the prompt too: clamped to what the reads leave.
+    assert cost(10, 0, 4, p, 99) == cost(10, 0, 4, p, 6)
+    assert cost(10, 0, 0, Price(D("1"), D("1")), 10) == cost(10, 0, 0, Price(D("1"), D("1")))  # no rate
+    assert lookup("anthropic.claude-3-5-haiku-20241022-v1:0") == _p("0.80", "4.00", "0.08", "1.00")
+    override = Pricing(cache_write_input_per_million=D("7"))
+    assert price_for("claude-sonnet-4-20250514", override) == Price(D("3.00"), D("15.00"), D("0.30"), D("7"))
+    assert Pricing.model_validate({"cacheWriteInputPerMillion": "2.5"}).cache_write_input_per_million == D(
+        "2.5"
+    )
+    with pytest.raises(ValueError):
+        cost(1, 0, 0, p, -1)
+
+
+def test_usage_clamps_cache_writes_and_reports_them_the_openai_way() -> None:
+    usage = Usage(prompt_tokens=10, completion_tokens=1, cached_tokens=4, cache_write_tokens=50)
+    assert usage.cache_write_tokens == 6
+    doc = usage.to_openai()
+    assert doc["prompt_tokens_details"] == {"cached_tokens": 4, "cache_write_tokens": 6}
+    assert Usage.from_openai(doc) == usage
+    assert "prompt_tokens_details" not in Usage(3, 1).to_openai()
 
 
 @given(

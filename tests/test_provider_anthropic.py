@@ -183,6 +183,8 @@ def test_usage_counts_cache_reads_and_writes(client: openai.OpenAI, fake: FakeAn
     usage = out.usage
     assert usage is not None and usage.prompt_tokens_details is not None
     assert usage.prompt_tokens_details.cached_tokens == 1000
+    # Cache writes in OpenAI's schema's own field, so chat clients see (and are billed) them too.
+    assert usage.prompt_tokens_details.model_dump()["cache_write_tokens"] == 200
     assert usage.prompt_tokens > 1200  # input + cache writes + cache reads, as Anthropic counts input
     chunks = list(
         client.chat.completions.create(
@@ -190,6 +192,8 @@ def test_usage_counts_cache_reads_and_writes(client: openai.OpenAI, fake: FakeAn
         )
     )
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == usage.prompt_tokens
+    details = chunks[-1].usage.prompt_tokens_details
+    assert details is not None and details.model_dump()["cache_write_tokens"] == 200
 
 
 # --- streaming ------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ._base import (
+    TRANSLATED,
+    Event,
     Operation,
     Payload,
     Provider,
@@ -61,6 +63,8 @@ def provider_names() -> frozenset[str]:
 
 
 __all__ = [
+    "TRANSLATED",
+    "Event",
     "Operation",
     "Payload",
     "Provider",

@@ -35,19 +35,28 @@ from .._errors import (
     UpstreamStatusError,
     UpstreamStreamTruncatedError,
 )
+from .._sse import Event as Event
+from .._sse import Payload as Payload
 
 if TYPE_CHECKING:
     from .._config import DeploymentConfig, Timeouts
 
 
 class Operation(StrEnum):
+    """What a client asks for. A provider lists the operations it speaks natively in
+    :attr:`Provider.operations`; :data:`TRANSLATED` ones reach the others as chat requests."""
+
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"
+    #: Anthropic's Messages API.
+    MESSAGES = "messages"
+    #: OpenAI's Responses API.
+    RESPONSES = "responses"
 
 
-#: An OpenAI chunk or response payload: pre-serialized JSON bytes, or a dict to serialize.
-Payload = bytes | dict[str, Any]
+#: Operations a deployment that does not speak them natively serves through a chat request.
+TRANSLATED = frozenset({Operation.MESSAGES, Operation.RESPONSES})
 
 
 #: The largest token count one request may report; larger counts are clamped to it.
@@ -58,8 +67,12 @@ MAX_TOKENS = 2**31 - 1
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Prompt tokens read from the provider's prompt cache (part of ``prompt_tokens``).
     cached_tokens: int = 0
     estimated: bool = False
+    #: Prompt tokens written to the provider's prompt cache (part of ``prompt_tokens`` too):
+    #: Anthropic bills them above the input price.
+    cache_write_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Counts come from upstreams: negative or absurd ones would corrupt metering (a negative
@@ -67,6 +80,8 @@ class Usage:
         self.prompt_tokens = min(max(self.prompt_tokens, 0), MAX_TOKENS)
         self.completion_tokens = min(max(self.completion_tokens, 0), MAX_TOKENS)
         self.cached_tokens = min(max(self.cached_tokens, 0), self.prompt_tokens)
+        uncached = self.prompt_tokens - self.cached_tokens
+        self.cache_write_tokens = min(max(self.cache_write_tokens, 0), uncached)
 
     @property
     def total_tokens(self) -> int:
@@ -78,8 +93,11 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
-        if self.cached_tokens:
-            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.cached_tokens or self.cache_write_tokens:
+            details = usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+            if self.cache_write_tokens:
+                # OpenAI's schema names this field; it is absent unless a cache was written.
+                details["cache_write_tokens"] = self.cache_write_tokens
         return usage
 
     @classmethod
@@ -87,11 +105,13 @@ class Usage:
         if not isinstance(usage, dict):
             return None
         details = usage.get("prompt_tokens_details")
-        cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+        if not isinstance(details, dict):
+            details = {}
         return cls(
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
-            cached_tokens=int(cached or 0),
+            cached_tokens=int(details.get("cached_tokens") or 0),
+            cache_write_tokens=int(details.get("cache_write_tokens") or 0),
         )
 
 
@@ -113,6 +133,9 @@ class RequestContext:
     timeouts: Timeouts | None = None
     #: The request's deadline across all attempts, on the ``time.monotonic()`` clock.
     deadline: float | None = None
+    #: Client request headers a native operation forwards upstream, by lower-case name: only those
+    #: the inbound API passes on (``anthropic-beta`` on ``/v1/messages``), never credentials.
+    client_headers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def upstream_model(self) -> str:
@@ -215,6 +238,11 @@ class Provider(ABC):
     @abstractmethod
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator: ...
 
+    def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
+        """Whether ``deployment`` serves ``operation`` natively (a provider whose models differ,
+        such as Bedrock's Anthropic models, overrides this)."""
+        return operation in self.operations
+
     #: Deployment fields this provider cannot work without, by their config (camelCase) names.
     required_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -246,6 +274,14 @@ class Provider(ABC):
     ) -> UpstreamResponse:
         """Perform the call. Providers with multi-step protocols override this."""
         return await client.send(self.build_request(body, ctx), ctx)
+
+    async def count_tokens(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> int | None:
+        """The upstream's own count of an Anthropic Messages request's input tokens
+        (``POST /v1/messages/count_tokens``), or None when it has no such API: the router then
+        estimates. ``ctx.operation`` is :attr:`Operation.MESSAGES`."""
+        return None
 
     def base_url(self, ctx: RequestContext) -> str:
         url = ctx.deployment.base_url or self.default_base_url

@@ -310,6 +310,7 @@ def converse_usage_to_openai(usage: Any) -> Usage | None:
         prompt_tokens=int(usage.get("inputTokens") or 0) + read + written,
         completion_tokens=int(usage.get("outputTokens") or 0),
         cached_tokens=read,
+        cache_write_tokens=written,
     )
 
 

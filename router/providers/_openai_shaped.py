@@ -23,11 +23,13 @@ from ._base import (
     Usage,
     extract_error_message,
 )
+from ._openai_responses import ResponsesPassthroughTranslator, usage_from_responses
 
 _PATHS = {
     Operation.CHAT: "/chat/completions",
     Operation.COMPLETION: "/completions",
     Operation.EMBEDDING: "/embeddings",
+    Operation.RESPONSES: "/responses",
 }
 
 
@@ -112,6 +114,8 @@ class OpenAIShapedProvider(Provider):
     def prepare_body(self, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         # A copy: the client's body is reused by later attempts and logged as the client sent it.
         body = {**body, "model": ctx.upstream_model}
+        if ctx.operation is Operation.RESPONSES:
+            return body  # usage always comes in response.completed; stream_options means else there
         if ctx.stream and self.supports_stream_usage and not ctx.include_usage:
             # Ask for usage even when the client did not, so metering sees real numbers.
             options = body.get("stream_options")
@@ -132,7 +136,11 @@ class OpenAIShapedProvider(Provider):
             ) from None
         if not isinstance(doc, dict):
             raise UpstreamProtocolError(f"{self.name}: upstream answered with a JSON {type(doc).__name__}")
+        if ctx.operation is Operation.RESPONSES:
+            return ProviderResponse(raw, usage_from_responses(doc.get("usage")))
         return ProviderResponse(raw, Usage.from_openai(doc.get("usage")))
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation is Operation.RESPONSES:
+            return ResponsesPassthroughTranslator(self.name)
         return OpenAIPassthroughTranslator(ctx.include_usage, self.name)

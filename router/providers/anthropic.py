@@ -11,6 +11,10 @@ define the total input as input + cache_creation + cache_read, which is what
 ``prompt_tokens`` reports, with ``cache_read_input_tokens`` as ``cached_tokens``.
 A ``refusal`` stop is a :class:`ContentFilterError` when the whole answer is
 refused, and ``finish_reason: content_filter`` once a stream has begun.
+
+``/v1/messages`` requests (:attr:`Operation.MESSAGES`) are not translated: see
+:mod:`._anthropic_native`. ``POST /v1/messages/count_tokens`` is forwarded as is
+(:meth:`AnthropicProvider.count_tokens`).
 """
 
 from __future__ import annotations
@@ -20,23 +24,33 @@ from typing import Any
 
 import orjson
 
-from .._errors import ContentFilterError, KubellmError, UpstreamProtocolError, UpstreamStatusError
+from .._errors import ContentFilterError, KubellmError
 from .._sse import SSEDecoder, SSEEvent
+from ._anthropic_native import (
+    ERROR_STATUS,
+    SSEMessagesStream,
+    anthropic_error_to_kubellm,
+    anthropic_headers,
+    anthropic_usage_to_openai,
+    json_doc,
+    native_body,
+    parse_count,
+    parse_native,
+)
 from ._anthropic_request import JSON_TOOL, openai_request_to_anthropic
 from ._base import (
+    Operation,
     Payload,
     Provider,
     ProviderResponse,
     RequestContext,
     StreamTranslator,
+    UpstreamClient,
     UpstreamRequest,
-    Usage,
     extract_error_message,
-    map_status_error,
 )
 from ._translate import ChunkBuilder, arguments_json, chat_completion, tool_call
 
-ANTHROPIC_VERSION = "2023-06-01"
 _STOP_REASONS = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -46,63 +60,10 @@ _STOP_REASONS = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
-#: HTTP status of each documented error type, for errors that arrive inside a stream.
-ERROR_STATUS = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "overloaded_error": 529,
-}
 
 
 def anthropic_stop_reason_to_openai(reason: str | None) -> str:
     return _STOP_REASONS.get(reason or "end_turn", "stop")
-
-
-def anthropic_usage_to_openai(usage: Any) -> Usage | None:
-    if not isinstance(usage, dict):
-        return None
-    read = int(usage.get("cache_read_input_tokens") or 0)
-    written = int(usage.get("cache_creation_input_tokens") or 0)
-    return Usage(
-        prompt_tokens=int(usage.get("input_tokens") or 0) + read + written,
-        completion_tokens=int(usage.get("output_tokens") or 0),
-        cached_tokens=read,
-    )
-
-
-def anthropic_error_to_kubellm(
-    status: int, headers: Mapping[str, str], message: str, kind: str | None
-) -> KubellmError:
-    if kind == "authentication_error":
-        status = 401
-    if kind == "overloaded_error" or status == 529:
-        retry_after = headers.get("Retry-After") or headers.get("retry-after")
-        # Anthropic's 529 is an unavailable upstream: 503, retryable, and it counts against the deployment.
-        return UpstreamStatusError(
-            f"anthropic: {message}",
-            status=503,
-            code="overloaded",
-            headers={"Retry-After": retry_after} if retry_after else None,
-        )
-    if status == 400 and "content filtering" in message.lower():
-        return ContentFilterError(f"anthropic: {message}")
-    return map_status_error(status, headers, (message, kind), provider="anthropic")
-
-
-def _json_doc(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamProtocolError(f"anthropic: upstream sent {what} that is not JSON") from None
-    if not isinstance(doc, dict):
-        raise UpstreamProtocolError(f"anthropic: upstream sent {what} that is not a JSON object")
-    return doc
 
 
 class AnthropicStreamTranslator(StreamTranslator):
@@ -130,7 +91,7 @@ class AnthropicStreamTranslator(StreamTranslator):
         for event in events:
             if not event.data or self._stopped or self.error is not None:
                 continue
-            doc = _json_doc(event.data, "a stream event")
+            doc = json_doc(event.data, "a stream event")
             kind = doc.get("type") or event.event
             if kind == "message_start":
                 self._usage.update(doc.get("message", {}).get("usage") or {})
@@ -192,24 +153,39 @@ class AnthropicStreamTranslator(StreamTranslator):
 
 class AnthropicProvider(Provider):
     name = "anthropic"
+    operations = frozenset({Operation.CHAT, Operation.MESSAGES})
     default_api_key_env = "ANTHROPIC_API_KEY"
     default_base_url = "https://api.anthropic.com"
 
-    def url(self, ctx: RequestContext) -> str:
+    def url(self, ctx: RequestContext, path: str = "/messages") -> str:
         base = self.base_url(ctx)
-        return base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+        return base + (path if base.endswith("/v1") else "/v1" + path)
 
     def build_request(self, body: dict[str, Any], ctx: RequestContext) -> UpstreamRequest:
-        headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
-        if ctx.api_key:
-            headers["x-api-key"] = ctx.api_key
-        headers.update(ctx.deployment.headers)
-        return UpstreamRequest(
-            "POST", self.url(ctx), headers, orjson.dumps(openai_request_to_anthropic(body, ctx))
+        if ctx.operation is Operation.MESSAGES:
+            payload = native_body(body, ctx)
+        else:
+            payload = openai_request_to_anthropic(body, ctx)
+        return UpstreamRequest("POST", self.url(ctx), anthropic_headers(ctx), orjson.dumps(payload))
+
+    async def count_tokens(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> int | None:
+        """``POST /v1/messages/count_tokens`` upstream, the client's body with the deployment's model."""
+        payload = {**body, "model": ctx.upstream_model}
+        request = UpstreamRequest(
+            "POST", self.url(ctx, "/messages/count_tokens"), anthropic_headers(ctx), orjson.dumps(payload)
         )
+        resp = await client.send(request, ctx)
+        raw = await resp.read()
+        if resp.status >= 400:
+            raise self.map_error(resp.status, resp.headers, raw)
+        return parse_count(raw)
 
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
-        doc = _json_doc(raw, "a response")
+        if ctx.operation is Operation.MESSAGES:
+            return parse_native(raw)
+        doc = json_doc(raw, "a response")
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
         for block in doc.get("content") or []:
@@ -236,6 +212,8 @@ class AnthropicProvider(Provider):
         return ProviderResponse(body, usage)
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation is Operation.MESSAGES:
+            return SSEMessagesStream()
         return AnthropicStreamTranslator(ctx)
 
     def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:

@@ -3,6 +3,13 @@
 URL shape: ``{baseUrl}/openai/deployments/{upstreamModel}/{chat/completions|completions|embeddings}
 ?api-version={apiVersion}``; ``apiVersion`` is required.
 
+The Responses API (spoken natively from api-version 2025-03-01-preview, ``v1`` or ``preview``;
+older deployments get it translated to chat) has no deployment in its path: the deployment name goes in the
+body's ``model``. With a dated ``apiVersion`` (``2025-04-01-preview``) the URL is
+``{baseUrl}/openai/responses?api-version={apiVersion}``; with ``apiVersion: v1`` (or ``preview``,
+sent as ``?api-version=preview``) it is Azure's OpenAI-compatible v1 surface,
+``{baseUrl}/openai/v1/responses``.
+
 Credentials: the resolved credential goes in the ``api-key`` header. A Microsoft Entra ID
 access token is sent as ``Authorization: Bearer <token>`` instead when the credential is
 written ``entra:<token>`` (interim convention until the config has an auth-type field), or
@@ -18,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
@@ -41,7 +48,11 @@ from ._base import (
     extract_error_message,
     map_status_error,
 )
+from ._openai_responses import ResponsesPassthroughTranslator
 from ._openai_shaped import OpenAIPassthroughTranslator, OpenAIShapedProvider
+
+if TYPE_CHECKING:
+    from .._config import DeploymentConfig
 
 #: A credential written ``entra:<token>`` is a Microsoft Entra ID bearer token, not an API key.
 ENTRA_PREFIX = "entra:"
@@ -126,8 +137,34 @@ class AzureStreamTranslator(OpenAIPassthroughTranslator):
         return out
 
 
+#: The first api-version of Azure's Responses API (a preview); older deployments get it as chat.
+RESPONSES_SINCE = "2025-03-01-preview"
+
+
+def api_version_has_responses(version: str | None) -> bool:
+    """Whether an ``apiVersion`` reaches Azure's Responses API (v1, preview, or dated from 2025-03-01)."""
+    if version in ("v1", "preview"):
+        return True
+    return version is not None and _DATED.match(version) is not None and version >= RESPONSES_SINCE
+
+
+def _responses_url(base: str, version: str) -> str:
+    if version == "v1":
+        return f"{base}/openai/v1/responses"
+    if version == "preview":
+        return f"{base}/openai/v1/responses?api-version=preview"
+    return f"{base}/openai/responses?api-version={quote(version, safe='')}"
+
+
 class AzureOpenAIProvider(OpenAIShapedProvider):
     name = "azure"
+    operations = OpenAIShapedProvider.operations | {Operation.RESPONSES}
+
+    def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
+        if operation is Operation.RESPONSES:
+            return api_version_has_responses(deployment.api_version)
+        return super().speaks(operation, deployment)
+
     default_api_key_env = "AZURE_OPENAI_API_KEY"
     required_fields = ("baseUrl", "apiVersion")
 
@@ -145,6 +182,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
     def url(self, ctx: RequestContext) -> str:
         version = self._api_version(ctx)
         base = self.base_url(ctx).removesuffix("/openai")
+        if ctx.operation is Operation.RESPONSES:
+            return _responses_url(base, version)
         deployment = quote(ctx.upstream_model, safe="")
         path = _PATHS[ctx.operation]
         return f"{base}/openai/deployments/{deployment}{path}?api-version={quote(version, safe='')}"
@@ -159,6 +198,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
 
     def prepare_body(self, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         body = dict(body)  # the router reuses the client's body across attempts
+        if ctx.operation is Operation.RESPONSES:
+            return {**body, "model": ctx.upstream_model}  # the deployment's name
         if ctx.stream and not api_version_supports_stream_usage(self._api_version(ctx)):
             if ctx.include_usage and not ctx.deployment.drop_unsupported_params:
                 raise InvalidRequestError(
@@ -182,6 +223,8 @@ class AzureOpenAIProvider(OpenAIShapedProvider):
         return parsed
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation is Operation.RESPONSES:
+            return ResponsesPassthroughTranslator(self.name)
         return AzureStreamTranslator(ctx.include_usage)
 
     def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:

@@ -6,6 +6,9 @@
 URL is signed in the form aiohttp puts on the wire (yarl normalizes ``%3A`` in
 an ARN model id to ``:``), so inference-profile and provisioned-model ARNs work.
 
+Anthropic models also speak Anthropic's Messages API natively, through InvokeModel
+(:mod:`._bedrock_anthropic`): ``/v1/messages`` requests pass through untranslated.
+
 Credentials, in order:
 
 * the deployment's credential (``apiKeyEnv``/``apiKeyFile``/``apiKey``, e.g. a Secret) holding
@@ -35,6 +38,7 @@ import orjson
 from .. import _redact as redact
 from .._config import DeploymentConfig
 from .._errors import InvalidRequestError, KubellmError, UpstreamProtocolError
+from ._anthropic_native import parse_count, parse_native
 from ._base import (
     Operation,
     Provider,
@@ -46,6 +50,7 @@ from ._base import (
     UpstreamResponse,
     missing_extra,
 )
+from ._bedrock_anthropic import BedrockMessagesStream, count_body, invoke_body, is_anthropic_model
 from ._bedrock_converse import (
     ConverseStreamTranslator,
     bedrock_error,
@@ -138,6 +143,12 @@ class BedrockProvider(Provider):
     def __init__(self) -> None:
         self._chain = _DefaultChain()
 
+    def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
+        """Anthropic's models speak Messages natively (InvokeModel); every model speaks chat."""
+        if operation is Operation.MESSAGES:
+            return is_anthropic_model(deployment.upstream_model or deployment.model)
+        return operation in self.operations
+
     def check_deployment(self, deployment: DeploymentConfig, credential: str | None = None) -> str | None:
         """SigV4 signing and the AWS credential chain need botocore; a Bedrock API key does not."""
         problem = super().check_deployment(deployment, credential)
@@ -199,8 +210,14 @@ class BedrockProvider(Provider):
     def build_request(self, body: dict[str, Any], ctx: RequestContext) -> UpstreamRequest:
         if ctx.operation is Operation.EMBEDDING:
             return self.embedding_requests(body, ctx)[0]
+        if ctx.operation is Operation.MESSAGES:
+            payload = orjson.dumps(invoke_body(body, ctx))
+            if ctx.stream:
+                url = self.url(ctx, "invoke-with-response-stream")
+                return self.signed(ctx, url, payload, "application/vnd.amazon.eventstream")
+            return self.signed(ctx, self.url(ctx, "invoke"), payload, "application/json")
         if ctx.operation is not Operation.CHAT:
-            raise InvalidRequestError("bedrock serves chat and embeddings only")
+            raise InvalidRequestError("bedrock serves chat, embeddings and Anthropic messages only")
         payload = orjson.dumps(openai_to_converse_request(body, ctx, self.name))
         if ctx.stream:
             return self.signed(
@@ -282,12 +299,31 @@ class BedrockProvider(Provider):
 
     # ------------------------------------------------------------ answers
 
+    async def count_tokens(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> int | None:
+        """Bedrock's CountTokens, for Anthropic models."""
+        if not is_anthropic_model(ctx.upstream_model):
+            return None
+        payload = orjson.dumps(count_body(body, ctx))
+        resp = await client.send(
+            self.signed(ctx, self.url(ctx, "count-tokens"), payload, "application/json"), ctx
+        )
+        raw = await resp.read()
+        if resp.status >= 400:
+            raise self.map_error(resp.status, resp.headers, raw)
+        return parse_count(raw, self.name, "inputTokens")
+
     def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
+        if ctx.operation is Operation.MESSAGES:
+            return parse_native(raw, self.name)
         if ctx.operation is Operation.EMBEDDING:
             return openai_embedding_response(raw, ctx)
         return converse_response_to_openai(raw, ctx, self.name)
 
     def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation is Operation.MESSAGES:
+            return BedrockMessagesStream()
         return ConverseStreamTranslator(ctx, self.name)
 
     def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:

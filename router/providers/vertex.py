@@ -11,16 +11,41 @@ JWT-bearer flow in :mod:`._google_auth` and are cached per service account.
 ``project`` defaults to the key's ``project_id`` (then ``GOOGLE_CLOUD_PROJECT``),
 ``location`` to ``GOOGLE_CLOUD_LOCATION`` or ``us-central1``; ``upstreamModel`` may
 also be a full ``projects/.../endpoints/...`` resource name.
+
+Claude models (``upstreamModel: claude-…``) speak Anthropic's Messages API natively through
+rawPredict (:mod:`._vertex_anthropic`): ``/v1/messages`` requests pass through untranslated, and
+``/v1/messages/count_tokens`` is counted by Vertex AI. Chat requests to them are translated as for
+the anthropic provider and sent through rawPredict too.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import AuthenticationError, InvalidRequestError
-from ._base import RequestContext, UpstreamClient, UpstreamResponse, missing_extra
+import orjson
+
+from .._errors import AuthenticationError, InvalidRequestError, KubellmError
+from . import _vertex_anthropic as claude
+from ._anthropic_native import (
+    SSEMessagesStream,
+    anthropic_error_to_kubellm,
+    parse_count,
+    parse_native,
+)
+from ._base import (
+    Operation,
+    ProviderResponse,
+    RequestContext,
+    StreamTranslator,
+    UpstreamClient,
+    UpstreamRequest,
+    UpstreamResponse,
+    extract_error_message,
+    missing_extra,
+)
 from ._google_auth import ServiceAccount, TokenCache, load_service_account, service_account_secrets
 from .gemini import GoogleGenAIProvider
 
@@ -33,6 +58,12 @@ class VertexProvider(GoogleGenAIProvider):
 
     def __init__(self) -> None:
         self.tokens = TokenCache()
+
+    def speaks(self, operation: Operation, deployment: DeploymentConfig) -> bool:
+        """Claude models speak Messages natively (rawPredict)."""
+        if operation is Operation.MESSAGES:
+            return claude.is_claude(deployment.upstream_model or deployment.model)
+        return operation in self.operations
 
     def check_deployment(self, deployment: DeploymentConfig, credential: str | None = None) -> str | None:
         """Service-account tokens are signed JWTs: without cryptography no request could be made."""
@@ -99,6 +130,68 @@ class VertexProvider(GoogleGenAIProvider):
                 else f"{parent}/publishers/google/models/{model}"
             )
         return f"{self.base_url(ctx)}/{model}:{method}"
+
+    def anthropic_url(self, ctx: RequestContext, model: str, method: str) -> str:
+        if ctx.upstream_model.startswith("projects/") and model != "count-tokens":
+            return f"{self.base_url(ctx)}/{ctx.upstream_model}:{method}"
+        parent = f"projects/{self._project(ctx)}/locations/{self._location(ctx)}"
+        return f"{self.base_url(ctx)}/{parent}/publishers/anthropic/models/{model}:{method}"
+
+    def make_request(
+        self, body: dict[str, Any], ctx: RequestContext, auth: dict[str, str]
+    ) -> UpstreamRequest:
+        if ctx.operation is Operation.MESSAGES:
+            payload = orjson.dumps(claude.messages_body(body, ctx))
+        elif ctx.operation is Operation.CHAT and claude.is_claude(ctx.upstream_model):
+            payload = orjson.dumps(claude.chat_body(body, ctx))
+        else:
+            return super().make_request(body, ctx, auth)
+        method = "streamRawPredict" if ctx.stream else "rawPredict"
+        url = self.anthropic_url(ctx, claude.model_name(ctx), method)
+        return UpstreamRequest("POST", url, claude.headers(ctx, auth), payload)
+
+    async def count_tokens(
+        self, client: UpstreamClient, body: dict[str, Any], ctx: RequestContext
+    ) -> int | None:
+        """Vertex AI's count-tokens:rawPredict, for Claude models."""
+        if not claude.is_claude(ctx.upstream_model):
+            return None
+        token = await self.tokens.get(client, self.account(ctx), ctx, self.name)
+        url = self.anthropic_url(ctx, "count-tokens", "rawPredict")
+        payload = orjson.dumps(claude.count_body(body, ctx))
+        request = UpstreamRequest(
+            "POST", url, claude.headers(ctx, {"Authorization": f"Bearer {token}"}), payload
+        )
+        resp = await client.send(request, ctx)
+        raw = await resp.read()
+        if resp.status >= 400:
+            raise self.map_error(resp.status, resp.headers, raw)
+        return parse_count(raw, self.name)
+
+    def parse_response(self, raw: bytes, ctx: RequestContext) -> ProviderResponse:
+        if ctx.operation is Operation.MESSAGES:
+            return parse_native(raw, self.name)
+        if ctx.operation is Operation.CHAT and claude.is_claude(ctx.upstream_model):
+            return claude.CHAT.parse_response(raw, ctx)
+        return super().parse_response(raw, ctx)
+
+    def stream_translator(self, ctx: RequestContext) -> StreamTranslator:
+        if ctx.operation is Operation.MESSAGES:
+            return SSEMessagesStream(self.name)
+        if ctx.operation is Operation.CHAT and claude.is_claude(ctx.upstream_model):
+            return claude.CHAT.stream_translator(ctx)
+        return super().stream_translator(ctx)
+
+    def map_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> KubellmError:
+        """Claude's errors come in Anthropic's shape; Vertex AI's own (auth, quota) in Google's."""
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("type") == "error":
+            message, kind = extract_error_message(raw)
+            return anthropic_error_to_kubellm(status, headers, message, kind)
+        return super().map_error(status, headers, raw)
 
     def auth_headers(self, ctx: RequestContext) -> dict[str, str]:
         """Headers with the cached token; :meth:`send` fetches one first when there is none."""

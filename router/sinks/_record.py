@@ -1,9 +1,9 @@
 """One finished request as the sinks see it.
 
-The request path builds a :class:`Record` (a handful of references and a clock
-reading) and nothing else. Everything derived from it, parsing the answer
-payloads, pricing, the payload opt-in, happens once per record in the sink
-thread, through :attr:`Record.facts`.
+The request path builds a :class:`~.._finished.Finished` record (a handful of
+references and a clock reading) and nothing else. Everything derived from it,
+parsing the answer payloads, pricing, the payload opt-in, happens once per
+record in the sink thread, through :attr:`Finished.facts` (:func:`derive`).
 
 What never gets here: the caller's key secret, the master key and upstream
 credentials. A record carries the key's *name* and metadata, the deployment's
@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .._pricing import cost, price_for
+from .._finished import Finished
+from .._pricing import price_for, usage_cost
 from ..providers import Operation, Usage
 
 if TYPE_CHECKING:
@@ -166,26 +167,8 @@ class Facts:
         return [c.message() for c in self.choices]
 
 
-@dataclass(slots=True)
-class Record:
-    """What :func:`finish_request` hands over: references only, no work."""
-
-    call: Call
-    dep: Deployment | None
-    status: int
-    usage: Usage | None
-    ttft: float | None
-    payloads: list[bytes] | None
-    latency: float
-    cached: bool
-    end_ns: int
-    _facts: Facts | None = None
-
-    @property
-    def facts(self) -> Facts:
-        if self._facts is None:
-            self._facts = _derive(self)
-        return self._facts
+#: What the sinks receive: the request's one finished-request record.
+Record = Finished
 
 
 def _sanitized_url(url: str | None) -> tuple[str | None, str | None, int | None]:
@@ -250,7 +233,7 @@ def _price(dep: Deployment, usage: Usage) -> float | None:
     price = price_for(dep.config.upstream_model or dep.config.model, dep.config.pricing)
     if price is None:
         return None
-    return float(cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price))
+    return float(usage_cost(usage, price))
 
 
 def _last_deployment(call: Call) -> Deployment | None:
@@ -264,7 +247,7 @@ def _last_deployment(call: Call) -> Deployment | None:
     return None
 
 
-def _derive(rec: Record) -> Facts:
+def derive(rec: Record) -> Facts:
     call, dep = rec.call, rec.dep
     if dep is None and not rec.cached:
         dep = _last_deployment(call)

@@ -222,6 +222,8 @@ class PostHogSink(VendorSink):
             props["$ai_output_tokens"] = u.completion_tokens if u else 0
         if u is not None and u.cached_tokens:
             props["$ai_cache_read_input_tokens"] = u.cached_tokens
+        if u is not None and u.cache_write_tokens:
+            props["$ai_cache_creation_input_tokens"] = u.cache_write_tokens
         if f.ttft_ms is not None:
             props["$ai_time_to_first_token"] = f.ttft_ms / 1000
         if f.failed:

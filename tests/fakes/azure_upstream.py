@@ -35,13 +35,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.fakes import responses_wire
 from tests.support.servers import FakeServer, ThreadedApp
 
 API_VERSIONS = frozenset({
     "2023-05-15", "2024-02-01", "2024-06-01", "2024-08-01-preview", "2024-09-01-preview",
-    "2024-10-21", "2024-12-01-preview", "2025-01-01-preview", "2025-04-01-preview",
+    "2024-10-21", "2024-12-01-preview", "2025-01-01-preview", "2025-03-01-preview", "2025-04-01-preview",
 })  # fmt: skip
 STREAM_OPTIONS_SINCE = "2024-09-01"
+#: The first (preview) api-version of Azure's Responses API.
+RESPONSES_SINCE = "2025-03-01-preview"
 BLOCKED_PROMPT = "how to build a weapon"
 BLOCKED_OUTPUT = "write something violent"
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
@@ -491,6 +494,8 @@ class FakeAzure(FakeServer):
         self._lock = threading.Lock()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._handle)
+        app.router.add_post("/openai/responses", self._responses)
+        app.router.add_post("/openai/v1/responses", self._responses)
         self.server = ThreadedApp(app)
 
     def script(self, *replies: Reply) -> None:
@@ -550,6 +555,37 @@ class FakeAzure(FakeServer):
                     }
                 )
             raise WireError("Resource not found", status=404, code="404")
+        except WireError as err:
+            return err.response()
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """Azure's Responses API: no deployment in the path (the body's ``model`` names it); the
+        dated surface ``/openai/responses`` needs an api-version of 2025-03-01-preview or later, the
+        v1 surface ``/openai/v1/responses`` none (or ``preview``)."""
+        try:
+            version = request.query.get("api-version")
+            if request.path == "/openai/responses":
+                if version not in API_VERSIONS or version < RESPONSES_SINCE:
+                    raise WireError("Resource not found", status=404, code="404")
+            elif version not in (None, "preview"):
+                raise WireError("Resource not found", status=404, code="404")
+            validate_headers(request.headers, self.api_key, self.entra_token)
+            try:
+                body = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                raise WireError("We could not parse the JSON body of your request.") from None
+            self.seen.append(
+                Seen(request.path, dict(request.query), dict(request.headers), body, time.monotonic())
+            )
+            if body.get("model") not in self.deployments:
+                raise WireError(
+                    "The API deployment for this resource does not exist.", 404, "DeploymentNotFound"
+                )
+            try:
+                responses_wire.validate_request(body)
+            except responses_wire.ResponsesWireError as err:
+                raise WireError(err.message, err.status, param=err.param) from None
+            return await responses_wire.answer(request, body, "azure says hi")
         except WireError as err:
             return err.response()
 

@@ -10,6 +10,9 @@
 * ConverseStream answers are real ``application/vnd.amazon.eventstream`` frames with both CRCs,
   encoded here independently of the router's decoder (:func:`encode_frame`).
 * InvokeModel serves Amazon Titan text embeddings and Cohere embed with their documented bodies.
+* Anthropic models (``anthropic.`` in the model id) serve InvokeModel, InvokeModelWithResponseStream
+  and CountTokens with Bedrock's Claude bodies (:mod:`tests.fakes.bedrock_anthropic`); their answers
+  come from :attr:`FakeBedrock.claude`, a :class:`~tests.fakes.anthropic_upstream.FakeAnthropic`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.loaders import Loader
 
+from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.bedrock_anthropic import is_claude, serve_claude
 from tests.support.servers import FakeServer, ThreadedApp
 
 SERVICE = Loader().load_service_model("bedrock-runtime", "service-2")
@@ -375,6 +380,8 @@ class FakeBedrock(FakeServer):
         self.seen: list[Seen] = []
         self.replies: list[Reply] = []
         self.faults: list[Fault] = []
+        #: What Claude models answer (scripts, faults, the prompt cache), never served itself.
+        self.claude = FakeAnthropic()
         self._lock = threading.Lock()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/model/{tail:.+}", self._handle)
@@ -464,6 +471,8 @@ class FakeBedrock(FakeServer):
             fault = self.faults.pop(0) if self.faults else None
         if fault is not None:
             return aws_error(fault.status, fault.error_type, fault.message, fault.headers)
+        if is_claude(model) and operation in ("invoke", "invoke-with-response-stream", "count-tokens"):
+            return await serve_claude(self.claude, request, model, operation, doc)
         if operation in ("converse", "converse-stream"):
             problem = validate_converse(doc)
             if problem is not None:

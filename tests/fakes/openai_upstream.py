@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.fakes import responses_wire
 from tests.support.servers import FakeServer, ThreadedApp
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
@@ -83,6 +84,7 @@ class FakeOpenAI(FakeServer):
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
         self.server = ThreadedApp(app)
 
     @property
@@ -348,3 +350,17 @@ class FakeOpenAI(FakeServer):
                 "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
             }
         )
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API; see :mod:`tests.fakes.responses_wire` for what it enforces."""
+        body, failure = await self._common(request)
+        if failure is not None:
+            return failure
+        assert body is not None
+        try:
+            responses_wire.validate_request(body)
+        except responses_wire.ResponsesWireError as err:
+            return web.json_response(err.body(), status=err.status)
+        fault: Fault | None = request.get(FAULT)
+        drop_after = fault.drop_after if fault is not None else None
+        return await responses_wire.answer(request, body, self._text(body), drop_after=drop_after)
