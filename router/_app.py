@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from . import _http
@@ -36,6 +37,7 @@ from ._services import build_services
 from ._sinks import hub as sink_hub
 from ._state import RouterState, build_state, changed_deployments
 from .inbound.responses import ResponsesApi
+from .openapi import install as install_openapi
 from .providers import Operation
 
 log = logging.getLogger("kubellm.router")
@@ -263,6 +265,16 @@ class RouterApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of the request's path takes."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def _bind_model(endpoint: ModelEndpoint, model: str) -> Endpoint:
     async def bound(inbound: Inbound) -> Response:
         return await endpoint(inbound, model)
@@ -448,6 +460,9 @@ def create_app(source: ConfigSource) -> RouterApp:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    # Built on the first GET /openapi.json, once all routes are in.
+    install_openapi(app, lambda: router.state.auth_required)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
@@ -460,11 +475,14 @@ def create_app(source: ConfigSource) -> RouterApp:
             )
         else:
             message, kind, code = str(exc.detail), "invalid_request_error", None
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names only the first route's methods; a path may have more
+            headers = {**(headers or {}), "allow": ", ".join(_allowed_methods(app, request.scope))}
         return Response(
             error_body(exc.status_code, message, type=kind, code=code),
             status_code=exc.status_code,
             media_type=JSON,
-            headers=getattr(exc, "headers", None),
+            headers=headers,
         )
 
     @app.exception_handler(Exception)
