@@ -159,12 +159,14 @@ def _tools_to_openai(tools: Any) -> list[dict[str, Any]]:
         raise _bad("tools", "expected a list")
     out = []
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") not in (None, "custom") or "name" not in tool:
+        if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
             raise _bad(f"tools.{i}", "only custom tools (name, description, input_schema) are supported")
-        fn: dict[str, Any] = {
-            "name": tool["name"],
-            "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},
-        }
+        if not isinstance(tool.get("name"), str):
+            raise _bad(f"tools.{i}.name", "Field required (a string)")
+        schema = tool.get("input_schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise _bad(f"tools.{i}.input_schema", "expected a JSON schema object")
+        fn: dict[str, Any] = {"name": tool["name"], "parameters": schema or {"type": "object", "properties": {}}}
         if tool.get("description"):
             fn["description"] = tool["description"]
         if tool.get("strict") is True:

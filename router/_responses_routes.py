@@ -50,7 +50,7 @@ def _page(items: list[dict[str, Any]], request: Request) -> dict[str, Any]:
     if order not in ("asc", "desc"):
         raise InvalidRequestError("order: expected asc or desc", param="order")
     raw_limit = query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:  # "²" is a digit
         raise InvalidRequestError("limit: expected an integer from 1 to 100", param="limit")
     ordered = items if order == "asc" else list(reversed(items))
     after = query.get("after")

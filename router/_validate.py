@@ -90,7 +90,9 @@ def as_integer(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
+    # Past 2**53 a float is no exact integer: a literal beyond 64 bits, which orjson reads as a
+    # float, would otherwise pass as the nearest one.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
         return int(value)
     return None
 

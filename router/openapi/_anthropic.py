@@ -65,8 +65,7 @@ _TOOL = obj(
     {
         "type": {"enum": ["custom", None]},
         "name": {"type": "string"},
-        "description": {"type": "string"},
-        "input_schema": {"type": "object"},
+        "input_schema": {"type": ["object", "null"]},
     },
     ["name"],
 )

@@ -36,6 +36,41 @@ _MODEL = obj(
 )
 
 
+def _event(data: Schema, name: Schema | None = None, description: str = "") -> Schema:
+    """One server-sent event: ``data`` is the JSON document it carries."""
+    payload: Schema = {"type": "string", "contentMediaType": "application/json", "contentSchema": data}
+    properties: Schema = {"data": payload}
+    if name is not None:
+        properties["event"] = name
+    return {**obj(properties, ["data"]), "description": description}
+
+
+def _openai_event(chunk: Schema, description: str) -> Schema:
+    """OpenAI's streams: unnamed events of chunks (an error instead, if it fails), then [DONE]."""
+    event = _event({"anyOf": [chunk, OPENAI_ERROR]})
+    done = obj({"data": {"const": "[DONE]"}}, ["data"])
+    return {"anyOf": [done, event], "description": description}
+
+
+_CHUNK = obj(
+    {"object": {"const": "chat.completion.chunk"}, "choices": {"type": "array"}}, ["object", "choices"]
+)
+_TEXT_CHUNK = obj(
+    {"object": {"const": "text_completion"}, "choices": {"type": "array"}}, ["object", "choices"]
+)
+_TYPED = obj({"type": {"type": "string"}}, ["type"])
+_MESSAGE_EVENTS = [
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+    "ping",
+    "error",
+]
+
+
 def components() -> dict[str, Schema]:
     return {
         "Error": {**OPENAI_ERROR, "description": "An OpenAI-style error"},
@@ -50,6 +85,12 @@ def components() -> dict[str, Schema]:
         "CountTokensRequest": _anthropic.count_tokens_request(),
         "ResponsesRequest": _responses.responses_request(),
         "ChatCompletion": _openai.CHAT_COMPLETION,
+        "ChatCompletionEvent": _openai_event(_CHUNK, "An event of a chat completion stream"),
+        "CompletionEvent": _openai_event(_TEXT_CHUNK, "An event of a text completion stream"),
+        "MessageEvent": _event(_TYPED, {"enum": _MESSAGE_EVENTS}, "An event of a Messages stream"),
+        "ResponseEvent": _event(
+            _TYPED, {"type": "string", "pattern": "^(response\\.|error$)"}, "An event of a Responses stream"
+        ),
         "TextCompletion": _openai.TEXT_COMPLETION,
         "Embeddings": _openai.EMBEDDINGS,
         "Message": _anthropic.MESSAGE,

@@ -40,9 +40,8 @@ MODEL_HEADERS = [
         {"type": "string"},
         "Model groups to fall back to, comma-separated; 'none' for none",
     ),
-    header(
-        "x-kubellm-num-retries", {"type": "integer", "minimum": 0, "maximum": 10}, "Retries on this request"
-    ),
+    # Header values are strings: the pattern says which ones the router reads.
+    header("x-kubellm-num-retries", {"type": "string", "pattern": "^0*([0-9]|10)$"}, "Retries: 0 to 10"),
     header("x-kubellm-timeout", _TIMEOUT, "Seconds the whole request may take"),
     header("x-kubellm-connect-timeout", _TIMEOUT, "Seconds to connect to an upstream"),
     header("x-kubellm-first-token-timeout", _TIMEOUT, "Seconds to the first streamed token"),
@@ -59,10 +58,10 @@ _DEPLOYMENT = path("deployment_id", "The model group (Azure's deployment name)")
 _API_VERSION = query("api-version", {"type": "string"}, "Accepted and ignored: the router speaks one version")
 
 
-def _answer(description: str, schema: str, *, stream: bool, model_headers: bool = True) -> Schema:
+def _answer(description: str, schema: str, *, stream: str | None, model_headers: bool = True) -> Schema:
     content: Schema = {JSON: {"schema": ref(schema)}}
-    if stream:
-        content[SSE] = {"schema": {"type": "string", "description": "Server-sent events, with stream: true"}}
+    if stream is not None:
+        content[SSE] = {"schema": ref(stream)}
     answer: Schema = {"description": description, "content": content}
     if model_headers:
         answer["headers"] = HEADERS
@@ -78,7 +77,7 @@ def _model_operation(
     request: str,
     answer: str,
     *,
-    stream: bool,
+    stream: str | None,
     error: str = "Error",
     statuses: tuple[int, ...] = MODEL_ERRORS,
     extra: list[Schema] | None = None,
@@ -102,28 +101,33 @@ def _json(description: str, schema: Schema | str, statuses: tuple[int, ...], **e
 def model_operations() -> dict[tuple[str, str], Operation]:
     ops: dict[tuple[str, str], Operation] = {
         ("/v1/chat/completions", "post"): _model_operation(
-            "createChatCompletion", "ChatCompletionRequest", "ChatCompletion", stream=True
+            "createChatCompletion", "ChatCompletionRequest", "ChatCompletion", stream="ChatCompletionEvent"
         ),
         ("/v1/completions", "post"): _model_operation(
-            "createCompletion", "CompletionRequest", "TextCompletion", stream=True
+            "createCompletion", "CompletionRequest", "TextCompletion", stream="CompletionEvent"
         ),
         ("/v1/embeddings", "post"): _model_operation(
-            "createEmbedding", "EmbeddingRequest", "Embeddings", stream=False
+            "createEmbedding", "EmbeddingRequest", "Embeddings", stream=None
         ),
         ("/v1/messages", "post"): _model_operation(
-            "createMessage", "MessagesRequest", "Message", stream=True, error="AnthropicError", extra=[_BETA]
+            "createMessage",
+            "MessagesRequest",
+            "Message",
+            stream="MessageEvent",
+            error="AnthropicError",
+            extra=[_BETA],
         ),
         ("/v1/messages/count_tokens", "post"): _model_operation(
             "countMessageTokens",
             "CountTokensRequest",
             "TokenCount",
-            stream=False,
+            stream=None,
             error="AnthropicError",
             statuses=(400, 401, 403, 404, 413),
             extra=[_BETA],
         ),
     }
-    responses = _model_operation("createResponse", "ResponsesRequest", "Response", stream=True)
+    responses = _model_operation("createResponse", "ResponsesRequest", "Response", stream="ResponseEvent")
     # The id of a stored response, for the operations that read or delete it.
     stored = {"response_id": "$response.body#/id"}
     responses["responses"]["200"]["links"] = {
@@ -134,9 +138,9 @@ def model_operations() -> dict[tuple[str, str], Operation]:
     ops[("/v1/responses", "post")] = responses
     azure = [_DEPLOYMENT, _API_VERSION]
     for suffix, name, kind, stream in (
-        ("chat/completions", "ChatCompletion", "Chat", True),
-        ("completions", "Completion", "Text", True),
-        ("embeddings", "Embedding", "", False),
+        ("chat/completions", "ChatCompletion", "Chat", "ChatCompletionEvent"),
+        ("completions", "Completion", "Text", "CompletionEvent"),
+        ("embeddings", "Embedding", "", None),
     ):
         answer = {"Chat": "ChatCompletion", "Text": "TextCompletion", "": "Embeddings"}[kind]
         ops[(f"/openai/deployments/{{deployment_id}}/{suffix}", "post")] = _model_operation(

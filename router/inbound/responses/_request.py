@@ -46,6 +46,8 @@ def input_items(body: dict[str, Any]) -> list[dict[str, Any]]:
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise _bad(f"input[{i}]", "expected an object")
+        if not isinstance(item.get("type", ""), str):
+            raise _bad(f"input[{i}].type", "expected a string")
     return raw
 
 
