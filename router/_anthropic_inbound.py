@@ -166,7 +166,8 @@ def _tools_to_openai(tools: Any) -> list[dict[str, Any]]:
         schema = tool.get("input_schema")
         if schema is not None and not isinstance(schema, dict):
             raise _bad(f"tools.{i}.input_schema", "expected a JSON schema object")
-        fn: dict[str, Any] = {"name": tool["name"], "parameters": schema or {"type": "object", "properties": {}}}
+        parameters = schema or {"type": "object", "properties": {}}
+        fn: dict[str, Any] = {"name": tool["name"], "parameters": parameters}
         if tool.get("description"):
             fn["description"] = tool["description"]
         if tool.get("strict") is True:
