@@ -170,8 +170,6 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type=JSON)
 
 
-_REQUEST_SCHEMA = {"type": "object", "required": ["model"], "additionalProperties": True}
-
 #: Azure OpenAI's data-plane paths, ``/openai/deployments/{deployment}/<operation>``: the deployment
 #: names the model group, so ``AzureOpenAI(azure_endpoint=<router>)`` clients work unchanged.
 AZURE_PREFIX = "/openai/deployments/"
@@ -345,8 +343,7 @@ def create_app(source: ConfigSource) -> RouterApp:
         async def endpoint(inbound: Inbound) -> Response:
             return await router.handle(operation, inbound)
 
-        extra = {"requestBody": {"required": True, "content": {JSON: {"schema": _REQUEST_SCHEMA}}}}
-        app.add_fast_route(path, endpoint, summary=summary, openapi_extra=extra, name=operation.value)
+        app.add_fast_route(path, endpoint, summary=summary, name=operation.value)  # described in .openapi
 
     openai_route("/chat/completions", Operation.CHAT, "Create a chat completion (OpenAI format)")
     openai_route("/completions", Operation.COMPLETION, "Create a text completion (OpenAI format)")
