@@ -54,6 +54,11 @@ def test_the_document_is_valid_openapi_3_1(doc: dict[str, Any]) -> None:
     validate(doc)  # raises on any violation of the OpenAPI 3.1 schema
 
 
+def test_every_route_is_described() -> None:
+    """A route added without a description here would serve FastAPI's bare operation."""
+    openapi_document(_app(keys=True), auth_required=True, strict=True)  # raises naming the route
+
+
 def test_it_is_built_once() -> None:
     app = _app(keys=True)
     assert app.openapi() is app.openapi()
