@@ -32,6 +32,7 @@ from ._api import JSON, SSE, InboundApi, Requested
 from ._errors import InvalidRequestError, KubellmError
 from ._outcome import Failure, Outcome, Stream, StreamError, StreamEvent
 from ._sse import frame, frame_named
+from ._validate import as_integer
 from .providers import Operation, Usage
 from .providers._translate import content_text
 
@@ -107,7 +108,8 @@ def _user_to_openai(content: Any, where: str) -> list[dict[str, Any]]:
             parts.append(_image_to_openai(block, f"{where}.content.{j}"))
         elif kind == "tool_result":
             result = block.get("content")
-            blocks = [{"type": "text", "text": result}] if isinstance(result, str) else result or []
+            blocks = [{"type": "text", "text": result}] if isinstance(result, str) else result
+            blocks = [] if blocks is None else blocks
             if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
                 raise _bad(f"{where}.content.{j}.content", "expected a string or a list of content blocks")
             texts = [str(b.get("text") or "") for b in blocks if b.get("type") == "text"]
@@ -157,12 +159,15 @@ def _tools_to_openai(tools: Any) -> list[dict[str, Any]]:
         raise _bad("tools", "expected a list")
     out = []
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") not in (None, "custom") or "name" not in tool:
+        if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
             raise _bad(f"tools.{i}", "only custom tools (name, description, input_schema) are supported")
-        fn: dict[str, Any] = {
-            "name": tool["name"],
-            "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},
-        }
+        if not isinstance(tool.get("name"), str):
+            raise _bad(f"tools.{i}.name", "Field required (a string)")
+        schema = tool.get("input_schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise _bad(f"tools.{i}.input_schema", "expected a JSON schema object")
+        parameters = schema or {"type": "object", "properties": {}}
+        fn: dict[str, Any] = {"name": tool["name"], "parameters": parameters}
         if tool.get("description"):
             fn["description"] = tool["description"]
         if tool.get("strict") is True:
@@ -191,8 +196,8 @@ def anthropic_request_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("model", "Field required")
-    limit = body.get("max_tokens")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    limit = as_integer(body.get("max_tokens"))
+    if limit is None or limit < 1:
         raise _bad("max_tokens", "Field required (an integer of at least 1)")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -228,8 +233,9 @@ def anthropic_request_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
         openai["user"] = metadata["user_id"]
-    if body.get("tools"):
-        openai["tools"] = _tools_to_openai(body["tools"])
+    tools = _tools_to_openai(body["tools"]) if body.get("tools") is not None else []
+    if tools:
+        openai["tools"] = tools
     if body.get("tool_choice") is not None and openai.get("tools"):
         _tool_choice_to_openai(body["tool_choice"], openai)
     config = body.get("output_config")

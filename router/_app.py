@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from . import _http
@@ -39,6 +40,7 @@ from ._surface_routes import register_surface_routes
 from .audio._routes import register_audio_routes
 from .files._routes import register_files_routes
 from .inbound.responses import ResponsesApi
+from .openapi import install as install_openapi
 from .providers import Operation
 
 log = logging.getLogger("kubellm.router")
@@ -171,8 +173,6 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type=JSON)
 
 
-_REQUEST_SCHEMA = {"type": "object", "required": ["model"], "additionalProperties": True}
-
 #: Azure OpenAI's data-plane paths, ``/openai/deployments/{deployment}/<operation>``: the deployment
 #: names the model group, so ``AzureOpenAI(azure_endpoint=<router>)`` clients work unchanged.
 AZURE_PREFIX = "/openai/deployments/"
@@ -270,6 +270,16 @@ class RouterApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of the request's path takes."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def _bind_model(endpoint: ModelEndpoint, model: str) -> Endpoint:
     async def bound(inbound: Inbound) -> Response:
         return await endpoint(inbound, model)
@@ -340,8 +350,7 @@ def create_app(source: ConfigSource) -> RouterApp:
         async def endpoint(inbound: Inbound) -> Response:
             return await router.handle(operation, inbound)
 
-        extra = {"requestBody": {"required": True, "content": {JSON: {"schema": _REQUEST_SCHEMA}}}}
-        app.add_fast_route(path, endpoint, summary=summary, openapi_extra=extra, name=operation.value)
+        app.add_fast_route(path, endpoint, summary=summary, name=operation.value)  # described in .openapi
 
     openai_route("/chat/completions", Operation.CHAT, "Create a chat completion (OpenAI format)")
     openai_route("/completions", Operation.COMPLETION, "Create a text completion (OpenAI format)")
@@ -466,6 +475,9 @@ def create_app(source: ConfigSource) -> RouterApp:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    # Built on the first GET /openapi.json, once all routes are in.
+    install_openapi(app, lambda: router.state.auth_required)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
@@ -478,11 +490,14 @@ def create_app(source: ConfigSource) -> RouterApp:
             )
         else:
             message, kind, code = str(exc.detail), "invalid_request_error", None
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names only the first route's methods; a path may have more
+            headers = {**(headers or {}), "allow": ", ".join(_allowed_methods(app, request.scope))}
         return Response(
             error_body(exc.status_code, message, type=kind, code=code),
             status_code=exc.status_code,
             media_type=JSON,
-            headers=getattr(exc, "headers", None),
+            headers=headers,
         )
 
     @app.exception_handler(Exception)

@@ -109,6 +109,8 @@ def _validate(body: dict[str, Any]) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages: Field required (a non-empty list)", param="messages")
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise InvalidRequestError("tools: expected a list", param="tools")
     return model
 
 

@@ -94,7 +94,7 @@ def request_options(headers: Mapping[str, str]) -> RequestOptions:
         options.fallbacks = [] if names in ([], ["none"]) else names
     retries = headers.get("x-kubellm-num-retries")
     if retries is not None:
-        if not retries.isdigit() or int(retries) > 10:
+        if not (retries.isascii() and retries.isdigit()) or int(retries) > 10:  # "²" is a digit
             raise InvalidRequestError(
                 "'x-kubellm-num-retries' must be an integer from 0 to 10",
                 param="x-kubellm-num-retries",

@@ -23,9 +23,6 @@ if TYPE_CHECKING:
     from ._inbound import Inbound
     from ._proxy import Router
 
-_ID_PARAM = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
-
-
 def _json(doc: Any) -> Response:
     return Response(orjson.dumps(doc), media_type=JSON)
 
@@ -50,7 +47,7 @@ def _page(items: list[dict[str, Any]], request: Request) -> dict[str, Any]:
     if order not in ("asc", "desc"):
         raise InvalidRequestError("order: expected asc or desc", param="order")
     raw_limit = query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:  # "²" is a digit
         raise InvalidRequestError("limit: expected an integer from 1 to 100", param="limit")
     ordered = items if order == "asc" else list(reversed(items))
     after = query.get("after")
@@ -71,10 +68,9 @@ def register_responses_routes(app: RouterApp, router: Router, api: ResponsesApi)
     async def create(inbound: Inbound) -> Response:
         return await settle(await router.serve(api, inbound))
 
+    # What each route takes and answers is described in router/openapi (_operations, _responses).
     summary = "Create a model response (OpenAI Responses)"
-    schema = {"type": "object", "required": ["model"], "additionalProperties": True}
-    body = {"requestBody": {"required": True, "content": {JSON: {"schema": schema}}}}
-    app.add_fast_route("/responses", create, summary=summary, openapi_extra=body, name="responses")
+    app.add_fast_route("/responses", create, summary=summary, name="responses")
 
     async def retrieve(request: Request) -> Response:
         try:
@@ -101,17 +97,14 @@ def register_responses_routes(app: RouterApp, router: Router, api: ResponsesApi)
 
     for prefix in ("/v1", ""):
         shown = prefix == "/v1"
-        extra = {"parameters": [_ID_PARAM]}
         path = prefix + "/responses/{response_id}"
         app.add_api_route(
             path, retrieve, methods=["GET"], include_in_schema=shown, summary="Get a stored response",
-            openapi_extra=extra,
         )  # fmt: skip
         app.add_api_route(
             path, delete, methods=["DELETE"], include_in_schema=shown, summary="Delete a stored response",
-            openapi_extra=extra,
         )  # fmt: skip
         app.add_api_route(
             path + "/input_items", list_input_items, methods=["GET"], include_in_schema=shown,
-            summary="List a stored response's input items", openapi_extra=extra,
+            summary="List a stored response's input items",
         )  # fmt: skip

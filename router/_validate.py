@@ -14,7 +14,7 @@ import orjson
 from ._errors import InvalidRequestError
 from .providers import Operation
 
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -83,12 +83,37 @@ def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
         raise _bad(name, f"{value} is out of range; expected {low:g} to {high:g}")
 
 
-def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> None:
+def as_integer(value: Any) -> int | None:
+    """``value`` as an integer, if it is one: JSON numbers have no int/float kinds, so ``3.0`` is 3
+    (as JSON Schema counts it); None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    # Past 2**53 a float is no exact integer: a literal beyond 64 bits, which orjson reads as a
+    # float, would otherwise pass as the nearest one.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return None
+
+
+def integer_field(body: dict[str, Any], name: str) -> int | None:
+    """``body[name]`` as an integer, written back as one (upstreams may refuse ``3.0``); None if
+    it is missing or null. Raises if it is no integer."""
     value = body.get(name)
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    number = as_integer(value)
+    if number is None:
         raise _bad(name, f"expected an integer, got {_kind(value)}")
+    body[name] = number
+    return number
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> None:
+    value = integer_field(body, name)
+    if value is None:
+        return
     if value < low or (high is not None and value > high):
         bound = f"at least {low}" if high is None else f"{low} to {high}"
         raise _bad(name, f"{value} is out of range; expected {bound}")
@@ -160,9 +185,9 @@ def _messages(body: dict[str, Any]) -> None:
         if not isinstance(message, dict):
             raise _bad(where, f"expected an object, got {_kind(message)}")
         role = message.get("role")
-        if not isinstance(role, str) or role not in _ROLES:  # a list or an object is unhashable
+        if not isinstance(role, str) or role not in ROLES:  # a list or an object is unhashable
             shown = role if isinstance(role, str) else _kind(role)
-            raise _bad(f"{where}.role", f"{shown!s} is not one of {', '.join(sorted(_ROLES))}")
+            raise _bad(f"{where}.role", f"{shown!s} is not one of {', '.join(sorted(ROLES))}")
         _tool_calls(message, where)
         content = message.get("content")
         if content is None:
@@ -217,6 +242,12 @@ def _tool_calls(message: dict[str, Any], where: str) -> None:
         raise _bad(f"{where}.function_call", "expected an object with a string 'name'")
 
 
+def _tokens(values: list[Any]) -> list[int] | None:
+    """An array of tokens as integers, or None if it is not one."""
+    tokens = [as_integer(v) for v in values]
+    return None if None in tokens else tokens  # type: ignore[return-value]
+
+
 def _token_input(body: dict[str, Any], name: str) -> None:
     value = body.get(name)
     if value is None:
@@ -226,9 +257,15 @@ def _token_input(body: dict[str, Any], name: str) -> None:
     if isinstance(value, list) and value:
         if all(isinstance(v, str) for v in value):
             return
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        tokens = _tokens(value)
+        if tokens is not None:
+            if any(isinstance(v, float) for v in value):
+                body[name] = tokens
             return
-        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
+        arrays = [_tokens(v) if isinstance(v, list) and v else None for v in value]
+        if None not in arrays:
+            if any(isinstance(t, float) for v in value for t in v):
+                body[name] = arrays
             return
     raise _bad(name, "expected a string, an array of strings, or an array of token arrays")
 

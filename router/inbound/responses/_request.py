@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..._errors import InvalidRequestError
-from ..._validate import CLIENT_TARGET_FIELDS
+from ..._validate import CLIENT_TARGET_FIELDS, as_integer
 
 #: Responses parameters that pass to chat under the same name.
 _SAME_NAME = ("temperature", "top_p", "parallel_tool_calls", "top_logprobs", "prompt_cache_key")
@@ -46,6 +46,8 @@ def input_items(body: dict[str, Any]) -> list[dict[str, Any]]:
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise _bad(f"input[{i}]", "expected an object")
+        if not isinstance(item.get("type", ""), str):
+            raise _bad(f"input[{i}].type", "expected a string")
     return raw
 
 
@@ -172,7 +174,10 @@ def _tool_choice_to_chat(choice: Any, chat: dict[str, Any]) -> None:
     if kind == "function" and isinstance(choice.get("name"), str):
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     elif kind == "allowed_tools" and choice.get("mode") in ("auto", "required"):
-        allowed = {t.get("name") for t in choice.get("tools") or [] if isinstance(t, dict)}
+        listed = choice.get("tools")
+        if not isinstance(listed, list):
+            raise _bad("tool_choice.tools", "expected a list of tools")
+        allowed = {t.get("name") for t in listed if isinstance(t, dict)}
         chat["tools"] = [t for t in chat.get("tools", []) if t["function"]["name"] in allowed]
         chat["tool_choice"] = choice["mode"]
     else:
@@ -287,6 +292,9 @@ def check_request(body: dict[str, Any]) -> None:
     for name in ("store", "parallel_tool_calls"):
         if body.get(name) is not None and not isinstance(body[name], bool):
             raise _bad(name, "expected a boolean")
+    for name in ("max_output_tokens", "top_logprobs"):
+        if body.get(name) is not None and as_integer(body[name]) is not None:
+            body[name] = as_integer(body[name])  # 3.0 is 3, as JSON Schema counts it
     limit = body.get("max_output_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise _bad("max_output_tokens", "expected an integer of at least 1")
@@ -301,5 +309,5 @@ def check_request(body: dict[str, Any]) -> None:
         raise _bad("input", "Field required")
     input_items(body)
     for name, why in _REFUSED.items():
-        if body.get(name) not in (None, False):
+        if body.get(name) is not None and body[name] is not False:  # 0 == False, yet not false
             raise _bad(name, why)
