@@ -11,7 +11,7 @@ import pytest
 
 from kubellm.operator._build import build_config
 from kubellm.router._config import ConfigError, DeploymentConfig, Pricing, parse_config
-from kubellm.router._modes import infer_mode
+from kubellm.router._modes import infer_mode, operation_mode
 from kubellm.router._pricing import price_for, usage_cost
 from kubellm.router._state import Deployment, build_state
 from kubellm.router._units import requested_units
@@ -55,7 +55,8 @@ def test_an_unset_mode_keeps_chat_and_embeddings_and_adds_only_its_own() -> None
 
 def test_an_explicit_mode_is_exactly_what_it_serves() -> None:
     dep = _group(mode=["rerank", "embedding"])
-    served = {op for op in Operation if dep.serves_mode(op)}
+    # Operations no mode names (files, batches) are not dispatched by mode: every deployment has them.
+    served = {op for op in Operation if operation_mode(op) is not None and dep.serves_mode(op)}
     assert served == {Operation.RERANK, Operation.EMBEDDING}
     state = build_state(parse_config({"deployments": [
         {"model": "g", "provider": "mock", "mode": "image"},
