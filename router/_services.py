@@ -28,6 +28,7 @@ from ._limits_redis import RedisLimiter
 from ._metering import Meter, ledger_writer, local_ledger
 from ._redis import connect as connect_redis
 from ._upstream import UpstreamPool
+from .guardrails import Guardrails
 from .inbound.responses import ResponseStore, responses_store
 from .providers import UpstreamClient
 
@@ -57,6 +58,8 @@ class Services:
     responses: ResponseStore
     #: The shared-state client, when Redis is configured (closed at shutdown).
     redis: Redis | None
+    #: Runs the guardrails; owns the webhook connection pool (closed at shutdown).
+    guardrails: Guardrails
 
 
 def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient | None = None) -> Services:
@@ -97,4 +100,5 @@ def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient 
         dispatcher=dispatcher,
         responses=responses_store(settings, client),
         redis=client,
+        guardrails=Guardrails(),
     )

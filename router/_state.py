@@ -16,6 +16,7 @@ from pathlib import Path
 from . import _redact as redact
 from ._config import ConfigError, DeploymentConfig, KeyConfig, ModelGroupConfig, RouterConfig
 from ._limits import LimitRule, rule
+from .guardrails import Guard, compile_guardrails
 from .providers import Operation, Provider, get_provider
 
 
@@ -82,6 +83,8 @@ class RouterState:
     groups: dict[str, ModelGroup]
     master_key_hash: bytes | None
     keys: dict[bytes, VirtualKey] = field(default_factory=dict)
+    #: The config's guardrails, compiled, by name.
+    guardrails: dict[str, Guard] = field(default_factory=dict)
 
     @property
     def auth_required(self) -> bool:
@@ -165,4 +168,4 @@ def build_state(config: RouterConfig) -> RouterState:
                 raise ConfigError(f"keys[{i}].keyEnv: environment variable {key.key_env} is not set")
             digest = hashlib.sha256(secret.encode()).digest()
         keys[digest] = VirtualKey(key, digest)
-    return RouterState(config, config.version, groups, master, keys)
+    return RouterState(config, config.version, groups, master, keys, compile_guardrails(config))
