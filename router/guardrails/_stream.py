@@ -357,7 +357,8 @@ class Held:
 
     def rewrite(self, texts: list[str]) -> None:
         new = dict(zip(self._slots, texts, strict=True))
-        self.batches = [process(b, _Replace(new), self.wire) for b in self.batches]
+        replace = _Replace(new)
+        self.batches = [process(b, replace, self.wire) for b in self.batches]
         self._texts = new
 
     async def replay(self) -> AsyncIterator[StreamEvent]:
