@@ -127,7 +127,7 @@ def load_settings(path: str | None) -> RouterSettings:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     if isinstance(doc, dict) and isinstance(doc.get("settings"), dict):
-        doc = doc["settings"]  # a whole router config file: take its settings
+        doc = doc["settings"]  # a whole router config file (or settings + guardrails): take its settings
     try:
         return RouterSettings.model_validate(doc)
     except ValidationError as exc:
