@@ -257,3 +257,42 @@ def test_responses_stream_redaction_rewrites_the_whole_text_events_too() -> None
     assert docs["response.content_part.done"]["part"]["text"] == want
     assert docs["response.output_item.done"]["item"]["content"][0]["text"] == want
     assert docs["response.completed"]["response"]["output"][0]["content"][0]["text"] == want
+
+
+@pytest.mark.parametrize(
+    ("raw", "stage", "slots", "problem"),
+    [
+        (b"not json", "pre", 1, "not JSON"),
+        (b'{"action": "maybe"}', "pre", 1, "without an action"),
+        (b'{"action": "redact", "messages": ["a"]}', "pre", 2, "a list of 2 texts"),
+        (b'{"action": "redact", "output": [1]}', "post", 1, "a list of 1 texts"),
+    ],
+)
+def test_webhook_answers_that_break_the_contract_are_failures(
+    raw: bytes, stage: str, slots: int, problem: str
+) -> None:
+    from kubellm.router.guardrails._webhook import WebhookFailed, _verdict
+
+    with pytest.raises(WebhookFailed, match=problem):
+        _verdict(raw, stage, slots)
+
+
+def test_webhook_verdicts_in_the_contract() -> None:
+    from kubellm.router.guardrails._webhook import _verdict
+
+    assert _verdict(b'{"action": "deny", "reason": "no"}', "pre", 1).reason == "no"
+    redact = b'{"action": "redact", "messages": [{"role": "user", "content": "x"}, "y"]}'
+    assert _verdict(redact, "pre", 2).texts == ["x", "y"]
+    assert _verdict(b'{"action": "redact", "text": "z"}', "post", 1).texts == ["z"]
+
+
+def test_webhook_config_needs_its_headers_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = {"name": "h", "type": "webhook", "url": "http://127.0.0.1:9/x", "headersEnv": "GR_TEST_HEADERS"}
+    monkeypatch.delenv("GR_TEST_HEADERS", raising=False)
+    with pytest.raises(ConfigError, match=r"guardrails\[0\]\.headersEnv"):
+        compile_guardrails(_config([hook]))
+    monkeypatch.setenv("GR_TEST_HEADERS", "[1]")
+    with pytest.raises(ConfigError, match="JSON object of strings"):
+        compile_guardrails(_config([hook]))
+    monkeypatch.setenv("GR_TEST_HEADERS", '{"authorization": "Bearer t"}')
+    assert compile_guardrails(_config([hook]))["h"].headers == {"authorization": "Bearer t"}  # type: ignore[union-attr]
