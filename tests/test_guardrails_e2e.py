@@ -48,6 +48,9 @@ class Hook:
             await asyncio.sleep(3)
         if any("forbidden" in t for t in texts):
             return web.json_response({"action": "deny", "reason": "no forbidden topics"})
+        if doc["stage"] == "pre" and any("secret" in t for t in texts):
+            rewritten = [{"content": t.replace("secret", "[hidden]")} for t in texts]
+            return web.json_response({"action": "redact", "messages": rewritten})
         if doc["stage"] == "post":
             return web.json_response(
                 {"action": "redact", "output": [t.replace("thanks", "cheers") for t in texts]}
@@ -202,7 +205,7 @@ def test_stream_refused_mid_way_ends_with_an_error_event(router: RouterProcess, 
         _ask(router, "gpt-strict", "hi")
 
 
-def test_webhook_allows_denies_and_rewrites(router: RouterProcess, hook: Hook) -> None:
+def test_webhook_allows_denies_and_rewrites(router: RouterProcess, hook: Hook, upstream: FakeOpenAI) -> None:
     assert _ask(router, "gpt-hook", "hello") == "your number is 123-45-6789 so cheers for asking"
     pre, post = hook.seen[-2:]
     assert pre["stage"] == "pre" and pre["messages"] == [{"role": "user", "content": "hello"}]
@@ -211,6 +214,8 @@ def test_webhook_allows_denies_and_rewrites(router: RouterProcess, hook: Hook) -
     with pytest.raises(openai.PermissionDeniedError, match="no forbidden topics") as caught:
         _ask(router, "gpt-hook", "a forbidden topic")
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "hook"
+    _ask(router, "gpt-hook", "my secret plan")
+    assert upstream.seen[-1].body["messages"][0]["content"] == "my [hidden] plan"  # the prompt, rewritten
     # A stream is held back for the webhook and replayed rewritten.
     assert _stream(router, "gpt-hook", "hello") == "your number is 123-45-6789 so cheers for asking"
 

@@ -50,3 +50,20 @@ def test_settings_file_guardrails(tmp_path: Path) -> None:
     path.write_text("guardrails:\n- {name: t, type: blocked-terms}\n")
     with pytest.raises(ConfigError, match=r"guardrails\[0\]"):
         load_guardrails(str(path))
+
+
+def test_chart_puts_router_guardrails_in_the_operators_settings_file(tmp_path: Path) -> None:
+    from kubellm.operator._runtime import load_settings
+    from tests.test_chart import RELEASE, find, render
+
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "router:\n  settings: {numRetries: 3}\n"
+        "  guardrails:\n  - {name: pii, type: regex-redact, patterns: ['\\d{3}-\\d{4}']}\n"
+    )
+    docs = render([values])
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(find(docs, "ConfigMap", f"{RELEASE}-settings")["data"]["settings.yaml"])
+    assert load_settings(str(settings_file)).num_retries == 3
+    (guard,) = load_guardrails(str(settings_file))
+    assert (guard.name, guard.patterns) == ("pii", [r"\d{3}-\d{4}"])
