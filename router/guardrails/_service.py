@@ -210,7 +210,7 @@ class Guardrails:
         hooks = [g for g in guards if isinstance(g, Webhook)]
         if not hooks:
             # Built-ins run as the stream flows: a refusal part-way ends it with an error event.
-            return replace(stream, events=guarded(stream.events, builtin, stream.wire))
+            return replace(stream, events=guarded(stream.events, builtin, stream.wire, ctx.model))
         # A webhook judges the whole answer, so the stream is held until it is complete: a refusal
         # is still a proper 403 before the first byte.
         try:

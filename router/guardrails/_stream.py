@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from .. import _metrics as metrics
 from .._errors import KubellmError
 from .._outcome import Batch, StreamError, StreamEvent
 from .._sse import Event
@@ -315,7 +316,7 @@ async def _close(events: AsyncIterator[StreamEvent]) -> None:
 
 
 async def guarded(
-    events: AsyncIterator[StreamEvent], guard: StreamGuard, wire: Operation
+    events: AsyncIterator[StreamEvent], guard: StreamGuard, wire: Operation, group: str
 ) -> AsyncIterator[StreamEvent]:
     """``events`` with the built-in rules applied as they flow; a refusal ends them with an error."""
     last: bytes | None = None
@@ -329,6 +330,7 @@ async def guarded(
                 out = process(item, guard, wire)
             except Refused as refused:
                 # Stop paying for tokens nobody will see: closing the upstream stream ends it.
+                metrics.ERRORS.labels(group, refused.error.type).inc()
                 yield StreamError(error=refused.error)
                 return
             if out:
