@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from kubellm.router._config import (
     ConfigError,
     DeploymentConfig,
+    GuardrailConfig,
     KeyConfig,
     ModelGroupConfig,
     RouterConfig,
@@ -319,6 +320,8 @@ def _key_config(
     for meta in ("owner", "team"):
         if spec.get(meta):
             doc[meta] = str(spec[meta])
+    if spec.get("guardrails"):
+        doc["guardrails"] = spec["guardrails"]
     config: KeyConfig = _pydantic(KeyConfig, doc)
     return config, state, expires
 
@@ -333,7 +336,10 @@ def group_name(body: Body) -> str:
 def _group_config(body: Body) -> ModelGroupConfig:
     spec = _spec(body)
     doc = {"name": group_name(body)}
-    for key in ("strategy", "fallbacks", "contextWindowFallbacks", "contentPolicyFallbacks", "aliases"):
+    copied = (
+        "strategy", "fallbacks", "contextWindowFallbacks", "contentPolicyFallbacks", "aliases", "guardrails",
+    )  # fmt: skip
+    for key in copied:
         if spec.get(key) is not None:
             doc[key] = spec[key]
     if spec.get("latencyTolerance") is not None:
@@ -349,8 +355,17 @@ def _targets(group: ModelGroupConfig) -> list[str]:
     return [*group.fallbacks, *group.context_window_fallbacks, *group.content_policy_fallbacks]
 
 
+def _check_guardrails(names: list[str], known: set[str]) -> None:
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise Invalid(
+            "GuardrailNotFound",
+            f"no guardrail named {', '.join(repr(n) for n in missing)} in the operator's settings file",
+        )
+
+
 def _groups(
-    bodies: list[Body], served: dict[str, int], verdicts: dict[Ref, Verdict]
+    bodies: list[Body], served: dict[str, int], verdicts: dict[Ref, Verdict], known: set[str]
 ) -> list[ModelGroupConfig]:
     kept: dict[str, tuple[Ref, ModelGroupConfig]] = {}
     claimed: dict[str, Ref] = {}  # alias -> group that has it
@@ -358,6 +373,7 @@ def _groups(
         ref = ref_of("ModelGroup", body)
         try:
             group = _group_config(body)
+            _check_guardrails(group.guardrails, known)
             if group.name in kept:
                 raise Invalid(
                     "Conflict", f"model group {group.name!r} is already configured by {kept[group.name][0]}"
@@ -413,9 +429,14 @@ def build_config(
     settings: RouterSettings | Mapping[str, Any] | None = None,
     now: datetime | None = None,
     spend: Mapping[str, Decimal] | None = None,
+    guardrails: Iterable[GuardrailConfig] = (),
 ) -> BuildResult:
     """Render the router config. ``spend`` maps key names (NAMESPACE/NAME) to the current period's
-    spend; it only decides the BudgetExceeded state (the config does not depend on it)."""
+    spend; it only decides the BudgetExceeded state (the config does not depend on it).
+    ``guardrails``: the platform's guardrail definitions (from the operator's settings file), which
+    ModelGroups and ApiKeys name; a resource naming one that is not there is left out."""
+    guardrail_list = list(guardrails)
+    known = {g.name for g in guardrail_list}
     secrets = secrets or {}
     now = now or datetime.now(UTC)
     spend = spend or {}
@@ -435,7 +456,7 @@ def build_config(
     for dep in rendered:
         served[dep.model] = served.get(dep.model, 0) + 1
 
-    group_configs = _groups(list(groups), served, verdicts)
+    group_configs = _groups(list(groups), served, verdicts, known)
 
     keys: list[KeyConfig] = []
     hashes: dict[str, str] = {}
@@ -445,6 +466,7 @@ def build_config(
         ref = ref_of("ApiKey", body)
         try:
             key, state, expires = _key_config(body, secrets, now, spend)
+            _check_guardrails(key.guardrails, known)
             assert key.key_hash is not None
             if key.key_hash in owner_of_hash:
                 raise Invalid(
@@ -476,6 +498,7 @@ def build_config(
         "deployments": [d.model_dump(mode="json", by_alias=True) for d in rendered],
         "modelGroups": [g.model_dump(mode="json", by_alias=True) for g in group_configs],
         "keys": [k.model_dump(mode="json", by_alias=True) for k in keys],
+        "guardrails": [g.model_dump(mode="json", by_alias=True, exclude_none=True) for g in guardrail_list],
         "settings": settings_doc,
     }
     try:

@@ -354,6 +354,10 @@ def api_key_spec() -> Schema:
             "owner": _str("Who the key belongs to (a person or a service)."),
             "team": _str("The owner's team."),
             "models": _names("Model groups the key may use; empty means all."),
+            "guardrails": _names(
+                "Guardrails (by name, from the operator's settings file) this key's requests pass, "
+                "after the model group's; see docs/guardrails.md."
+            ),
             "limits": _limits("Per-key limits."),
             "budget": {
                 "type": "object",
@@ -451,6 +455,10 @@ def model_group_spec() -> Schema:
                 "Model groups to try when a deployment refuses on content policy."
             ),
             "aliases": _names("Other names clients may send for this group."),
+            "guardrails": _names(
+                "Guardrails (by name, from the operator's settings file) every request to this group "
+                "passes; see docs/guardrails.md."
+            ),
             "latencyTolerance": {
                 "type": "number",
                 "minimum": 0,

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from kubellm.router._config import RouterSettings
+from kubellm.router._config import GuardrailConfig, RouterSettings
 from kubellm.router._kube import CONFIG_KEY, KubeClient, KubeError, secret_data, secret_path
 
 from ._build import (
@@ -61,6 +61,8 @@ class Options:
     watch_namespaces: tuple[str, ...] = ()
     config_secret: str = "kubellm-router-config"
     settings: RouterSettings = field(default_factory=RouterSettings)
+    #: The platform's guardrails (the settings file's ``guardrails``), named by groups and keys.
+    guardrails: tuple[GuardrailConfig, ...] = ()
     #: How often usage and breaker state are read and statuses refreshed.
     poll_interval: float = 10.0
     #: Events within this window are coalesced into one pass.
@@ -231,7 +233,13 @@ class Reconciler:
         spend: dict[str, Decimal] = {name: u.spend for name, u in self.usage.items()}
         try:
             result = build_config(
-                deployments, groups, api_keys, secrets, settings=self.options.settings, spend=spend
+                deployments,
+                groups,
+                api_keys,
+                secrets,
+                settings=self.options.settings,
+                spend=spend,
+                guardrails=self.options.guardrails,
             )
         except BuildError as err:
             log.error("rendered config is invalid, still serving %s: %s", self.published, err.message)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from kubellm.router._config import ConfigError, RouterSettings, validation_message
+from kubellm.router._config import ConfigError, GuardrailConfig, RouterSettings, validation_message
 from kubellm.router._kube import KubeClient, KubeConfig, KubeError, auto_config
 
 from ._build import Body, BuildResult, build_config, is_kind
@@ -127,11 +127,34 @@ def load_settings(path: str | None) -> RouterSettings:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     if isinstance(doc, dict) and isinstance(doc.get("settings"), dict):
-        doc = doc["settings"]  # a whole router config file: take its settings
+        doc = doc["settings"]  # a whole router config file (or settings + guardrails): take its settings
     try:
         return RouterSettings.model_validate(doc)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {validation_message(exc, doc)}") from None
+
+
+def load_guardrails(path: str | None) -> list[GuardrailConfig]:
+    """The platform's guardrails (a router config file's ``guardrails`` list) that ModelGroups and
+    ApiKeys refer to by name."""
+    if not path:
+        return []
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    items = doc.get("guardrails") if isinstance(doc, dict) else None
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: guardrails must be a list")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(GuardrailConfig.model_validate(item))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: guardrails[{i}]: {validation_message(exc, item)}") from None
+    return out
 
 
 @dataclass
@@ -166,6 +189,7 @@ async def run_operator(opts: RunOptions) -> int:
         watch_namespaces=opts.watch_namespaces,
         config_secret=opts.config_secret,
         settings=settings,
+        guardrails=tuple(load_guardrails(opts.settings_file)),
         poll_interval=opts.poll_interval,
     )
     reconciler = Reconciler(client, options, UsageReader.from_settings(settings.redis))
@@ -253,6 +277,7 @@ def render_documents(
     namespace: str = "default",
     settings: RouterSettings | None = None,
     now: datetime | None = None,
+    guardrails: Iterable[GuardrailConfig] = (),
 ) -> BuildResult:
     """What the operator would publish for these documents (CRs and Secrets; others are ignored)."""
     kinds: dict[str, list[dict[str, Any]]] = {"ModelDeployment": [], "ModelGroup": [], "ApiKey": []}
@@ -266,7 +291,13 @@ def render_documents(
             if is_kind(doc, kind):
                 bucket.append(doc)
     return build_config(
-        kinds["ModelDeployment"], kinds["ModelGroup"], kinds["ApiKey"], secrets, settings=settings, now=now
+        kinds["ModelDeployment"],
+        kinds["ModelGroup"],
+        kinds["ApiKey"],
+        secrets,
+        settings=settings,
+        now=now,
+        guardrails=guardrails,
     )
 
 
@@ -286,4 +317,9 @@ def redacted(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_paths(paths: Iterable[str], namespace: str, settings_file: str | None) -> BuildResult:
-    return render_documents(_documents(paths), namespace=namespace, settings=load_settings(settings_file))
+    return render_documents(
+        _documents(paths),
+        namespace=namespace,
+        settings=load_settings(settings_file),
+        guardrails=load_guardrails(settings_file),
+    )

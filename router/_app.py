@@ -329,6 +329,7 @@ def create_app(source: ConfigSource) -> RouterApp:
             for task in tasks:
                 task.cancel()
             await router.upstream.stop()
+            await router.services.guardrails.stop()
             await router.meter.drain()
             await asyncio.to_thread(sink_hub.close)  # flush what the sinks still hold
             if router.services.redis is not None:

@@ -200,6 +200,91 @@ class DeploymentConfig(_Model):
         return self
 
 
+GuardrailType = Literal["regex-deny", "regex-redact", "blocked-terms", "max-prompt-size", "webhook"]
+GuardrailStage = Literal["pre", "post"]
+
+
+class GuardrailConfig(_Model):
+    """A named check on prompts (`pre`) and answers (`post`); groups and keys name the ones they use.
+
+    See docs/guardrails.md for what each type does, on streams too, and the webhook's contract.
+    """
+
+    name: Label = Field(
+        ..., min_length=1, description="Name that groups and keys refer to; in errors and metrics."
+    )
+    type: GuardrailType = Field(
+        ...,
+        description="`regex-deny`, `regex-redact`, `blocked-terms`, `max-prompt-size` or `webhook`.",
+    )
+    stages: list[GuardrailStage] | None = Field(
+        None,
+        description="`pre` (the prompt, before any upstream call), `post` (the answer). Default: both; "
+        "`max-prompt-size`: `pre` only.",
+    )
+    patterns: list[str] = Field(
+        default_factory=list, description="`regex-deny`, `regex-redact`: Python regular expressions."
+    )
+    ignore_case: bool = Field(False, description="`regex-deny`, `regex-redact`: match case-insensitively.")
+    replacement: str = Field(
+        "[REDACTED]", description="`regex-redact`: what each match is replaced with (`\\1` etc. allowed)."
+    )
+    terms: list[str] = Field(
+        default_factory=list,
+        description="`blocked-terms`: words or phrases, matched case-insensitively as whole words.",
+    )
+    max_chars: int | None = Field(
+        None, ge=1, description="`max-prompt-size`: most characters of prompt text."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="`max-prompt-size`: most prompt tokens (the router's cheap estimate)."
+    )
+    url: str | None = Field(None, description="`webhook`: the URL the check is POSTed to.")
+    headers_env: str | None = Field(
+        None, description="`webhook`: environment variable holding extra request headers as a JSON object."
+    )
+    timeout_seconds: float = Field(2.0, gt=0, le=60, description="`webhook`: longest wait for its answer.")
+    fail_open: bool = Field(
+        False,
+        description="`webhook`: when it fails or times out, let the request through (true) or refuse it "
+        "with 503 (false).",
+    )
+    stream_window_chars: int = Field(
+        64,
+        ge=0,
+        le=65536,
+        description="Streams (`regex-redact`, `regex-deny`, `blocked-terms`): characters of the answer held "
+        "back so that a match split across chunks is still redacted or refused before the client sees "
+        "it (adds that much delay to the stream).",
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> GuardrailConfig:
+        import re
+
+        needs = {
+            "regex-deny": "patterns",
+            "regex-redact": "patterns",
+            "blocked-terms": "terms",
+            "webhook": "url",
+        }.get(self.type)
+        if needs is not None and not getattr(self, needs):
+            raise ValueError(f"a {self.type} guardrail needs {needs}")
+        if self.type == "max-prompt-size":
+            if self.max_chars is None and self.max_tokens is None:
+                raise ValueError("a max-prompt-size guardrail needs maxChars or maxTokens")
+            if self.stages is not None and "post" in self.stages:
+                raise ValueError("stages: a max-prompt-size guardrail checks prompts only (pre)")
+        for i, pattern in enumerate(self.patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"patterns[{i}]: not a valid regular expression: {exc}") from None
+        if self.stages is not None and not self.stages:
+            raise ValueError("stages: name at least one of pre, post")
+        return self
+
+
 class ModelGroupConfig(_Model):
     """Settings shared by every deployment of one public model name."""
 
@@ -222,6 +307,9 @@ class ModelGroupConfig(_Model):
     )
     aliases: list[Label] = Field(
         default_factory=list, description="Other names clients may send for this group."
+    )
+    guardrails: list[str] = Field(
+        default_factory=list, description="Guardrails (by name) every request to this group passes."
     )
 
 
@@ -264,6 +352,10 @@ class KeyConfig(_Model):
     disabled: bool = Field(False, description="Reject every request made with this key.")
     cache: bool = Field(False, description="Opt this key's requests into the response cache.")
     log_payloads: bool = Field(False, description="Log prompts and responses of this key's requests.")
+    guardrails: list[str] = Field(
+        default_factory=list,
+        description="Guardrails (by name) this key's requests pass, in addition to the model group's.",
+    )
     owner: str | None = Field(None, description="Who the key belongs to (metadata).")
     team: str | None = Field(None, description="The owner's team (metadata).")
     metadata: dict[str, str] = Field(
@@ -529,6 +621,9 @@ class RouterConfig(_Model):
         default_factory=list, description="Optional per-group settings (strategy, fallbacks, aliases)."
     )
     keys: list[KeyConfig] = Field(default_factory=list, description="Virtual API keys.")
+    guardrails: list[GuardrailConfig] = Field(
+        default_factory=list, description="Named guardrails that model groups and keys refer to."
+    )
     settings: RouterSettings = Field(default_factory=RouterSettings, description="Router settings.")
 
     @model_validator(mode="after")
@@ -559,7 +654,21 @@ class RouterConfig(_Model):
         cycle = _find_cycle(edges)
         if cycle:
             raise ValueError(f"modelGroups: fallback loop {' -> '.join(cycle)}")
+        self._check_guardrail_names()
         return self
+
+    def _check_guardrail_names(self) -> None:
+        defined: set[str] = set()
+        for guard in self.guardrails:
+            if guard.name in defined:
+                raise ValueError(f"guardrails: duplicate name {guard.name!r}")
+            defined.add(guard.name)
+        users = [(f"modelGroups[{g.name}]", g.guardrails) for g in self.model_groups]
+        users += [(f"keys[{k.name}]", k.guardrails) for k in self.keys]
+        for where, names in users:
+            for name in names:
+                if name not in defined:
+                    raise ValueError(f"{where}.guardrails: no guardrail is named {name!r}")
 
     @property
     def version(self) -> str:

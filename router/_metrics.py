@@ -84,6 +84,12 @@ SPEND = Counter("kubellm_spend_usd_total", "Metered spend in USD.", ["model_grou
 RATE_LIMITED = Counter(
     "kubellm_rate_limited_total", "Requests refused or deployments skipped by a limit.", ["scope", "limit"]
 )
+GUARDRAIL_DECISIONS = Counter(
+    "kubellm_guardrail_decisions_total",
+    "Guardrail decisions, by guardrail, phase (pre, post) and decision "
+    "(allow, deny, redact, fail_open, fail_closed).",
+    ["guardrail", "phase", "decision"],
+)
 STORE_ERRORS = Counter("kubellm_redis_errors_total", "Failed calls to the shared state store.", ["operation"])
 
 _CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}

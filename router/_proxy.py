@@ -32,6 +32,8 @@ from ._metering import Ticket
 from ._outcome import Failure
 from ._services import Services
 from ._state import ModelGroup, RouterState, VirtualKey
+from .guardrails import Context as GuardContext
+from .guardrails import chain as guard_chain
 from .providers import TRANSLATED, Operation
 
 __all__ = ["JSON", "Caller", "Router", "authenticate", "error_response"]
@@ -185,6 +187,11 @@ class Router:
             requested = api.validate(body)
             group = self._group(state, caller, requested.model, options)
             body = await api.prepare(body, caller)
+            key_guards = caller.key.config.guardrails if caller.key is not None else ()
+            guards = guard_chain(state.guardrails, group.settings.guardrails, key_guards)
+            guard_ctx = GuardContext(api.operation, group.name, caller.label, request_id)
+            if guards:
+                body = await self.services.guardrails.pre(guards, body, guard_ctx)
             # A request no deployment of the group can take natively is translated now, so that
             # one the translation refuses is a 400 before it counts against any limit.
             chat = None
@@ -226,7 +233,10 @@ class Router:
         unwatch = inbound.cancel_on_disconnect(current)
         metrics.recorder.started(group.name)
         try:
-            return api.render(await self.dispatcher.run(call), call)
+            outcome = await self.dispatcher.run(call)
+            if guards:
+                outcome = await self.services.guardrails.post(guards, outcome, guard_ctx)
+            return api.render(outcome, call)
         except asyncio.CancelledError:
             if not inbound.gone or current.cancelling() == 0:
                 raise

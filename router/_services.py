@@ -29,6 +29,7 @@ from ._metering import Meter, ledger_writer, local_ledger
 from ._redis import connect as connect_redis
 from ._upstream import UpstreamPool
 from .files._store import ObjectStore, object_store
+from .guardrails import Guardrails
 from .inbound.responses import ResponseStore, responses_store
 from .providers import UpstreamClient
 
@@ -60,6 +61,8 @@ class Services:
     files: ObjectStore
     #: The shared-state client, when Redis is configured (closed at shutdown).
     redis: Redis | None
+    #: Runs the guardrails; owns the webhook connection pool (closed at shutdown).
+    guardrails: Guardrails
 
 
 def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient | None = None) -> Services:
@@ -101,4 +104,5 @@ def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient 
         responses=responses_store(settings, client),
         files=object_store(settings, client),
         redis=client,
+        guardrails=Guardrails(),
     )

@@ -18,6 +18,7 @@ from ._config import ConfigError, DeploymentConfig, KeyConfig, ModelGroupConfig,
 from ._limits import LimitRule, rule
 from ._modes import deployment_modes, ordered
 from ._modes import serves as serves_modes
+from .guardrails import Guard, compile_guardrails
 from .providers import Operation, Provider, get_provider
 
 
@@ -96,6 +97,8 @@ class RouterState:
     groups: dict[str, ModelGroup]
     master_key_hash: bytes | None
     keys: dict[bytes, VirtualKey] = field(default_factory=dict)
+    #: The config's guardrails, compiled, by name.
+    guardrails: dict[str, Guard] = field(default_factory=dict)
 
     @property
     def auth_required(self) -> bool:
@@ -179,4 +182,4 @@ def build_state(config: RouterConfig) -> RouterState:
                 raise ConfigError(f"keys[{i}].keyEnv: environment variable {key.key_env} is not set")
             digest = hashlib.sha256(secret.encode()).digest()
         keys[digest] = VirtualKey(key, digest)
-    return RouterState(config, config.version, groups, master, keys)
+    return RouterState(config, config.version, groups, master, keys, compile_guardrails(config))
