@@ -171,6 +171,22 @@ def test_ci_matrix() -> None:
     }
 
 
+def test_offline_helm_assumes_the_control_planes_kubernetes(tmp_path: Path) -> None:
+    """Issue 15 defect 2: helm built without its Makefile's `k8sVersion` stamps assumes v1.20.0
+    offline, and `helm template charts/kubellm` then fails the chart's kubeVersion (>=1.25)."""
+    probe = tmp_path / "probe"
+    (probe / "templates").mkdir(parents=True)
+    (probe / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
+    (probe / "templates" / "v.yaml").write_text("kubeVersion: {{ .Capabilities.KubeVersion.Version }}\n")
+    assumed = yaml.safe_load(helm("template", "probe", str(probe)).stdout)["kubeVersion"]
+    major_minor = ".".join(kube_version().split(".")[:2])
+    assert assumed == f"v{major_minor}.0"
+    for command in ("template", "lint"):
+        args = [command, *(["kubellm"] if command == "template" else []), str(CHART)]
+        out = helm(*args, check=False)  # no --kube-version: what a contributor types
+        assert out.returncode == 0 and "kubeVersion" not in out.stderr, out.stderr + out.stdout[-500:]
+
+
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
 def test_helm_lint(values: Path) -> None:
     out = helm("lint", str(CHART), "--strict", "--kube-version", kube_version(), "-f", str(values))
