@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -1003,6 +1004,32 @@ def test_helm_test_pod_script_passes_against_a_real_router() -> None:
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert '"id":"mock-gpt"' in ok.stdout
         assert run("sk-wrong-key-0123456789").returncode != 0
+
+
+def test_documented_in_cluster_client_works() -> None:
+    """Issue 15 defect 3: port-forward dies on a rollout, so docs/deploy.md documents a client pod
+    in the cluster, run from the chart's own router image. Its image lookup names the rendered
+    Deployment and container, and its script, pointed at a real router, gets an answer."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    block = re.search(r"kubectl -n kubellm run llm-client .*?\n```", doc, re.S)
+    assert block is not None
+    image_of = r"get deploy (\S+) -o jsonpath='\{\.spec\.template\.spec\.containers\[0\]\.image\}'"
+    found = re.search(image_of, block[0])
+    assert found is not None
+    deployments = {d["metadata"]["name"]: d for d in rendered() if d["kind"] == "Deployment"}
+    first = deployments[found[1]]["spec"]["template"]["spec"]["containers"][0]
+    assert first["name"] == "router" and first["image"].startswith("ghcr.io/kubellm/kubellm:")
+    script = re.search(r"python -c '(.*?)'\n```", block[0], re.S)
+    assert script is not None and "http://kubellm.kubellm.svc/v1/" in script[1]
+    config = {"deployments": [{"model": "mock-gpt", "provider": "mock"}]}
+    with RouterProcess(config, env={"KUBELLM_MASTER_KEY": MASTER_KEY}) as router:
+        out = subprocess.run(
+            [sys.executable, "-c", script[1].replace("http://kubellm.kubellm.svc", router.base_url)],
+            env={"PATH": os.environ["PATH"], "KEY": MASTER_KEY},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["object"] == "chat.completion"
 
 
 def test_docs_reference_real_paths_and_values() -> None:
