@@ -749,6 +749,10 @@ SCHEMA_REJECTS = [
     (["--set", "router.sinks[0].type=sentry", "--set", "router.sinks[0].dsn=https://k@h/1"], "dsn"),
     (["--set", "router.sinks[0].type=splunk"], "type"),
     (["--set", "router.settings.sinks[0].type=webhook"], "sinks"),
+    # A test image repository without a tag or digest would render `repo:` (issue 15 defect 6).
+    (["--set", "tests.image.repository=mirror/python"], "tests/image"),
+    (["--set", "tests.image.pullPolicy=Sometimes"], "pullPolicy"),
+    (["--set", "tests.image.registry=x"], "registry"),
 ]
 #: Combinations the schema cannot express fail in the templates, with a message (`helm lint`
 #: reports a template's `fail` as [INFO] only, so these are checked with `helm template`).
@@ -983,7 +987,20 @@ def test_helm_test_pod_script_passes_against_a_real_router() -> None:
     router_image = container(component(rendered(), "Deployment", "router"))["image"]
     assert c["image"] == router_image and c["command"][0] == "python"
     custom = container(find(rendered(sets=["tests.image.repository=my/python", "tests.image.tag=3"]), "Pod"))
-    assert custom["image"] == "my/python:3"
+    assert custom["image"] == "my/python:3" and custom["imagePullPolicy"] == "IfNotPresent"
+    # Air-gapped overrides: a mirrored kubellm image (by digest) and images imported into the nodes.
+    digest = "sha256:" + "c" * 64
+    mirrored = rendered(
+        sets=[
+            "image.repository=registry.internal/kubellm", f"image.digest={digest}", "image.pullPolicy=Never",
+            "redis.image.repository=registry.internal/redis", "redis.image.pullPolicy=Never",
+        ]
+    )  # fmt: skip
+    pod = container(find(mirrored, "Pod"))
+    assert (pod["image"], pod["imagePullPolicy"]) == (f"registry.internal/kubellm@{digest}", "Never")
+    specs = [d["spec"]["template"]["spec"] for d in mirrored if d["kind"] in WORKLOADS]
+    images = {c["image"] for spec in specs for c in spec["containers"] + spec.get("initContainers", [])}
+    assert images and all(i.startswith("registry.internal/") for i in images), images
     env = env_of(c)
     assert env["KUBELLM_URL"]["value"] == f"http://{RELEASE}.{NAMESPACE}.svc:80"
     assert env["KUBELLM_MASTER_KEY"]["valueFrom"]["secretKeyRef"] == {
