@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+import pytest
 
 from tests.support.balancer import Balancer
 from tests.support.servers import RouterProcess
@@ -27,11 +28,14 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}
 class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
     failed: list[str] = field(default_factory=list)
+    #: Requests answered, per client.
+    answered: dict[int, int] = field(default_factory=dict)
     #: (monotonic time the request was sent, deployment that answered, Connection header)
     served: list[tuple[float, str, str]] = field(default_factory=list)
 
-    def ok(self, sent: float, resp: httpx.Response) -> None:
+    def ok(self, client: int, sent: float, resp: httpx.Response) -> None:
         with self.lock:
+            self.answered[client] = self.answered.get(client, 0) + 1
             self.served.append(
                 (sent, resp.headers.get("x-kubellm-deployment", ""), resp.headers.get("connection", ""))
             )
@@ -41,13 +45,15 @@ class Tally:
             self.failed.append(what)
 
 
-def _hammer(url: str, stream: bool, deadline: float, tally: Tally, pause: float = 0.0) -> None:
+def _hammer(url: str, n: int, stop: threading.Event, tally: Tally, pause: float = 0.0) -> None:
     """One keep-alive client (one pooled connection, no retries) sending back to back, or with
-    ``pause`` seconds of idling between requests (its connection then sits idle in the pool)."""
+    ``pause`` seconds of idling between requests (its connection then sits idle in the pool).
+    Even clients stream, odd ones do not."""
+    stream = n % 2 == 0
     transport = httpx.HTTPTransport(retries=0, limits=httpx.Limits(max_connections=1))
     headers = {"Authorization": "Bearer x"}
     with httpx.Client(base_url=url, transport=transport, headers=headers, timeout=10) as client:
-        while time.monotonic() < deadline:
+        while not stop.is_set():
             sent = time.monotonic()
             try:
                 if stream:
@@ -62,7 +68,7 @@ def _hammer(url: str, stream: bool, deadline: float, tally: Tally, pause: float 
                 tally.fail(f"{'stream' if stream else 'plain'}: {type(exc).__name__}: {exc}")
                 continue
             if good:
-                tally.ok(sent, resp)
+                tally.ok(n, sent, resp)
             else:
                 tally.fail(f"{resp.status_code} {text[:200]!r}")
             time.sleep(pause)
@@ -75,8 +81,12 @@ def _router_config(name: str) -> dict[str, object]:
     }
 
 
-def test_rollout_under_keep_alive_load_drops_nothing(start_router: Callable[..., RouterProcess]) -> None:
-    old = start_router(_router_config("old"))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rollout_under_keep_alive_load_drops_nothing(
+    start_router: Callable[..., RouterProcess], workers: int
+) -> None:
+    """With ``--workers 2`` the SIGTERM reaches the supervisor, which passes it on to each worker."""
+    old = start_router(_router_config("old"), workers=workers)
     new = start_router(_router_config("new"))
     tally = Tally()
     with Balancer([old.port, new.port]) as lb:
@@ -84,20 +94,26 @@ def test_rollout_under_keep_alive_load_drops_nothing(start_router: Callable[...,
         while len(lb.ready) < 2:
             assert time.monotonic() < deadline, "the balancer never saw both routers ready"
             time.sleep(0.02)
-        end = time.monotonic() + 7
+        stop = threading.Event()
         # Busy clients, and idle ones whose pooled connection the SIGTERM finds between requests.
         clients = [
-            threading.Thread(target=_hammer, args=(lb.url, i % 2 == 0, end, tally, 0.0 if i < 6 else 0.6))
+            threading.Thread(target=_hammer, args=(lb.url, i, stop, tally, 0.0 if i < 6 else 0.6))
             for i in range(10)
         ]
         for t in clients:
             t.start()
-        time.sleep(1.5)
+        # Every client in its stride (answered twice, so on a kept-alive connection) before the signal.
+        while len(tally.answered) < len(clients) or min(tally.answered.values()) < 2:
+            assert time.monotonic() < deadline and not tally.failed, (tally.answered, tally.failed[:5])
+            time.sleep(0.05)
+        time.sleep(0.3)
         sigterm_at = time.monotonic()
         assert old.proc is not None
         old.proc.send_signal(signal.SIGTERM)
         assert old.proc.wait(15) in (0, -signal.SIGTERM), old.logs()
         exited_at = time.monotonic()
+        time.sleep(1.5)  # the clients go on, on the router that stays
+        stop.set()
         for t in clients:
             t.join(20)
         assert lb.refused == 0
