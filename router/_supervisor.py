@@ -15,7 +15,7 @@ import signal
 import socket
 from types import FrameType
 
-from uvicorn.config import Config
+from uvicorn import Config
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 
