@@ -123,7 +123,9 @@ def _serve(args: argparse.Namespace) -> int:
     }
     if args.workers > 1:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="kubellm-metrics-"))
-        uvicorn.run("kubellm.router._app:app_from_env", factory=True, workers=args.workers, **common)
+        from kubellm.router._supervisor import run
+
+        run(uvicorn.Config("kubellm.router._app:app_from_env", factory=True, workers=args.workers, **common))
     else:
         from kubellm.router._app import app_from_env
 

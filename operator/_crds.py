@@ -427,9 +427,25 @@ def api_key_status() -> Schema:
             },
             "usage": {
                 "type": "object",
-                "description": "Usage in the current period.",
+                "description": (
+                    "Usage in the current period. Each request counts once: as a success, a rejection"
+                    " or a failure. Tokens and spend cover every request billed, successful or not."
+                ),
                 "properties": {
-                    "requests": {"type": "integer", "description": "Requests this period."},
+                    "requests": {
+                        "type": "integer",
+                        "description": "Successful requests this period (status below 400).",
+                    },
+                    "rejected": {
+                        "type": "integer",
+                        "description": (
+                            "Requests refused with 429 this period: the key's rate limits or budget."
+                        ),
+                    },
+                    "failed": {
+                        "type": "integer",
+                        "description": "Requests that ended in any other error this period.",
+                    },
                     "promptTokens": {"type": "integer", "description": "Prompt tokens this period."},
                     "completionTokens": {"type": "integer", "description": "Completion tokens this period."},
                 },
@@ -559,6 +575,8 @@ def crds() -> dict[str, Schema]:
             {"name": "Owner", "type": "string", "jsonPath": ".spec.owner"},
             {"name": "Models", "type": "string", "jsonPath": ".spec.models"},
             {"name": "Spend/Budget", "type": "string", "jsonPath": ".status.spendSummary"},
+            {"name": "Requests", "type": "integer", "priority": 1, "jsonPath": ".status.usage.requests"},
+            {"name": "Rejected", "type": "integer", "priority": 1, "jsonPath": ".status.usage.rejected"},
             {"name": "Expires", "type": "string", "jsonPath": ".spec.expiresAt"},
             {"name": "State", "type": "string", "jsonPath": ".status.state"},
             _condition_column("Ready"),

@@ -24,11 +24,15 @@ class KeyUsage:
     """One key's usage in its current period, from the ledger."""
 
     spend: Decimal
+    #: Successful requests; ``rejected`` were refused with 429 (rate limit, budget), ``failed``
+    #: ended in any other error (router/_ledger.py ``outcome``).
     requests: int
     prompt_tokens: int
     completion_tokens: int
     period_start: float
     period_end: float
+    rejected: int = 0
+    failed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,8 @@ def api_key_status(
             spend=usd(usage.spend),
             usage={
                 "requests": usage.requests,
+                "rejected": usage.rejected,
+                "failed": usage.failed,
                 "promptTokens": usage.prompt_tokens,
                 "completionTokens": usage.completion_tokens,
             },

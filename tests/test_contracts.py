@@ -25,9 +25,15 @@ from kubellm.router._http import GuardedHttpToolsProtocol
 ROUTER = Path(__file__).resolve().parent.parent / "router"
 
 #: The only modules allowed to import uvicorn's internals.
-SERVER_ADAPTER = {"_http.py", "_direct.py"}
+SERVER_ADAPTER = {"_http.py", "_direct.py", "_supervisor.py"}
 #: uvicorn's modules that are not its public API (``uvicorn.run``, ``uvicorn.Config``).
-UVICORN_INTERNALS = ("uvicorn.protocols", "uvicorn.server", "uvicorn._types", "uvicorn.config")
+UVICORN_INTERNALS = (
+    "uvicorn.protocols",
+    "uvicorn.server",
+    "uvicorn._types",
+    "uvicorn.config",
+    "uvicorn.supervisors",
+)
 
 
 def test_uvicorn_is_the_pinned_minor() -> None:

@@ -198,6 +198,15 @@ def test_printer_columns_and_status_subresource(kube: KubeControlPlane) -> None:
         "2030-01-01T00:00:00Z",
         "Active",
     ]
+    # The usage counts by outcome (issue 15 defect 5): the schema keeps them, -o wide shows two.
+    usage = {"requests": 642, "rejected": 981, "failed": 3, "promptTokens": 9, "completionTokens": 4}
+    _status_patch(kube, "ak", "cols", {"usage": usage})
+    assert get(kube, "ak", "cols")["status"]["usage"] == usage
+    wide = kube.kubectl("get", "ak", "cols", "-n", NS, "-o", "wide").stdout.split("\n")
+    columns = wide[0].split()
+    at = columns.index("SPEND/BUDGET")
+    assert columns[at + 1 : at + 3] == ["REQUESTS", "REJECTED"]
+    assert "642" in wide[1].split() and "981" in wide[1].split()
 
     apply(kube, "ModelGroup", "cols", {"fallbacks": ["a"]})
     table = kube.kubectl("get", "mg", "cols", "-n", NS).stdout.split("\n")

@@ -13,8 +13,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -558,3 +560,68 @@ def test_fsync_interval_syncs_the_journal(tmp_path: Path, monkeypatch: pytest.Mo
 
     asyncio.run(scenario())
     db.close()
+
+
+def test_aggregates_count_successes_rejections_and_failures_apart(
+    kind: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Issue 15 defect 5: `requests` counted rate-limited ones too (1,623 when 642 succeeded), while
+    tokens and spend are only what was billed. Each record counts once, under its outcome."""
+
+    def rec(i: int, status: int, tokens: int = 0) -> UsageRecord:
+        return UsageRecord(
+            id=f"r{i}", ts=DAY0 + i, request_id=f"r{i}", key="k", model_group="g", deployment="d",
+            prompt_tokens=tokens, completion_tokens=tokens, cost=Decimal(tokens) / 1000, status=status,
+        )  # fmt: skip
+
+    records = [rec(0, 200, 5), rec(1, 200, 5), rec(2, 429), rec(3, 429), rec(4, 429), rec(5, 502, 2)]
+    records += [rec(6, 400), rec(7, 499)]
+
+    async def scenario() -> None:
+        async with open_store(kind, redis_url, tmp_path) as store:
+            assert await store.write(records) == len(records)
+            for since, until in ((DAY0, DAY0 + 86400), (DAY0, DAY0 + 100.5)):  # hashes, then records
+                got = (await store.aggregate(since, until, "key"))["k"]
+                assert (got.requests, got.rejected, got.failed) == (2, 3, 3)
+                assert (got.prompt_tokens, got.cost) == (12, Decimal("0.012"))
+
+    asyncio.run(scenario())
+
+
+def test_operator_reports_the_counts_in_api_key_status(redis_url: str) -> None:
+    """The operator's reader of the routers' ledger, down to ApiKey status.usage."""
+    from kubellm.operator._build import Verdict
+    from kubellm.operator._status import api_key_status
+    from kubellm.operator._usage import UsageReader
+
+    now = DAY0 + 3600.0
+    statuses = [200, 429, 429, 200, 503, 429]
+    records = [
+        UsageRecord(
+            id=f"o{i}", ts=now - 60 + i, request_id=f"o{i}", key="team/app", model_group="g",
+            deployment="d", prompt_tokens=3, completion_tokens=1, status=status,
+        )
+        for i, status in enumerate(statuses)
+    ]  # fmt: skip
+
+    async def scenario() -> dict[str, Any]:
+        p = f"t{uuid.uuid4().hex[:8]}:"
+        client = connect(redis_url)
+        try:
+            await RedisLedger(client, stream=p + "ledger", prefix=p).write(records)
+            reader = UsageReader(client, p)
+            usage = (await reader.key_usage([("team/app", "daily")], now=now))["team/app"]
+        finally:
+            await client.aclose()
+        body = {"metadata": {"name": "app", "namespace": "team", "generation": 1}, "spec": {}}
+        verdict = Verdict(True, "Rendered", "ok")
+        return api_key_status(body, verdict, None, usage, datetime.fromtimestamp(now, UTC))
+
+    status = asyncio.run(scenario())
+    assert status["usage"] == {
+        "requests": 2,
+        "rejected": 3,
+        "failed": 1,
+        "promptTokens": 18,
+        "completionTokens": 6,
+    }

@@ -109,7 +109,9 @@ def test_key_rpm_limit_headers_and_key_info(
     status, body = http_get(router.v1 + "/key/info", {"Authorization": f"Bearer {KEYS['LIMITED_KEY']}"})
     info_doc = orjson.loads(body)
     assert status == 200 and info_doc["key"] == "limited" and info_doc["limits"] == {"rpm": 3}
-    assert info_doc["usage"]["requests"] == 4  # the refused request is in the ledger too
+    # The refused request is in the ledger too, counted apart from the successes (issue 15 defect 5).
+    usage = info_doc["usage"]
+    assert (usage["requests"], usage["rejected"], usage["failed"]) == (3, 1, 0)
 
 
 def test_budget_is_enforced_and_reported(
@@ -150,7 +152,8 @@ def test_ledger_reconciles_with_aggregates(
     )
     doc = orjson.loads(body)
     team = doc["groups"]["team-a"]
-    assert team["requests"] == 7
+    assert (team["requests"], team["rejected"], team["failed"]) == (6, 0, 1)
+    assert (doc["total"]["requests"], doc["total"]["failed"]) == (6, 1)
     # Each success: prompt 5 tokens, completion 5 tokens at $1/$2 per 1M = $0.000015.
     assert (team["promptTokens"], team["completionTokens"]) == (30, 30)
     assert Decimal(team["spendUsd"]) == Decimal("0.000090")

@@ -369,11 +369,19 @@ def test_api_key_status_reports_spend_and_budget() -> None:
     from kubellm.operator._build import Verdict
 
     body = ak("k", budget={"amountUsd": "10", "period": "daily"})
-    usage = KeyUsage(Decimal("2.345"), 7, 700, 70, NOW.timestamp() - 3600, NOW.timestamp() + 3600)
+    usage = KeyUsage(
+        Decimal("2.345"), 7, 700, 70, NOW.timestamp() - 3600, NOW.timestamp() + 3600, rejected=9, failed=2
+    )
     status = api_key_status(body, Verdict(True, "Rendered", "ok", state="Active"), KEY, usage, NOW)
     assert status["spend"] == "2.35" and status["remainingBudget"] == "7.66"
     assert status["spendSummary"] == "$2.35/$10.00 daily" and status["keyPrefix"] == "sk-AAAAA"
-    assert status["usage"] == {"requests": 7, "promptTokens": 700, "completionTokens": 70}
+    assert status["usage"] == {
+        "requests": 7,
+        "rejected": 9,
+        "failed": 2,
+        "promptTokens": 700,
+        "completionTokens": 70,
+    }
     assert status["nextReset"] == "2026-06-01T13:00:00Z" and status["state"] == "Active"
     tiny = KeyUsage(Decimal("0.000042"), 1, 1, 1, 0, 1)
     assert api_key_status(ak("t"), Verdict(True, "Rendered", "ok"), None, tiny, NOW)["spend"] == "0.000042"

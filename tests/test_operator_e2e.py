@@ -520,9 +520,13 @@ def test_spend_appears_in_api_key_status(env: Env) -> None:
                 "write them (LedgerWriter with a RedisLedger store when settings.redis is set)."
             )
         raise
+    # `requests` counts successes only (the probes' refusals are apart): 6, and the probes that saw
+    # it served, once the last records have reached the ledger and the operator's next poll.
+    served = lambda: env.get("ApiKey", "spender")["status"]["usage"]["requests"] >= 6  # noqa: E731
+    wait(served, 20, "6 successful requests in ApiKey status", interval=0.5)
     status = env.get("ApiKey", "spender")["status"]
     usage = status["usage"]
-    assert usage["requests"] >= 6 and usage["promptTokens"] > 0  # 6, and the probes that saw it served
+    assert usage["promptTokens"] > 0
     # $1000 per million tokens each way: a tenth of a cent per token.
     tokens = usage["promptTokens"] + usage["completionTokens"]
     assert Decimal(status["spend"]) == (Decimal(tokens) / 1000).quantize(Decimal("0.01"), ROUND_HALF_UP)
@@ -537,6 +541,27 @@ def test_spend_appears_in_api_key_status(env: Env) -> None:
     wait(lambda: env.get("ApiKey", "tiny")["status"].get("state") == "BudgetExceeded", 20, "BudgetExceeded")
     assert chat_status(env.routers[1], tiny, "priced")[0] in (402, 403, 429)
     assert env.get("ApiKey", "tiny")["status"]["remainingBudget"] == "0.00"
+
+    # Rate-limited requests are counted as rejected, apart from the successes (issue 15 defect 5:
+    # `requests` said 1,623 when 642 had succeeded). The limit is shared by both routers (Redis).
+    env.create("ApiKey", "throttled", {"models": ["priced"], "limits": {"rpm": 2}})
+    throttled = env.wait_key("throttled")
+    seen: list[int] = []
+    deadline = time.monotonic() + 20
+    while len(seen) < 6:
+        assert time.monotonic() < deadline, seen
+        answer = chat_status(env.routers[len(seen) % 2], throttled, "priced")[0]
+        if answer in (200, 429):
+            seen.append(answer)
+        else:
+            time.sleep(0.1)  # 401 until that router has the key
+    assert seen.count(200) == 2 and seen.count(429) == 4, seen
+
+    def counted() -> bool:
+        usage = env.get("ApiKey", "throttled").get("status", {}).get("usage") or {}
+        return (usage.get("requests"), usage.get("rejected"), usage.get("failed")) == (2, 4, 0)
+
+    wait(counted, 25, "successes and rejections apart in ApiKey status", interval=0.5)
 
 
 def test_router_waits_for_its_first_config(env: Env) -> None:

@@ -58,7 +58,7 @@ import redis
 from kubellm.router._ledger import UsageRecord
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.support.redis_server import RedisServer
-from tests.support.servers import RouterProcess, free_port, http_get
+from tests.support.servers import RouterProcess, as_written, free_port, http_get
 
 UPSTREAM_KEY = "sk-chaos-upstream-0123456789"
 MASTER_KEY = "sk-chaos-master-0123456789"
@@ -342,7 +342,7 @@ class Fleet:
                 router.write_config(doc)
             from kubellm.router._config import parse_config
 
-            return parse_config(doc).version
+            return parse_config(as_written(doc)).version
         for router in self.routers:
             assert router.config_path is not None
             tmp = router.config_path.with_suffix(".tmp")

@@ -39,6 +39,16 @@ def http_get(url: str, headers: Mapping[str, str] | None = None, timeout: float 
         return exc.code, exc.read()
 
 
+def as_written(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with ``drainDelaySeconds: 0`` unless it sets one: ``stop()`` sends SIGTERM, and the
+    default delay (5 s, for rollouts) would add that much to every test's teardown. What
+    ``RouterProcess.write_config`` writes, so its config version is ``parse_config(as_written(c))``."""
+    settings = config.get("settings", {})
+    if not isinstance(settings, dict) or "drainDelaySeconds" in settings:
+        return config
+    return {**config, "settings": {**settings, "drainDelaySeconds": 0}}
+
+
 class RouterProcess:
     """`kubellm router` started as a real process on a free loopback port."""
 
@@ -71,7 +81,7 @@ class RouterProcess:
         assert self.config_path is not None
         # Write then rename, as Kubernetes does, so the watcher never sees half a file.
         tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(config))
+        tmp.write_text(yaml.safe_dump(as_written(config)))
         tmp.replace(self.config_path)
 
     def start(self, wait: bool = True) -> RouterProcess:
