@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -179,27 +180,29 @@ class LeasingLimiter:
             return await self.inner.acquire(rules, estimated_tokens, lease_id, now, budget)
         cost = to_pico(budget.estimate) if budget is not None else 0
         pkey = period_window(budget.period, budget.now)[2] if budget is not None else ""
-        for attempt in range(2):
+        group = (*(r.scope for r in rules), *((f"budget:{budget.scope}:{pkey}",) if budget else ()))
+        for _ in range(2):
             adm = self._local(rules, estimated_tokens, lease_id, budget, cost, pkey)
             if adm is not None:
                 return adm
-            group = (*(r.scope for r in rules), *((f"budget:{budget.scope}:{pkey}",) if budget else ()))
             if self._blocked.get(group, 0.0) > time.monotonic():
                 break
             pending = self._leasing.get(group)
             if pending is None:
-                pending = asyncio.get_running_loop().create_future()
+                # A task of its own: a caller that goes away must not lose a grant on the way back.
+                pending = asyncio.get_running_loop().create_task(
+                    self._lease(group, rules, estimated_tokens, budget, cost, pkey)
+                )
                 self._leasing[group] = pending
-                try:
-                    await self._lease(group, rules, estimated_tokens, budget, cost, pkey)
-                finally:
-                    del self._leasing[group]
-                    pending.set_result(None)
-            else:
-                await asyncio.shield(pending)
-                if attempt == 1:
-                    break
+                pending.add_done_callback(functools.partial(self._lease_done, group))
+            await asyncio.shield(pending)
         return await self.inner.acquire(rules, estimated_tokens, lease_id, now, budget)
+
+    def _lease_done(self, group: tuple[str, ...], task: asyncio.Task[None]) -> None:
+        if self._leasing.get(group) is task:
+            del self._leasing[group]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter has seen it already
 
     def _local(
         self,
@@ -275,8 +278,11 @@ class LeasingLimiter:
         pkey: str,
     ) -> None:
         """One script: give back what ended, then lease a slice for every rule and the budget."""
-        ops = self._end_slices([r.scope for r in rules], (budget.scope, pkey) if budget else None)
         st = self.settings
+        held = self._budgets.get((budget.scope, pkey)) if budget is not None else None
+        if held is not None and held.live and held.left >= cost and held.deadline > time.monotonic() + 0.05:
+            budget = None  # the budget's slice still covers this request: lease only the rules
+        ops = self._end_slices([r.scope for r in rules], (budget.scope, pkey) if budget else None)
         wall_ms = time.time() * 1000 + self._offset_ms
         bucket_left = (BUCKET_MS - wall_ms % BUCKET_MS) / 1000
         horizon = min(st.target_ms / 1000, bucket_left, st.ttl_seconds)
@@ -474,10 +480,12 @@ class LeasingLimiter:
             ops.keys += ckeys
             ops.args += ["c", *cargs[:4], n, *cargs[4:]]
             ops.count += 1
-        if rest:
-            await self.inner.settle_many(rest)
+        # Ours first: when either fails the meter owes every charge of the batch again, and charges
+        # are applied once per request id, so none counts twice.
         if ops.count:
             await APPLY(self.client, ops.keys, ["", ops.count, *ops.args])
+        if rest:
+            await self.inner.settle_many(rest)
 
     async def settle(
         self,
