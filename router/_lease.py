@@ -476,9 +476,11 @@ class LeasingLimiter:
                 if entry is not None:
                     entry[1].extend([it.charge.reservation_id, str(actual), str(shrink)])
         for ckeys, cargs in charges.values():
-            n = (len(cargs) - 4) // 3
+            each = cargs[4:]
+            total = sum(int(v) for v in each[1::3])
+            shrunk = sum(int(v) for v in each[2::3])
             ops.keys += ckeys
-            ops.args += ["c", *cargs[:4], n, *cargs[4:]]
+            ops.args += ["c", *cargs[:4], len(each) // 3, str(total), str(shrunk), *each]
             ops.count += 1
         # Ours first: when either fails the meter owes every charge of the batch again, and charges
         # are applied once per request id, so none counts twice.

@@ -13,8 +13,9 @@ from ._redis import Script
 # Ops a script applies, encoded in KEYS/ARGV from positions ki/ai (see ``_lease._Ops``):
 # 'w' KEYS wk; ARGV bucket ms, requests delta, tokens delta: corrects a window bucket still in it.
 # 'h' KEYS bk hk ek; ARGV hold id, shrink (pico), new expiry ms or '': shrinks a slice's hold.
-# 'c' KEYS bk hk ek dk; ARGV now, ttl, dedupe, hold id, n, then n (request id, actual, shrink):
-#     charges each request once (by id) and shrinks the slice's hold by each shrink.
+# 'c' KEYS bk hk ek dk; ARGV now, ttl, dedupe, hold id, n, their total actual and total shrink,
+#     then n (request id, actual, shrink): charges each request once (by id) and shrinks the
+#     slice's hold by each shrink (one request id charged before: one by one).
 _OPS = """
 local function shrink_hold(bk, hk, ek, id, by, expiry)
   local hold = redis.call('HGET', hk, id)
@@ -52,18 +53,31 @@ local function apply_ops(n, ki, ai)
     else
       local bk, hk, ek, dk = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], KEYS[ki + 3]
       local now, ttl, dedupe = ARGV[ai + 1], ARGV[ai + 2], ARGV[ai + 3]
-      local id, m = ARGV[ai + 4], tonumber(ARGV[ai + 5])
-      ai = ai + 6
+      local id, m, total, by = ARGV[ai + 4], tonumber(ARGV[ai + 5]), ARGV[ai + 6], ARGV[ai + 7]
+      ai = ai + 8
       b_expire_held(bk, hk, ek, now)
-      for _ = 1, m do
-        local rid, actual, by = ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]
-        if redis.call('SADD', dk, rid) == 1 then
-          redis.call('HINCRBY', bk, 's', actual)
-          redis.call('HINCRBY', bk, 'c', actual)
-          shrink_hold(bk, hk, ek, id, by, '')
+      local rids = {}
+      for j = 1, m do rids[j] = ARGV[ai + 3 * (j - 1)] end
+      local seen, again = redis.call('SMISMEMBER', dk, unpack(rids)), false
+      for j = 1, m do if seen[j] == 1 then again = true end end
+      if not again then
+        -- The usual case, none charged before: the batch's sums at once.
+        redis.call('SADD', dk, unpack(rids))
+        redis.call('HINCRBY', bk, 's', total)
+        redis.call('HINCRBY', bk, 'c', total)
+        shrink_hold(bk, hk, ek, id, by, '')
+      else
+        for _ = 1, m do
+          local rid, actual, one = ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]
+          if redis.call('SADD', dk, rid) == 1 then
+            redis.call('HINCRBY', bk, 's', actual)
+            redis.call('HINCRBY', bk, 'c', actual)
+            shrink_hold(bk, hk, ek, id, one, '')
+          end
+          ai = ai + 3
         end
-        ai = ai + 3
       end
+      ai = ai + (again and 0 or 3 * m)
       redis.call('PEXPIRE', dk, math.max(tonumber(ttl), tonumber(dedupe)))
       for _, key in ipairs({bk, hk, ek}) do redis.call('PEXPIRE', key, ttl) end
       ki = ki + 4

@@ -289,3 +289,32 @@ def test_router_with_leasing_still_answers_429_with_retry_after(
     assert all(int(r.headers["retry-after"]) >= 1 for r in limited)
     assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in limited)
     assert fake_openai.calls - before == ok
+
+
+@synchronously
+async def test_a_charge_applied_before_counts_once(redis_url: str) -> None:
+    async with replicas(redis_url, 1) as (lims, prefix):
+        lim = lims[0]
+        rules = [LimitRule("key:once", rpm=100_000)]
+        adms = []
+        for rid in ("p", "q"):
+            adm = await lim.acquire(rules, 1, f"{rid}:d", budget=ask("key:once", "1", "0.001", rid))
+            assert adm.allowed and adm.budget is not None
+            adms.append(adm)
+        # The meter applied "p"'s charge already (an earlier batch failed after Redis ran it, say).
+        store = lim.inner.budgets
+        assert store is not None
+        key = adms[0].budget.period_key if adms[0].budget else ""
+        await store.settle("key:once", PERIOD, "p", Decimal(0), Decimal("0.0002"), period_key=key)
+        # One batch: "p" again and "q" new, then both once more (no longer leased: the exact path).
+        charges = [
+            Settlement(
+                (), rid, 0, 0, 0.0, BudgetCharge("key:once", PERIOD, rid, Decimal("0.0002"), key, time.time())
+            )
+            for rid in ("p", "q")
+        ]
+        await lim.settle_many(charges)
+        await lim.settle_many(charges)
+        await lim.close()
+        spent, _ = await budget_state(lim, prefix, "key:once")
+        assert spent == 2 * 200_000_000  # p and q once each, whatever was retried
