@@ -49,6 +49,9 @@ log = logging.getLogger("kubellm.router")
 
 #: Admissions remembered for settlement at most (a request never settled is forgotten first).
 MAX_TRACKED = 200_000
+#: How long charges of leased admissions wait to share a script (see ``_flush_later``).
+CHARGE_LINGER_SECONDS = 0.05
+CHARGES_PER_OP = 1000
 #: Weight of the newest rate sample in a scope's moving average.
 RATE_WEIGHT = 0.5
 
@@ -157,6 +160,11 @@ class LeasingLimiter:
         #: Ended slices whose unused part is still to be given back.
         self._ended: list[_Slice | _BudgetSlice] = []
         self._returner: asyncio.Task[None] | None = None
+        #: Budget charges of leased admissions by slice hold (keys, arguments), and late token
+        #: corrections, waiting for the next flush.
+        self._queued_charges: dict[str, tuple[list[str], list[Arg]]] = {}
+        self._late: list[_Ops] = []
+        self._flusher: asyncio.Task[None] | None = None
         #: Server ms minus local wall ms, from the last lease answer.
         self._offset_ms = 0.0
         self.leases = 0  # lease scripts sent (for the bench and tests)
@@ -432,7 +440,12 @@ class LeasingLimiter:
             self._returner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._returner
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._flusher
         self._collect_expired(math.inf)
+        await self._flush()
         await self._send_returns()
 
     # -- settling ------------------------------------------------------------------------------
@@ -440,7 +453,7 @@ class LeasingLimiter:
     async def settle_many(self, items: Sequence[Settlement]) -> None:
         rest: list[Settlement] = []
         ops = _Ops()
-        charges: dict[str, tuple[list[str], list[Arg]]] = {}
+        charges = self._queued_charges
         for it in items:
             use = self._uses.pop(it.lease_id, None) if it.rules else None
             charge_use = self._charges.pop(it.charge.reservation_id, None) if it.charge is not None else None
@@ -475,19 +488,56 @@ class LeasingLimiter:
                     entry = charges[b.hold_id] = (ckeys, [cargs[0], cargs[3], cargs[4], b.hold_id])
                 if entry is not None:
                     entry[1].extend([it.charge.reservation_id, str(actual), str(shrink)])
-        for ckeys, cargs in charges.values():
-            each = cargs[4:]
-            total = sum(int(v) for v in each[1::3])
-            shrunk = sum(int(v) for v in each[2::3])
-            ops.keys += ckeys
-            ops.args += ["c", *cargs[:4], len(each) // 3, str(total), str(shrunk), *each]
-            ops.count += 1
-        # Ours first: when either fails the meter owes every charge of the batch again, and charges
-        # are applied once per request id, so none counts twice.
         if ops.count:
-            await APPLY(self.client, ops.keys, ["", ops.count, *ops.args])
+            self._late.append(ops)
+        if self._queued_charges or self._late:
+            self._start_flusher()
         if rest:
             await self.inner.settle_many(rest)
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        # Charges of leased admissions wait longer than the meter's batches: a slice's hold covers
+        # their worst case meanwhile, so the budget's bound does not depend on when they land, and
+        # Redis pays a script's fixed cost once per many requests.
+        while self._queued_charges or self._late:
+            await asyncio.sleep(CHARGE_LINGER_SECONDS)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Send the queued charges and late token corrections in one script; kept for the next try
+        when Redis fails (they apply once per request id whenever they land)."""
+        charges, self._queued_charges = self._queued_charges, {}
+        late, self._late = self._late, []
+        ops = _Ops()
+        for part in late:
+            ops.keys += part.keys
+            ops.args += part.args
+            ops.count += part.count
+        for ckeys, cargs in charges.values():
+            for at in range(4, len(cargs), 3 * CHARGES_PER_OP):  # Lua's unpack takes ~8000 at most
+                each = cargs[at : at + 3 * CHARGES_PER_OP]
+                total = sum(int(v) for v in each[1::3])
+                shrunk = sum(int(v) for v in each[2::3])
+                ops.keys += ckeys
+                ops.args += ["c", *cargs[:4], len(each) // 3, str(total), str(shrunk), *each]
+                ops.count += 1
+        if not ops.count:
+            return
+        try:
+            await APPLY(self.client, ops.keys, ["", ops.count, *ops.args])
+        except Exception as exc:
+            log.warning("could not settle leased admissions, retrying: %s", type(exc).__name__)
+            for hold, (ckeys, cargs) in charges.items():
+                queued = self._queued_charges.setdefault(hold, (ckeys, cargs[:4]))
+                queued[1].extend(cargs[4:])
+            self._late = late + self._late
+            if sum(len(c[1]) for c in self._queued_charges.values()) > 3 * MAX_TRACKED:
+                self._queued_charges.clear()  # the ledger has every record; budgets err low here
+                log.error("dropped leased budget charges after repeated Redis failures")
 
     async def settle(
         self,

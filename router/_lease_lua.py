@@ -7,6 +7,7 @@ buckets (``_budget``), so leased and per-request admissions count in the same wi
 from __future__ import annotations
 
 from . import _budget
+from ._limits import BUCKET_MS
 from ._limits_redis import _PRELUDE
 from ._redis import Script
 
@@ -168,4 +169,11 @@ return table.concat(out, ',')
 )
 
 # ARGV[1] now, ARGV[2] op count, the ops. Returns 1.
-APPLY = Script(_PRELUDE + _budget.LUA + _OPS + "apply_ops(tonumber(ARGV[2]), 1, 3)\nreturn 1\n")
+# Without the limiter's prelude: on this Redis every function a script defines costs on every run.
+APPLY = Script(
+    f"local B = {BUCKET_MS}\n"
+    + "local function int(x) return string.format('%d', x) end\n"
+    + _budget.LUA
+    + _OPS
+    + "apply_ops(tonumber(ARGV[2]), 1, 3)\nreturn 1\n"
+)
