@@ -318,3 +318,28 @@ async def test_a_charge_applied_before_counts_once(redis_url: str) -> None:
         await lim.close()
         spent, _ = await budget_state(lim, prefix, "key:once")
         assert spent == 2 * 200_000_000  # p and q once each, whatever was retried
+
+
+@synchronously
+async def test_ledger_day_totals_stay_exact_across_the_fast_sum(redis_url: str) -> None:
+    """The ledger script adds costs with doubles below 10^15 pico-USD and digit by digit above."""
+    from kubellm.router._ledger import RedisLedger, UsageRecord
+
+    client = connect(redis_url)
+    prefix = f"l{uuid.uuid4().hex[:6]}:"
+    ledger = RedisLedger(client, f"{prefix}ledger", prefix=prefix)
+    day = 86400 * (int(time.time()) // 86400)
+    costs = [Decimal("999.999999999999"), Decimal("999.999999999999"), Decimal("4000.000000000001")]
+    costs += [Decimal("0.000000000001")] * 3 + [Decimal("9000.000000000003")] * 2
+    records = [
+        UsageRecord(
+            id=f"r{i}", ts=day + 10 + i, request_id=f"r{i}", key="k", model_group="g", deployment="d", cost=c
+        )
+        for i, c in enumerate(costs)
+    ]
+    await ledger.write(records[:4])
+    await ledger.write(records[4:])
+    totals = await ledger.aggregate(day, day + 86400)
+    await client.aclose()
+    assert totals["k"].cost == sum(costs)  # 24000.000000000008: past 2^53 pico, to the pico
+    assert totals["k"].requests == len(costs)
