@@ -163,7 +163,7 @@ class LeasingLimiter:
         #: Budget charges of leased admissions by slice hold (keys, arguments), and late token
         #: corrections, waiting for the next flush.
         self._queued_charges: dict[str, tuple[list[str], list[Arg]]] = {}
-        self._late: list[_Ops] = []
+        self._late: dict[tuple[str, int], int] = {}
         self._flusher: asyncio.Task[None] | None = None
         #: Server ms minus local wall ms, from the last lease answer.
         self._offset_ms = 0.0
@@ -452,7 +452,6 @@ class LeasingLimiter:
 
     async def settle_many(self, items: Sequence[Settlement]) -> None:
         rest: list[Settlement] = []
-        ops = _Ops()
         charges = self._queued_charges
         for it in items:
             use = self._uses.pop(it.lease_id, None) if it.rules else None
@@ -467,8 +466,9 @@ class LeasingLimiter:
                         continue
                     if s.live:
                         s.tokens -= delta
-                    else:
-                        ops.window(s, 0, delta)
+                    else:  # summed per bucket until the next flush
+                        at = (s.window_key, s.bucket_ms)
+                        self._late[at] = self._late.get(at, 0) + delta
             elif it.rules:
                 est, actual = it.estimated_tokens, it.actual_tokens
                 rest.append(Settlement(it.rules, it.lease_id, est, actual, it.window_start))
@@ -488,8 +488,6 @@ class LeasingLimiter:
                     entry = charges[b.hold_id] = (ckeys, [cargs[0], cargs[3], cargs[4], b.hold_id])
                 if entry is not None:
                     entry[1].extend([it.charge.reservation_id, str(actual), str(shrink)])
-        if ops.count:
-            self._late.append(ops)
         if self._queued_charges or self._late:
             self._start_flusher()
         if rest:
@@ -511,12 +509,13 @@ class LeasingLimiter:
         """Send the queued charges and late token corrections in one script; kept for the next try
         when Redis fails (they apply once per request id whenever they land)."""
         charges, self._queued_charges = self._queued_charges, {}
-        late, self._late = self._late, []
+        late, self._late = self._late, {}
         ops = _Ops()
-        for part in late:
-            ops.keys += part.keys
-            ops.args += part.args
-            ops.count += part.count
+        for (window_key, bucket_ms), delta in late.items():
+            if delta:
+                ops.keys.append(window_key)
+                ops.args += ["w", bucket_ms, 0, delta]
+                ops.count += 1
         for ckeys, cargs in charges.values():
             for at in range(4, len(cargs), 3 * CHARGES_PER_OP):  # Lua's unpack takes ~8000 at most
                 each = cargs[at : at + 3 * CHARGES_PER_OP]
@@ -534,7 +533,8 @@ class LeasingLimiter:
             for hold, (ckeys, cargs) in charges.items():
                 queued = self._queued_charges.setdefault(hold, (ckeys, cargs[:4]))
                 queued[1].extend(cargs[4:])
-            self._late = late + self._late
+            for where, delta in late.items():
+                self._late[where] = self._late.get(where, 0) + delta
             if sum(len(c[1]) for c in self._queued_charges.values()) > 3 * MAX_TRACKED:
                 self._queued_charges.clear()  # the ledger has every record; budgets err low here
                 log.error("dropped leased budget charges after repeated Redis failures")

@@ -343,3 +343,18 @@ async def test_ledger_day_totals_stay_exact_across_the_fast_sum(redis_url: str) 
     await client.aclose()
     assert totals["k"].cost == sum(costs)  # 24000.000000000008: past 2^53 pico, to the pico
     assert totals["k"].requests == len(costs)
+
+
+@synchronously
+async def test_a_settlement_after_its_slice_ended_corrects_its_bucket(redis_url: str) -> None:
+    async with replicas(redis_url, 1, max_fraction=0.5) as (lims, prefix):
+        lim = lims[0]
+        rules = [LimitRule("key:late", tpm=100_000)]
+        adms = [await lim.acquire(rules, 500, f"r{i}") for i in range(3)]
+        assert all(a.allowed for a in adms)
+        await asyncio.sleep(1.2)  # the slice ended with its bucket and was given back
+        assert await window(lim, prefix, "key:late") == (0, 3 * 500)
+        for adm in adms:
+            await settle(lim, [*rules], adm, 500, 120)
+        await lim.close()
+        assert await window(lim, prefix, "key:late") == (0, 3 * 120)
