@@ -421,6 +421,39 @@ class RedisSettings(_Model):
     )
 
 
+class LeaseSettings(_Model):
+    """Quota leasing: each replica admits from small slices of its limits leased from Redis (see
+    docs/keys-and-metering.md, "Quota leasing"). Only with `settings.redis`."""
+
+    enabled: bool = Field(
+        False,
+        description="Lease slices of rpm/tpm limits and budgets instead of one Redis script per request.",
+    )
+    target_ms: float = Field(
+        250.0, gt=0, le=10_000, description="A slice aims to last this long at the replica's own recent rate."
+    )
+    max_fraction: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="A slice is at most this fraction of a limit's remaining capacity, so replicas cannot "
+        "starve each other.",
+    )
+    min_slice: int = Field(
+        2,
+        ge=1,
+        description="A limit whose capped slice would hold fewer than this many requests' worth is admitted "
+        "exactly, one script per request (small limits, and any limit near its end).",
+    )
+    ttl_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="A slice's lifetime; rpm/tpm slices also end with the 1 s window bucket they are "
+        "counted in. Unused budget slice of a replica that died frees after this long.",
+    )
+
+
 class OtelSettings(_Model):
     """OpenTelemetry traces (GenAI semantic conventions) over OTLP/HTTP; needs the `otel` extra.
 
@@ -595,6 +628,9 @@ class RouterSettings(_Model):
     redis: RedisSettings = Field(
         default_factory=lambda: RedisSettings(),
         description="Shared state between replicas; unset: in memory.",
+    )
+    leasing: LeaseSettings = Field(
+        default_factory=lambda: LeaseSettings(), description="Quota leasing (with `redis` only)."
     )
     budget_reserve_tokens: int = Field(
         4096,

@@ -289,6 +289,8 @@ class SqliteLedger:
 _WRITE = Script("""
 -- Exact sum of two non-negative decimal integer strings (money must not go through doubles).
 local function add(a, b)
+  -- Both below 10^15: their sum is below 2^53, so a double adds them exactly (the usual case).
+  if #a < 16 and #b < 16 then return string.format('%d', tonumber(a) + tonumber(b)) end
   local out, carry, i, j = {}, 0, #a, #b
   while i > 0 or j > 0 or carry > 0 do
     local d = carry + (i > 0 and a:byte(i) - 48 or 0) + (j > 0 and b:byte(j) - 48 or 0)

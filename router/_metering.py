@@ -547,6 +547,9 @@ class Meter:
     async def drain(self) -> None:
         while self._flusher is not None and not self._flusher.done():
             await asyncio.gather(self._flusher, return_exceptions=True)
+        close = getattr(self.limiter, "close", None)  # a leasing limiter gives back its slices
+        if close is not None:
+            await close()
         if self.owed and not await self.apply_owed():
             total = sum((c.actual for c in self.owed.values()), Decimal(0))
             log.warning(

@@ -22,8 +22,9 @@ from ._cache import MemoryCache, RedisCache, ResponseCache
 from ._config import RedisSettings, RouterSettings
 from ._dispatch import Dispatcher
 from ._health import HealthTracker, MemoryHealthStore, RedisHealthStore
+from ._lease import LeasingLimiter
 from ._ledger import RedisLedger
-from ._limits import MemoryLimiter
+from ._limits import Limiter, MemoryLimiter
 from ._limits_redis import RedisLimiter
 from ._metering import Meter, ledger_writer, local_ledger
 from ._redis import connect as connect_redis
@@ -77,9 +78,12 @@ def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient 
         health = HealthTracker(RedisHealthStore(client, prefix), settings.cooldown)
         cache: ResponseCache = RedisCache(client, settings.cache, prefix)
         budgets = RedisBudgetStore(client, prefix)
+        # One script admits the key's limits, its budget and the deployment's limits together.
+        exact = RedisLimiter(client, prefix, budgets=budgets)
+        # Leasing admits from slices of the limits and falls back to the exact limiter.
+        limiter: Limiter = LeasingLimiter(exact, settings.leasing) if settings.leasing.enabled else exact
         meter = Meter(
-            # One script admits the key's limits, its budget and the deployment's limits together.
-            RedisLimiter(client, prefix, budgets=budgets),
+            limiter,
             budgets,
             ledger_writer(RedisLedger(client, f"{prefix}ledger", prefix=prefix), settings),
             fail_open=settings.redis.fail_open,
