@@ -90,8 +90,8 @@ class RedisClusterServers(_Procs):
     def __enter__(self) -> RedisClusterServers:
         try:
             for p in self.ports:
-                args = _server_args(p) + ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-                self.spawn(p, args + ["--appendonly", "yes", "--appendfsync", "always"])
+                args = [*_server_args(p), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                self.spawn(p, [*args, "--appendonly", "yes", "--appendfsync", "always"])
             for p in self.ports:
                 _wait(lambda p=p: _ask(p, b"PING\r\n").startswith(b"+PONG"), f"redis {p}")
             subprocess.run(
@@ -126,7 +126,7 @@ class SentinelServers(_Procs):
         return [f"127.0.0.1:{p}" for p in self.sentinel_ports]
 
     def start_data(self, port: int, replica_of: int | None) -> None:
-        args = _server_args(port) + ["--appendonly", "yes", "--appendfsync", "always"]
+        args = [*_server_args(port), "--appendonly", "yes", "--appendfsync", "always"]
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         self.spawn(port, args)
