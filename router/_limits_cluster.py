@@ -101,7 +101,8 @@ class ClusterLimiter(RedisLimiter):
                 if now is None:
                     now = adm.now_ms / 1000  # the other slots count on the first one's clock
                 if not adm.allowed:
-                    await self._undo(done, estimated_tokens, lease_id, budget)
+                    undo, done = done, []  # undone once, even if this raises
+                    await self._undo(undo, estimated_tokens, lease_id, budget)
                     return adm
                 done.append((part, adm))
         except BaseException:

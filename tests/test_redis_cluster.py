@@ -220,3 +220,55 @@ def test_sentinel_failover_keeps_limits_budgets_and_the_ledger(fake_openai: Fake
         assert sum(1 for r in records if r.status == 200) == ok_before + 5 + 4
         spent = sum((r.cost for r in records if r.key == "budget"), Decimal(0))
         assert spent == Decimal("0.000060")
+
+
+def test_every_store_speaks_to_the_cluster(cluster: RedisClusterServers) -> None:
+    """Breakers, the response cache, the Responses store, budgets and the ledger on the cluster
+    client, as the router builds them (build_services)."""
+    from kubellm.router._budget import RedisBudgetStore
+    from kubellm.router._cache import RedisCache
+    from kubellm.router._config import CacheSettings, CooldownSettings
+    from kubellm.router._health import RedisHealthStore
+    from kubellm.router.inbound.responses._store import RedisResponseStore, StoredResponse
+
+    settings = RedisSettings(mode="cluster", nodes=cluster.nodes, key_prefix="s:")
+
+    async def run() -> None:
+        client = connect_settings(settings)
+        assert client is not None
+        try:
+            health = RedisHealthStore(client, "s:")
+            policy = CooldownSettings(failure_threshold=2)
+            now = time.time()
+            assert await health.record_failure("dep-a", now, policy) is None
+            assert await health.record_failure("dep-a", now, policy) is not None  # the breaker opens
+            await health.open("dep-b", now, now + 30)
+            assert set(await health.snapshot(["dep-a", "dep-b", "dep-c"])) == {"dep-a", "dep-b"}
+            cache = RedisCache(client, CacheSettings(), "s:")
+            for i in range(20):
+                await cache.set(f"entry-{i}", b"v%d" % i)
+            assert [await cache.get(f"entry-{i}") for i in range(20)] == [b"v%d" % i for i in range(20)]
+            store = RedisResponseStore(client, "s:", 60)
+            await store.put("alice", StoredResponse({"id": "resp_1"}, []))
+            got = await store.get("alice", "resp_1")
+            assert got is not None and got.id == "resp_1"
+            assert await store.delete("alice", "resp_1") and await store.get("alice", "resp_1") is None
+            budgets = RedisBudgetStore(client, "s:", tag_scopes=True)
+            d = await budgets.reserve("key:x", "daily", Decimal("1"), Decimal("0.4"), "r1")
+            assert d.allowed
+            assert await budgets.settle("key:x", "daily", "r1", Decimal("0.4"), Decimal("0.25"))
+            assert not await budgets.settle("key:x", "daily", "r1", Decimal("0.4"), Decimal("0.25"))
+            assert await budgets.spent("key:x", "daily") == Decimal("0.25")
+            ledger = redis_ledger(client, settings)
+            rec = [UsageRecord(f"id-{i}", time.time(), f"req-{i}", "k", "g", "d", 1, 2) for i in range(5)]
+            assert await ledger.write(rec) == 5
+            assert await ledger.write(rec) == 0  # idempotent
+            assert [r.id for r in await ledger.records(0, time.time() + 60)] == [r.id for r in rec]
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+    nodes = [redis_sync.Redis(host="127.0.0.1", port=p) for p in cluster.ports]
+    assert sum(1 for n in nodes if n.keys("s:*")) >= 2  # spread over the shards
+    for n in nodes:
+        n.close()
