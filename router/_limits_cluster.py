@@ -107,9 +107,9 @@ class ClusterLimiter(RedisLimiter):
                 done.append((part, adm))
         except BaseException:
             # A failed or cancelled admission holds nothing: roll back what it reserved.
-            undo = asyncio.ensure_future(self._undo(done, estimated_tokens, lease_id, budget))
+            rollback = asyncio.ensure_future(self._undo(done, estimated_tokens, lease_id, budget))
             with contextlib.suppress(Exception):
-                await asyncio.shield(undo)
+                await asyncio.shield(rollback)
             raise
         first = done[0][1]
         counts = {r.scope: c for _, adm in done for r, c in adm.counts}
