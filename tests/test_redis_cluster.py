@@ -36,7 +36,8 @@ PRICING = {"inputPerMillion": "1", "outputPerMillion": "2"}
 
 def _config(fake: FakeOpenAI, redis: dict[str, Any], dep_rpm: int) -> dict[str, Any]:
     keys: list[dict[str, Any]] = [
-        {"name": f"k{i}", "keyEnv": f"K{i}_KEY", "limits": {"rpm": 5 if i < 4 else 1000}} for i in range(6)
+        {"name": f"k{i}", "keyEnv": f"K{i}_KEY", "limits": {"rpm": (5, 5, 5, 5, 1000, 30)[i]}}
+        for i in range(6)
     ]
     keys.append(
         {"name": "budget", "keyEnv": "BUDGET_KEY", "budget": {"amountUsd": "0.000050", "period": "daily"}}
@@ -179,6 +180,10 @@ def test_sentinel_failover_keeps_limits_budgets_and_the_ledger(fake_openai: Fake
                 while not done.is_set():
                     results.extend(_burst(routers, KEYS["K5_KEY"], 8))
 
+            # Half the budget is spent before the failover: $0.000015 a call, 2 of the 4 calls.
+            client = openai.OpenAI(base_url=routers[0].v1, api_key=KEYS["BUDGET_KEY"], max_retries=0)
+            for _ in range(2):
+                client.chat.completions.create(model="gpt-test", messages=MESSAGES, max_tokens=5)
             worker = threading.Thread(target=load)
             worker.start()
             time.sleep(1.0)
@@ -195,9 +200,9 @@ def test_sentinel_failover_keeps_limits_budgets_and_the_ledger(fake_openai: Fake
             # Limits after the failover: a key of rpm 5, fresh, admits exactly 5.
             statuses = _burst(routers, KEYS["K0_KEY"], 12)
             assert statuses.count(200) == 5 and set(statuses) == {200, 429}, statuses
-            # The budget, after the failover, admits the same 4 calls as ever.
-            client = openai.OpenAI(base_url=routers[0].v1, api_key=KEYS["BUDGET_KEY"], max_retries=0)
-            calls = 0
+            # The budget remembers the spend from before the failover: 2 more calls, then refused.
+            client = openai.OpenAI(base_url=routers[1].v1, api_key=KEYS["BUDGET_KEY"], max_retries=0)
+            calls = 2
             with pytest.raises(openai.RateLimitError):
                 for _ in range(20):
                     client.chat.completions.create(model="gpt-test", messages=MESSAGES, max_tokens=5)
@@ -207,10 +212,12 @@ def test_sentinel_failover_keeps_limits_budgets_and_the_ledger(fake_openai: Fake
             for r in routers:
                 r.stop()
         ok_before = results.count(200)
-        assert ok_before > 0 and set(results) <= {200, 503, 0}, set(results)
+        # k5 (rpm 30) was loaded across the failover: never more than 30 admitted in its window.
+        assert 0 < ok_before <= 30 and set(results) <= {200, 429, 503, 0}, (ok_before, set(results))
+        assert 429 in results  # the limit was reached, so the bound was tested
         # The ledger: every answered request once (the 503s during the failover were never admitted
         # and have records too, when the router answered them), no duplicate.
-        answered = sum(1 for x in results if x in (200, 503))
+        answered = sum(1 for x in results if x in (200, 429, 503))
         want = answered + len(statuses) + calls + 1
         red = RedisSettings(mode="sentinel", sentinels=s.sentinels, master_name=s.MASTER)
         records = _ledger_records(red, want, timeout=30)
