@@ -279,3 +279,44 @@ def test_every_store_speaks_to_the_cluster(cluster: RedisClusterServers) -> None
     assert sum(1 for n in nodes if n.keys("s:*")) >= 2  # spread over the shards
     for n in nodes:
         n.close()
+
+
+def test_a_refusal_on_one_shard_rolls_back_the_others(cluster: RedisClusterServers) -> None:
+    """The key's limits and budget on one slot, the deployment's on another: a refusal by the
+    deployment undoes the key's request count, lease and budget hold exactly."""
+    from kubellm.router._budget import BudgetAsk, RedisBudgetStore
+    from kubellm.router._limits import LimitRule
+    from kubellm.router._limits_cluster import ClusterLimiter
+    from kubellm.router._redis_connect import slot
+
+    settings = RedisSettings(mode="cluster", nodes=cluster.nodes, key_prefix="rb:")
+    key, dep = LimitRule("key:rb", rpm=100, max_parallel=10), LimitRule("deployment:rb", rpm=1)
+
+    async def run() -> tuple[int, str, int]:
+        client = connect_settings(settings)
+        assert client is not None
+        try:
+            budgets = RedisBudgetStore(client, "rb:", tag_scopes=True)
+            lim = ClusterLimiter(client, "rb:", budgets=budgets)
+            assert slot(lim._base(key.scope)) != slot(lim._base(dep.scope))
+            now = time.time()
+
+            def ask(rid: str) -> BudgetAsk:
+                return BudgetAsk("key:rb", "daily", Decimal("1"), Decimal("0.25"), rid, now)
+
+            first = await lim.acquire([key, dep], 10, "l1", budget=ask("r1"))
+            second = await lim.acquire([key, dep], 10, "l2", budget=ask("r2"))
+            assert first.allowed and first.budget is not None and first.budget.allowed
+            assert not second.allowed and second.denied_scopes == ("deployment:rb",)
+            window = await client.hmget(lim._base(key.scope) + ":w", ["r", "t"])
+            bucket = budgets.reserve_keys_args(ask("x"))[0]
+            held = await client.hkeys(bucket[1])
+            leases = await client.zcard(lim._base(key.scope) + ":l")
+            return int(window[0]), f"{int(window[1])}:{sorted(h.decode() for h in held)}", int(leases)
+        finally:
+            await client.aclose()
+
+    requests, tokens_and_holds, leases = asyncio.run(run())
+    assert requests == 1  # the refused request's count on the key's slot was rolled back
+    assert tokens_and_holds == "10:['r1']"  # its tokens and its budget hold too
+    assert leases == 1
