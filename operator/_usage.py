@@ -8,12 +8,11 @@ import time
 from collections.abc import Iterable
 from decimal import Decimal
 
-from redis.asyncio import Redis
-
 from kubellm.router._budget import period_window
 from kubellm.router._config import RedisSettings
 from kubellm.router._health import RedisHealthStore
-from kubellm.router._ledger import RedisLedger, Totals
+from kubellm.router._ledger import Totals
+from kubellm.router._redis import Client
 
 from ._status import Health, KeyUsage
 
@@ -26,18 +25,21 @@ DEFAULT_PERIOD = "monthly"
 class UsageReader:
     """Reads the ledger and breakers the routers write (same prefix, same Redis)."""
 
-    def __init__(self, client: Redis, prefix: str = "kubellm:") -> None:
+    def __init__(
+        self, client: Client, prefix: str = "kubellm:", settings: RedisSettings | None = None
+    ) -> None:
+        from kubellm.router._services import redis_ledger
+
         self.client = client
-        self.ledger = RedisLedger(client, stream=f"{prefix}ledger", prefix=prefix)
+        self.ledger = redis_ledger(client, settings or RedisSettings(key_prefix=prefix))
         self.health = RedisHealthStore(client, prefix)
 
     @classmethod
     def from_settings(cls, settings: RedisSettings) -> UsageReader | None:
-        from kubellm.router._redis import connect
-        from kubellm.router._services import redis_url
+        from kubellm.router._redis_connect import connect_settings
 
-        url = redis_url(settings)
-        return cls(connect(url, timeout=2.0), settings.key_prefix) if url else None
+        client = connect_settings(settings, timeout=2.0)
+        return cls(client, settings.key_prefix, settings) if client is not None else None
 
     async def close(self) -> None:
         await self.client.aclose()

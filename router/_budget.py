@@ -50,10 +50,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Protocol
 
-from redis.asyncio import Redis
-
 from ._pricing import from_pico, to_pico
-from ._redis import Arg, Script
+from ._redis import Arg, Client, Script
 
 _DURATION = re.compile(r"^([1-9][0-9]*)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -376,18 +374,26 @@ class RedisBudgetStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         prefix: str = "kubellm:",
         reservation_ttl: float = DEFAULT_RESERVATION_TTL,
         dedupe_ttl: float = DEFAULT_DEDUPE_TTL,
+        *,
+        tag_scopes: bool = False,
     ) -> None:
         self.client = client
         self.prefix = prefix
+        #: Redis Cluster: a scope's buckets carry its hash tag, in the slot of the key's limits.
+        self.tag_scopes = tag_scopes
         self.reservation_ttl = reservation_ttl
         self.dedupe_ttl = dedupe_ttl
 
     def _keys(self, scope: str, key: str) -> list[str]:
-        base = f"{self.prefix}budget:{scope}:{key}"
+        base = (
+            f"{self.prefix}budget:{{{scope}}}:{key}"
+            if self.tag_scopes
+            else f"{self.prefix}budget:{scope}:{key}"
+        )
         return [base, base + ":held", base + ":exp"]
 
     def reserve_keys_args(self, ask: BudgetAsk) -> tuple[list[str], list[Arg], int, float, str]:
@@ -407,7 +413,8 @@ class RedisBudgetStore:
     def settle_keys_args(self, c: BudgetCharge) -> tuple[list[str], list[Arg]]:
         """Keys and ARGV of a settlement, as ``_SETTLE`` takes them."""
         end = period_window(c.period, c.now)[1]
-        keys = [*self._keys(c.scope, c.period_key), f"{self.prefix}budget:{c.scope}:{c.period_key}:done"]
+        bucket = self._keys(c.scope, c.period_key)
+        keys = [*bucket, bucket[0] + ":done"]
         args: list[Arg] = [
             round(c.now * 1000),
             c.reservation_id,

@@ -415,10 +415,50 @@ class RedisSettings(_Model):
     url: str | None = Field(None, description="`redis://host:port/db`; must not contain a password.")
     url_env: str | None = Field(None, description="Environment variable holding the Redis URL.")
     password_env: str | None = Field(None, description="Environment variable holding the Redis password.")
-    key_prefix: str = Field("kubellm:", description="Prefix of every key the router writes.")
+    key_prefix: str = Field(
+        "kubellm:",
+        description="Prefix of every key the router writes. In cluster mode keep it free of `{}`: a hash "
+        "tag here would put every key in one slot.",
+    )
     fail_open: bool = Field(
         True, description="When Redis is unreachable, admit requests (true) or reject them with 503 (false)."
     )
+    mode: Literal["standalone", "cluster", "sentinel"] = Field(
+        "standalone",
+        description="`standalone`: one Redis at `url`. `cluster`: a Redis Cluster, seeded by `url` and/or "
+        "`nodes`; keys are tagged per key and per deployment so they spread over the shards. `sentinel`: "
+        "the master Sentinel names `masterName`, found through `sentinels`.",
+    )
+    nodes: list[str] = Field(
+        default_factory=list, description="Cluster mode: seed nodes as `host:port` (besides `url`)."
+    )
+    sentinels: list[str] = Field(
+        default_factory=list, description="Sentinel mode: the sentinels, `host:port`."
+    )
+    master_name: str | None = Field(None, description="Sentinel mode: the monitored master's name.")
+    sentinel_password_env: str | None = Field(
+        None, description="Sentinel mode: environment variable holding the sentinels' own password."
+    )
+    db: int = Field(0, ge=0, description="Sentinel mode: the database number (standalone: in `url`).")
+    ledger_wait_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="A ledger batch counts as stored once this many replicas acknowledged it (`WAIT`); "
+        "with Sentinel, 1 means a failover loses no record the router already confirmed.",
+    )
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> RedisSettings:
+        if self.mode == "sentinel" and not (self.sentinels and self.master_name):
+            raise ValueError("redis.mode sentinel needs redis.sentinels and redis.masterName")
+        if self.mode == "cluster" and not (self.url or self.url_env or self.nodes):
+            raise ValueError("redis.mode cluster needs redis.url, redis.urlEnv or redis.nodes")
+        for addr in [*self.nodes, *self.sentinels]:
+            host, _, port = addr.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"redis node {addr!r} is not host:port")
+        return self
 
 
 class LeaseSettings(_Model):
@@ -427,7 +467,8 @@ class LeaseSettings(_Model):
 
     enabled: bool = Field(
         False,
-        description="Lease slices of rpm/tpm limits and budgets instead of one Redis script per request.",
+        description="Lease slices of rpm/tpm limits and budgets instead of one Redis script per request. "
+        "Standalone and Sentinel Redis only: on a Redis Cluster admission stays per request, slot by slot.",
     )
     target_ms: float = Field(
         250.0, gt=0, le=10_000, description="A slice aims to last this long at the replica's own recent rate."

@@ -188,8 +188,9 @@ class RedisHealthStore:
 
     def __init__(self, client: object, prefix: str = "kubellm:") -> None:
         from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
 
-        assert isinstance(client, Redis)
+        assert isinstance(client, Redis | RedisCluster)
         self._redis = client
         self._prefix = prefix + "health:"
         self._record = client.register_script(_RECORD_FAILURE)

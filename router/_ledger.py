@@ -48,10 +48,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
 import orjson
-from redis.asyncio import Redis
 
 from ._pricing import format_usd, from_pico, quantize, to_pico
-from ._redis import Arg, Script
+from ._redis import Arg, Client, Script
 
 log = logging.getLogger("kubellm.ledger")
 #: Least time between two saves of the journal's confirmed offset.
@@ -350,7 +349,7 @@ class RedisLedger:
 
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         stream: str = "kubellm:ledger",
         *,
         prefix: str = "kubellm:",
@@ -358,8 +357,12 @@ class RedisLedger:
         aggregate_ttl: float = 400 * _DAY,
         maxlen: int = 0,
         clock_skew: float = 300.0,
+        wait_replicas: int = 0,
     ) -> None:
         self.client = client
+        #: A batch is confirmed once this many replicas hold it (``WAIT``), so a failover to one
+        #: of them loses no confirmed record; else it raises and the writer sends it again.
+        self.wait_replicas = wait_replicas
         self.stream = stream
         self.prefix = prefix
         self.dedupe_ttl_ms = round(dedupe_ttl * 1000)
@@ -382,7 +385,20 @@ class RedisLedger:
             keys += [self._agg_key(by, day) for by in _GROUPS]
             args += [r.to_json(), r.key, r.model_group, r.deployment]
             args += [r.prompt_tokens, r.completion_tokens, str(to_pico(r.cost)), r.id, outcome(r.status)]
-        return int(await _WRITE(self.client, keys, args))
+        if not self.wait_replicas:
+            return int(await _WRITE(self.client, keys, args))
+        return await self._write_replicated(keys, args)
+
+    async def _write_replicated(self, keys: list[str], args: list[Arg]) -> int:
+        # WAIT covers the writes of its own connection: the script and WAIT share one pipeline.
+        await _WRITE.load(self.client)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(_WRITE.sha, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", self.wait_replicas, 1000)
+        new, acked = await pipe.execute()
+        if int(acked) < self.wait_replicas:
+            raise ConnectionError(f"ledger batch reached {acked} of {self.wait_replicas} replicas")
+        return int(new)
 
     async def records(self, since: float, until: float) -> list[UsageRecord]:
         # A record is added after it happened (possibly much later, after a spill), so scan

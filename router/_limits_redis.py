@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from redis.asyncio import Redis
-
 from . import _budget
 from ._budget import BudgetAsk, BudgetCharge, RedisBudgetStore
 from ._limits import (
@@ -26,7 +24,7 @@ from ._limits import (
     _headroom,
     _ms,
 )
-from ._redis import Arg, Script
+from ._redis import Arg, Client, Script
 
 # KEYS: per rule i, KEYS[2i-1] = window hash, KEYS[2i] = lease zset (member lease id, score expiry
 # ms). The window hash holds 'o' (the oldest bucket with data), the sums 'r' and 't', and per
@@ -336,7 +334,7 @@ class RedisLimiter:
 
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         prefix: str = "kubellm:",
         lease_ttl: float = DEFAULT_LEASE_TTL,
         budgets: RedisBudgetStore | None = None,
@@ -400,11 +398,15 @@ class RedisLimiter:
             with contextlib.suppress(Exception):  # else the leases expire, the reservations too
                 await self.settle_many(undo)
 
+    def _base(self, scope: str) -> str:
+        """Where a scope's keys start (Redis Cluster tags them, see ``_limits_cluster``)."""
+        return f"{self.prefix}lim:{scope}"
+
     def _keys_args(self, rules: Sequence[LimitRule]) -> tuple[list[str], list[Arg]]:
         keys: list[str] = []
         args: list[Arg] = []
         for r in rules:
-            base = f"{self.prefix}lim:{r.scope}"
+            base = self._base(r.scope)
             keys += (base + ":w", base + ":l")
             args += (_neg(r.rpm), _neg(r.tpm), _neg(r.max_parallel))
         return keys, args

@@ -6,9 +6,12 @@ dead Redis must surface as an error within about a second, never as a hang or
 a hidden retry loop, so the client has short timeouts and no retries. Callers
 decide what a failure means (the ledger spills to disk; admission fails).
 
-Redis Cluster: every script touches several keys, which must share a hash
-slot. Give all kubellm keys one hash tag by choosing a prefix like
-``"{kubellm}:"``; the scripts declare every key they touch in ``KEYS``.
+Redis Cluster (``settings.redis.mode: cluster``): every script declares the
+keys it touches in ``KEYS``, and they must share a hash slot. Keys carry a hash
+tag per key or per deployment (``kubellm:lim:{key:team-a}:w``), so load
+spreads over the shards; an admission whose scopes live in different slots is
+reserved slot by slot (see ``_limits_cluster``). Connecting from the settings,
+Sentinel included: ``_redis_connect``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 #: What script arguments may be: Redis encodes each as a bulk string.
 Arg = str | bytes | int | float
+#: A client of one Redis (standalone or Sentinel's master) or of a Redis Cluster.
+Client = Redis | RedisCluster
 
 
 def connect(
@@ -71,11 +77,11 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def load(self, client: Redis) -> None:
+    async def load(self, client: Client) -> None:
         """Cache the script on the server ahead of the first call (optional)."""
         await client.script_load(self.source)
 
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+    async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:

@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from redis.asyncio import Redis
-
 from . import _metrics as metrics
 from ._balancer import Stats
 from ._budget import MemoryBudgetStore, RedisBudgetStore
@@ -25,16 +23,25 @@ from ._health import HealthTracker, MemoryHealthStore, RedisHealthStore
 from ._lease import LeasingLimiter
 from ._ledger import RedisLedger
 from ._limits import Limiter, MemoryLimiter
+from ._limits_cluster import ClusterLimiter
 from ._limits_redis import RedisLimiter
 from ._metering import Meter, ledger_writer, local_ledger
-from ._redis import connect as connect_redis
+from ._redis import Client
+from ._redis_connect import connect_settings, is_cluster
 from ._upstream import UpstreamPool
 from .files._store import ObjectStore, object_store
 from .guardrails import Guardrails
 from .inbound.responses import ResponseStore, responses_store
 from .providers import UpstreamClient
 
-__all__ = ["Services", "build_services", "redis_url"]
+__all__ = ["Services", "build_services", "redis_ledger", "redis_url"]
+
+
+def redis_ledger(client: Client, settings: RedisSettings) -> RedisLedger:
+    """The ledger the routers write and the operator reads. On a cluster its keys share one slot
+    (``{ledger}``): a batch is one script, off the request path."""
+    prefix = settings.key_prefix + ("{ledger}:" if is_cluster(client) else "")
+    return RedisLedger(client, f"{prefix}ledger", prefix=prefix, wait_replicas=settings.ledger_wait_replicas)
 
 
 def redis_url(settings: RedisSettings) -> str | None:
@@ -61,7 +68,7 @@ class Services:
     #: Where each uploaded file and batch lives and whose it is (``/v1/files``, ``/v1/batches``).
     files: ObjectStore
     #: The shared-state client, when Redis is configured (closed at shutdown).
-    redis: Redis | None
+    redis: Client | None
     #: Runs the guardrails; owns the webhook connection pool (closed at shutdown).
     guardrails: Guardrails
 
@@ -71,21 +78,24 @@ def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient 
 
     ``upstream_client`` replaces the pooled HTTP client for the dispatcher's upstream calls: the
     in-process test tier passes a fake that speaks a provider's protocol without a socket."""
-    url = redis_url(settings.redis)
-    client = connect_redis(url) if url is not None else None
+    client = connect_settings(settings.redis)
     prefix = settings.redis.key_prefix
     if client is not None:
         health = HealthTracker(RedisHealthStore(client, prefix), settings.cooldown)
         cache: ResponseCache = RedisCache(client, settings.cache, prefix)
-        budgets = RedisBudgetStore(client, prefix)
-        # One script admits the key's limits, its budget and the deployment's limits together.
-        exact = RedisLimiter(client, prefix, budgets=budgets)
-        # Leasing admits from slices of the limits and falls back to the exact limiter.
-        limiter: Limiter = LeasingLimiter(exact, settings.leasing) if settings.leasing.enabled else exact
+        cluster = is_cluster(client)
+        budgets = RedisBudgetStore(client, prefix, tag_scopes=cluster)
+        # One script admits the key's limits, its budget and the deployment's limits together
+        # (on a cluster: one per slot they span, see _limits_cluster).
+        exact = (ClusterLimiter if cluster else RedisLimiter)(client, prefix, budgets=budgets)
+        # Leasing admits from slices of the limits and falls back to the exact limiter. Its lease
+        # script spans the scopes of a request, so on a cluster admission stays exact per slot.
+        leasing = settings.leasing.enabled and not cluster
+        limiter: Limiter = LeasingLimiter(exact, settings.leasing) if leasing else exact
         meter = Meter(
             limiter,
             budgets,
-            ledger_writer(RedisLedger(client, f"{prefix}ledger", prefix=prefix), settings),
+            ledger_writer(redis_ledger(client, settings.redis), settings),
             fail_open=settings.redis.fail_open,
         )
     else:

@@ -9,10 +9,14 @@ PY=${PYTHON:-python3}
 # Python dependencies (the package itself, editable, with its test extras).
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
 
-# Servers the tests start on loopback, from Debian's packages: Redis (shared router state) and
-# nginx (the load balancer in front of several routers in tests/test_chaos.py).
+# Servers the tests start on loopback, from Debian's packages: Redis (shared router state; its
+# redis-cli builds the 3-master cluster and redis-sentinel watches the failover in
+# tests/test_redis_cluster.py) and nginx (the load balancer in front of several routers in
+# tests/test_chaos.py).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

@@ -15,6 +15,7 @@ pytest_plugins = ["tests.support.coverage_matrix"]
 _E2E_SUPPORT = (
     "tests.support.servers",
     "tests.support.redis_server",
+    "tests.support.redis_cluster",
     "tests.support.kube",
     "tests.support.chaos",
     "tests.support.proxy",

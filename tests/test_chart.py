@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubellm.router._config import RouterSettings
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.support.kube import KubeBinaries, ensure_binaries
 from tests.support.redis_server import RedisServer
@@ -743,6 +744,8 @@ SCHEMA_REJECTS = [
     (["--set", "router.settings.masterKeyHash=" + "0" * 64], "masterKeyHash"),
     (["--set", "operator.watchNamespaces[0]=Not_A_Namespace"], "watchNamespaces"),
     (["--set", "externalRedis.url=http://redis"], "url"),
+    (["--set", "externalRedis.mode=replicated"], "mode"),
+    (["--set", "externalRedis.sentinels[0]=no-port"], "sentinels"),
     (["--set", "image.digest=latest"], "digest"),
     (["--set", "redis.persistence.accessModes[0]=Sometimes"], "accessModes"),
     (["--set-string", "router.port=8000"], "port"),
@@ -766,6 +769,21 @@ TEMPLATE_REJECTS = [
     (
         ["--set", "router.autoscaling.minReplicas=5", "--set", "router.autoscaling.maxReplicas=2"],
         "minReplicas",
+    ),
+    (["--set", "externalRedis.mode=cluster"], "needs redis.enabled=false"),
+    (["--set", "redis.enabled=false", "--set", "externalRedis.mode=sentinel"], "masterName"),
+    (
+        [
+            "--set",
+            "redis.enabled=false",
+            "--set",
+            "externalRedis.mode=cluster",
+            "--set",
+            "externalRedis.url=redis://r:6379/0",
+            "--set-json",
+            'redis.keyPrefix="{k}:"',
+        ],
+        "hash tag",
     ),
 ]
 
@@ -1069,3 +1087,48 @@ def test_docs_reference_real_paths_and_values() -> None:
         for part in named.split("."):
             assert isinstance(node, dict) and part in node, f"docs/deploy.md names unknown value {named}"
             node = node[part]
+
+
+def test_external_redis_cluster_and_sentinel() -> None:
+    """The chart points the routers and the operator at an external Redis Cluster or Sentinel set."""
+    base = ["redis.enabled=false", "externalRedis.existingSecret=redis-creds"]
+    cluster = rendered(
+        sets=[*base, "externalRedis.mode=cluster", "externalRedis.nodes={r-0.redis:6379,r-1.redis:6379}"]
+    )
+    assert kinds(cluster, "StatefulSet") == []
+    settings = yaml.safe_load(find(cluster, "ConfigMap", f"{RELEASE}-settings")["data"]["settings.yaml"])
+    assert settings["redis"] == {
+        "urlEnv": "KUBELLM_REDIS_URL",
+        "passwordEnv": "KUBELLM_REDIS_PASSWORD",
+        "keyPrefix": "kubellm:",
+        "failOpen": True,
+        "mode": "cluster",
+        "nodes": ["r-0.redis:6379", "r-1.redis:6379"],
+    }
+    RouterSettings.model_validate(settings)  # the router accepts what the chart renders
+    for part in ("router", "operator"):
+        env = env_of(container(component(cluster, "Deployment", part)))
+        assert env["KUBELLM_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-creds"
+
+    sentinel = rendered(
+        sets=[
+            *base,
+            "externalRedis.mode=sentinel",
+            "externalRedis.sentinels={s-0:26379,s-1:26379,s-2:26379}",
+            "externalRedis.masterName=kubellm",
+            "externalRedis.sentinelPasswordKey=sentinel-password",
+            "externalRedis.ledgerWaitReplicas=1",
+        ]
+    )
+    settings = yaml.safe_load(find(sentinel, "ConfigMap", f"{RELEASE}-settings")["data"]["settings.yaml"])
+    red = settings["redis"]
+    assert red["mode"] == "sentinel" and red["masterName"] == "kubellm" and red["ledgerWaitReplicas"] == 1
+    assert red["sentinels"] == ["s-0:26379", "s-1:26379", "s-2:26379"]
+    assert red["sentinelPasswordEnv"] == "KUBELLM_REDIS_SENTINEL_PASSWORD"
+    assert RouterSettings.model_validate(settings).redis.mode == "sentinel"
+    for part in ("router", "operator"):
+        env = env_of(container(component(sentinel, "Deployment", part)))
+        assert env["KUBELLM_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "redis-creds",
+            "key": "sentinel-password",
+        }

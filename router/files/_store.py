@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
-from redis.asyncio import Redis
 
 from ..inbound.responses._store import owner_tag
 
 if TYPE_CHECKING:
     from .._config import RouterSettings
+    from .._redis import Client
 
 Kind = Literal["file", "batch"]
 #: How long a settled-batch flag is kept (batches complete within 24 hours; their ids are not reused).
@@ -100,7 +100,7 @@ class MemoryObjectStore:
 
 
 class RedisObjectStore:
-    def __init__(self, client: Redis, prefix: str) -> None:
+    def __init__(self, client: Client, prefix: str) -> None:
         self.client = client
         self.prefix = f"{prefix}files:"
 
@@ -114,16 +114,18 @@ class RedisObjectStore:
         raw: Any = await self.client.get(self._key(kind, object_id))
         return Entry.from_json(raw) if raw is not None else None
 
+    # Not transactions: on a Redis Cluster an entry and its owner's index sit in different slots.
+    # The entry is written first and removed last, and listings skip ids without one.
     async def put(self, kind: Kind, object_id: str, entry: Entry) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
+        async with self.client.pipeline(transaction=False) as pipe:
             pipe.set(self._key(kind, object_id), entry.to_json())
             pipe.zadd(self._index(kind, entry.owner), {object_id: entry.created or time.time()})
             await pipe.execute()
 
     async def delete(self, kind: Kind, object_id: str, owner: str) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self._key(kind, object_id))
+        async with self.client.pipeline(transaction=False) as pipe:
             pipe.zrem(self._index(kind, owner), object_id)
+            pipe.delete(self._key(kind, object_id))
             await pipe.execute()
 
     async def owned(self, kind: Kind, owner: str) -> list[tuple[str, Entry]]:
@@ -131,7 +133,10 @@ class RedisObjectStore:
         if not ids:
             return []
         names = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
-        raws: list[Any] = await self.client.mget([self._key(kind, n) for n in names])
+        async with self.client.pipeline(transaction=False) as pipe:
+            for n in names:
+                pipe.get(self._key(kind, n))
+            raws: list[Any] = await pipe.execute()
         return [(n, Entry.from_json(r)) for n, r in zip(names, raws, strict=True) if r is not None]
 
     async def claim(self, batch_id: str) -> bool:
@@ -144,7 +149,7 @@ class RedisObjectStore:
         await self.client.delete(f"{self.prefix}settled:{batch_id}")
 
 
-def object_store(settings: RouterSettings, client: Redis | None) -> ObjectStore:
+def object_store(settings: RouterSettings, client: Client | None) -> ObjectStore:
     if client is not None:
         return RedisObjectStore(client, settings.redis.key_prefix)
     return MemoryObjectStore()

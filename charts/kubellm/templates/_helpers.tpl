@@ -117,7 +117,8 @@ Usage: include "kubellm.serviceAccountName" (dict "ctx" $ "component" "router")
 
 {{/* Whether the routers share state through Redis (in-chart or external). */}}
 {{- define "kubellm.redis.used" -}}
-{{- if or .Values.redis.enabled .Values.externalRedis.url -}}true{{- end -}}
+{{- $x := .Values.externalRedis -}}
+{{- if or .Values.redis.enabled $x.url $x.nodes $x.sentinels -}}true{{- end -}}
 {{- end -}}
 
 {{/* The Redis URL the routers and the operator get in KUBELLM_REDIS_URL (never with a password). */}}
@@ -135,7 +136,7 @@ Usage: include "kubellm.serviceAccountName" (dict "ctx" $ "component" "router")
 {{- if .Values.redis.auth.enabled -}}
 {{- default (include "kubellm.redis.fullname" .) .Values.redis.auth.existingSecret -}}
 {{- end -}}
-{{- else if .Values.externalRedis.url -}}
+{{- else if include "kubellm.redis.used" . -}}
 {{- .Values.externalRedis.existingSecret -}}
 {{- end -}}
 {{- end -}}
@@ -173,6 +174,13 @@ password never appear in the rendered config Secret.
       name: {{ . }}
       key: {{ include "kubellm.redis.passwordSecretKey" $ }}
 {{- end }}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.existingSecret .Values.externalRedis.sentinelPasswordKey }}
+- name: KUBELLM_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.externalRedis.existingSecret }}
+      key: {{ .Values.externalRedis.sentinelPasswordKey }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -192,6 +200,19 @@ config: router.settings, with the parts the chart wires itself (master key, drai
 {{- if include "kubellm.redis.passwordSecretName" . -}}
 {{- $_ := set $redis "passwordEnv" "KUBELLM_REDIS_PASSWORD" -}}
 {{- end -}}
+{{- $x := .Values.externalRedis -}}
+{{- if and (not .Values.redis.enabled) (ne $x.mode "standalone") -}}
+{{- $_ := set $redis "mode" $x.mode -}}
+{{- with $x.nodes }}{{ $_ := set $redis "nodes" . }}{{ end -}}
+{{- with $x.sentinels }}{{ $_ := set $redis "sentinels" . }}{{ end -}}
+{{- with $x.masterName }}{{ $_ := set $redis "masterName" . }}{{ end -}}
+{{- if and $x.existingSecret $x.sentinelPasswordKey -}}
+{{- $_ := set $redis "sentinelPasswordEnv" "KUBELLM_REDIS_SENTINEL_PASSWORD" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (not .Values.redis.enabled) $x.ledgerWaitReplicas -}}
+{{- $_ := set $redis "ledgerWaitReplicas" $x.ledgerWaitReplicas -}}
+{{- end -}}
 {{- $_ := set $settings "redis" $redis -}}
 {{- end -}}
 {{- toYaml $settings -}}
@@ -204,6 +225,19 @@ config: router.settings, with the parts the chart wires itself (master key, drai
 {{- end -}}
 {{- if and .Values.externalRedis.url (contains "@" .Values.externalRedis.url) -}}
 {{- fail "externalRedis.url must not contain credentials: put the password in externalRedis.existingSecret" -}}
+{{- end -}}
+{{- $x := .Values.externalRedis -}}
+{{- if and .Values.redis.enabled (ne $x.mode "standalone") -}}
+{{- fail (printf "externalRedis.mode %s needs redis.enabled=false: the in-chart Redis is one server" $x.mode) -}}
+{{- end -}}
+{{- if and (eq $x.mode "sentinel") (not (and $x.sentinels $x.masterName)) -}}
+{{- fail "externalRedis.mode sentinel needs externalRedis.sentinels and externalRedis.masterName" -}}
+{{- end -}}
+{{- if and (eq $x.mode "cluster") (not (or $x.url $x.nodes)) -}}
+{{- fail "externalRedis.mode cluster needs externalRedis.url or externalRedis.nodes" -}}
+{{- end -}}
+{{- if and (ne $x.mode "standalone") (contains "{" .Values.redis.keyPrefix) (eq $x.mode "cluster") -}}
+{{- fail "redis.keyPrefix must not contain a {hash tag} in cluster mode: every key would land in one slot" -}}
 {{- end -}}
 {{- $declared := list -}}
 {{- range .Values.router.sinkCredentials }}{{ $declared = append $declared .name }}{{ end -}}

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from redis.asyncio import Redis
 
 if TYPE_CHECKING:
     from ..._config import RouterSettings
+    from ..._redis import Client
 
 #: How far back a chain of previous_response_id is followed (a loop cannot form, but a runaway
 #: client could build a very long chain).
@@ -108,7 +108,7 @@ class MemoryResponseStore:
 class RedisResponseStore:
     """Redis, shared by the router's replicas; entries expire after the TTL (renewed on read)."""
 
-    def __init__(self, client: Redis, prefix: str, ttl_seconds: float) -> None:
+    def __init__(self, client: Client, prefix: str, ttl_seconds: float) -> None:
         self.client = client
         self.prefix = f"{prefix}responses:"
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
@@ -134,7 +134,7 @@ def _text_part(role: Any, text: str) -> dict[str, Any]:
     return {"type": "input_text", "text": text}
 
 
-def responses_store(settings: RouterSettings, client: Redis | None) -> ResponseStore:
+def responses_store(settings: RouterSettings, client: Client | None) -> ResponseStore:
     """The store ``settings.responses`` describes: in Redis when the router has a client."""
     options = settings.responses
     if client is not None:
