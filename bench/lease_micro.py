@@ -21,12 +21,12 @@ import redis as redis_sync
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kubellm.router._budget import BudgetAsk, BudgetCharge, RedisBudgetStore
-from kubellm.router._config import LeaseSettings
-from kubellm.router._lease import LeasingLimiter
-from kubellm.router._limits import LimitRule, Settlement
-from kubellm.router._limits_redis import RedisLimiter
-from kubellm.router._redis import connect
+from kubellm.router.config._schema import LeaseSettings
+from kubellm.router.metering._budget import BudgetAsk, BudgetCharge, RedisBudgetStore
+from kubellm.router.metering._lease import LeasingLimiter
+from kubellm.router.metering._limits import LimitRule, Settlement
+from kubellm.router.metering._limits_redis import RedisLimiter
+from kubellm.router.redis_store import connect
 from tests.support.redis_server import RedisServer
 
 N = 20_000

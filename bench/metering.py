@@ -269,9 +269,9 @@ def redis_ready(url: str) -> str | None:
 
 def straddle(redis_url: str) -> tuple[int, int]:
     """Admissions of 3 limiters (rpm 60): 90 requests 0.3 s before a minute boundary, 90 after."""
-    from kubellm.router._limits import LimitRule
-    from kubellm.router._limits_redis import RedisLimiter
-    from kubellm.router._redis import connect
+    from kubellm.router.metering._limits import LimitRule
+    from kubellm.router.metering._limits_redis import RedisLimiter
+    from kubellm.router.redis_store import connect
 
     async def main() -> tuple[int, int]:
         clients = [connect(redis_url) for _ in range(3)]
@@ -308,12 +308,12 @@ class LeaseRun:
 def lease_overshoot(redis_url: str, seconds: float) -> LeaseRun:
     """Three leasing limiters (one Redis connection each) at an rpm limit, real clock, for ``seconds``:
     admissions per sliding 60 s; then a budget spent down by three leasing limiters."""
-    from kubellm.router._budget import BudgetAsk, BudgetCharge, RedisBudgetStore, period_window
-    from kubellm.router._config import LeaseSettings
-    from kubellm.router._lease import LeasingLimiter
-    from kubellm.router._limits import LimitRule, Settlement
-    from kubellm.router._limits_redis import RedisLimiter
-    from kubellm.router._redis import connect
+    from kubellm.router.config._schema import LeaseSettings
+    from kubellm.router.metering._budget import BudgetAsk, BudgetCharge, RedisBudgetStore, period_window
+    from kubellm.router.metering._lease import LeasingLimiter
+    from kubellm.router.metering._limits import LimitRule, Settlement
+    from kubellm.router.metering._limits_redis import RedisLimiter
+    from kubellm.router.redis_store import connect
 
     rpm, workers = 600, 8
     budget, worst, actual = Decimal("0.05"), Decimal("0.001"), Decimal("0.0002")

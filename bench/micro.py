@@ -28,7 +28,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kubellm.router._ledger import LedgerWriter, SqliteLedger, UsageRecord  # noqa: E402
+from kubellm.router.metering._ledger import LedgerWriter, SqliteLedger, UsageRecord  # noqa: E402
 from tests.support.ledger_crash import make_records  # noqa: E402
 
 #: The ledger's submit() must stay cheap enough to sit on the request path (one journal write).

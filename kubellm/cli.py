@@ -35,9 +35,9 @@ def _port_free(host: str, port: int) -> str | None:
 
 
 def _router(args: argparse.Namespace) -> int:
-    from kubellm.router._config import ConfigError
-    from kubellm.router._quickstart import ENV_BASE_URL, ENV_CONFIG, ENV_MODEL, source_from_env
-    from kubellm.router._state import build_state
+    from kubellm.router import ENV_BASE_URL, ENV_CONFIG, ENV_MODEL, source_from_env
+    from kubellm.router.config import ConfigError
+    from kubellm.router.core import build_state
 
     if sum(map(bool, (args.config, args.model, args.kube_secret))) > 1:
         print("kubellm router: give one of --config, --model, --kube-secret", file=sys.stderr)
@@ -76,7 +76,7 @@ def _router(args: argparse.Namespace) -> int:
 
 
 def _router_from_kube(args: argparse.Namespace) -> int:
-    from kubellm.router._app import ENV_KUBE_SECRET, ENV_KUBECONFIG, ENV_REQUIRE_AUTH
+    from kubellm.router import ENV_KUBE_SECRET, ENV_KUBECONFIG, ENV_REQUIRE_AUTH
 
     namespace, _, name = args.kube_secret.partition("/")
     if not namespace or not name or "/" in name:
@@ -103,8 +103,12 @@ def _router_from_kube(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kubellm.router._http import ENV_HEADER_TIMEOUT, ENV_MAX_HEADER_BYTES, GuardedHttpToolsProtocol
-    from kubellm.router._logging import configure
+    from kubellm.router import (
+        ENV_HEADER_TIMEOUT,
+        ENV_MAX_HEADER_BYTES,
+        GuardedHttpToolsProtocol,
+    )
+    from kubellm.router import configure_logging as configure
 
     configure(args.log_level)
     # Read by each worker's protocol: slow or oversized request heads are cut off (slowloris).
@@ -123,18 +127,18 @@ def _serve(args: argparse.Namespace) -> int:
     }
     if args.workers > 1:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="kubellm-metrics-"))
-        from kubellm.router._supervisor import run
+        from kubellm.router import run_workers as run
 
-        run(uvicorn.Config("kubellm.router._app:app_from_env", factory=True, workers=args.workers, **common))
+        run(uvicorn.Config("kubellm.router:app_from_env", factory=True, workers=args.workers, **common))
     else:
-        from kubellm.router._app import app_from_env
+        from kubellm.router import app_from_env
 
         uvicorn.run(app_from_env(), **common)
     return 0
 
 
 def _config_docs(args: argparse.Namespace) -> int:
-    from kubellm.router._docs import config_reference
+    from kubellm.router.config import config_reference
 
     text = config_reference()
     if args.output:
@@ -150,8 +154,8 @@ def _operator(args: argparse.Namespace) -> int:
     import logging
 
     from kubellm.operator._runtime import RunOptions, run_operator
-    from kubellm.router._config import ConfigError
-    from kubellm.router._kube import KubeError
+    from kubellm.router.config import ConfigError
+    from kubellm.router.kube import KubeError
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -180,7 +184,7 @@ def _render(args: argparse.Namespace) -> int:
     import orjson
 
     from kubellm.operator._runtime import redacted, render_paths
-    from kubellm.router._config import ConfigError
+    from kubellm.router.config import ConfigError
 
     try:
         result = render_paths(args.filename, args.namespace, args.router_settings)

@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 # The shared Kubernetes helper of the router and the operator (public as kubellm.router.kube
 # once the router's modules move into packages).
-from kubellm.router._kube import KubeClient, KubeError
+from kubellm.router.kube import KubeClient, KubeError
 
 # The ApiKey contract with the operator (operator/_crds.py, _build.py, _keys.py; a test checks
 # these match, since the CLI must not import the operator's private modules).

@@ -23,7 +23,7 @@ from kubellm.keys import (
     secret_name_of,
     warn,
 )
-from kubellm.router._kube import KubeClient, KubeError, auto_config
+from kubellm.router.kube import KubeClient, KubeError, auto_config
 
 
 def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:

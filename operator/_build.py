@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubellm.router._config import (
+from kubellm.router.config import (
     ConfigError,
     DeploymentConfig,
     GuardrailConfig,
@@ -27,7 +27,7 @@ from kubellm.router._config import (
     ModelGroupConfig,
     RouterConfig,
     RouterSettings,
-    _find_cycle,
+    find_cycle,
     parse_config,
     validation_message,
 )
@@ -271,7 +271,7 @@ def _key_config(
     body: Body, secrets: Secrets, now: datetime, spend: Mapping[str, Decimal]
 ) -> tuple[KeyConfig, str, datetime | None]:
     """(config, state, expiry) for one ApiKey; raises :class:`Invalid`."""
-    from kubellm.router._budget import validate_period
+    from kubellm.router.metering import validate_period
 
     ref = ref_of("ApiKey", body)
     spec = _spec(body)
@@ -399,7 +399,7 @@ def _groups(
     # Break fallback loops: leave out the newest group on each loop until none is left.
     order = {name: i for i, name in enumerate(kept)}
     while True:
-        cycle = _find_cycle({name: _targets(g) for name, (_, g) in kept.items()})
+        cycle = find_cycle({name: _targets(g) for name, (_, g) in kept.items()})
         if not cycle:
             break
         victim = max(set(cycle), key=order.__getitem__)

@@ -64,7 +64,7 @@ def _providers() -> list[str]:
 
 
 def _modes() -> list[str]:
-    from kubellm.router._modes import MODES
+    from kubellm.router.config import MODES
 
     return list(MODES)
 
@@ -282,7 +282,7 @@ def model_deployment_spec() -> Schema:
             "contextWindow": {"type": "integer", "minimum": 1, "description": "Largest prompt + completion."},
             "pricing": {
                 "type": "object",
-                "description": 'USD per one million tokens (or per image, per search unit) as decimal '
+                "description": "USD per one million tokens (or per image, per search unit) as decimal "
                 'strings (exact: "2.50", not 2.5). Unset fields use the shipped price table.',
                 "properties": {
                     "inputPerMillion": _price("Prompt tokens."),

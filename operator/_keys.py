@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubellm.router._kube import KubeClient, KubeError, secret_data, secret_path
+from kubellm.router.kube import KubeClient, KubeError, secret_data, secret_path
 
 from ._build import KEY_DATA, MIN_KEY_LENGTH, Body, key_prefix, key_secret_name, ref_of
 from ._crds import API_VERSION

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubellm.router._kube import KubeClient, KubeError
+from kubellm.router.kube import KubeClient, KubeError
 
 log = logging.getLogger("kubellm.operator")
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import orjson
 
-from kubellm.router._config import GuardrailConfig, RouterSettings
-from kubellm.router._kube import CONFIG_KEY, KubeClient, KubeError, secret_data, secret_path
+from kubellm.router.config import GuardrailConfig, RouterSettings
+from kubellm.router.kube import CONFIG_KEY, KubeClient, KubeError, secret_data, secret_path
 
 from ._build import (
     KEY_DATA,

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from kubellm.router._config import ConfigError, GuardrailConfig, RouterSettings, validation_message
-from kubellm.router._kube import KubeClient, KubeConfig, KubeError, auto_config
+from kubellm.router.config import ConfigError, GuardrailConfig, RouterSettings, validation_message
+from kubellm.router.kube import KubeClient, KubeConfig, KubeError, auto_config
 
 from ._build import Body, BuildResult, build_config, is_kind
 from ._crds import GROUP, VERSION
@@ -74,6 +74,7 @@ async def _kinds_not_served(client: KubeClient) -> list[str]:
             if exc.status != 403:
                 missing.append(plural)
     return missing
+
 
 def operator_settings(*, namespaced: bool = False) -> kopf.OperatorSettings:
     import kopf

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from kubellm.router._health import rejection_reason
+from kubellm.router.core import rejection_reason
 
 from ._build import Body, Verdict, budget_amount, budget_period, key_prefix, key_secret_name
 
@@ -25,7 +25,7 @@ class KeyUsage:
 
     spend: Decimal
     #: Successful requests; ``rejected`` were refused with 429 (rate limit, budget), ``failed``
-    #: ended in any other error (router/_ledger.py ``outcome``).
+    #: ended in any other error (router/metering/_ledger.py ``outcome``).
     requests: int
     prompt_tokens: int
     completion_tokens: int

@@ -8,11 +8,10 @@ import time
 from collections.abc import Iterable
 from decimal import Decimal
 
-from kubellm.router._budget import period_window
-from kubellm.router._config import RedisSettings
-from kubellm.router._health import RedisHealthStore
-from kubellm.router._ledger import Totals
-from kubellm.router._redis import Client
+from kubellm.router.config import RedisSettings
+from kubellm.router.core import RedisHealthStore
+from kubellm.router.metering import Totals, period_window
+from kubellm.router.redis_store import Client
 
 from ._status import Health, KeyUsage
 
@@ -28,7 +27,7 @@ class UsageReader:
     def __init__(
         self, client: Client, prefix: str = "kubellm:", settings: RedisSettings | None = None
     ) -> None:
-        from kubellm.router._services import redis_ledger
+        from kubellm.router.metering import redis_ledger
 
         self.client = client
         self.ledger = redis_ledger(client, settings or RedisSettings(key_prefix=prefix))
@@ -36,7 +35,7 @@ class UsageReader:
 
     @classmethod
     def from_settings(cls, settings: RedisSettings) -> UsageReader | None:
-        from kubellm.router._redis_connect import connect_settings
+        from kubellm.router.redis_connect import connect_settings
 
         client = connect_settings(settings, timeout=2.0)
         return cls(client, settings.key_prefix, settings) if client is not None else None

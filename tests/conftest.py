@@ -45,6 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if seen[module.__name__] or "start_router" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.e2e)
 
+
 UPSTREAM_KEY = "sk-test-key-7Hq2Vw9Lx4"  # no word a router message uses: see router/_redact.py
 MASTER_KEY = "sk-master-test-0123456789"
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from kubellm.router._anthropic_inbound import AnthropicEventStream, anthropic_request_to_openai
+from kubellm.router.inbound._anthropic import AnthropicEventStream, anthropic_request_to_openai
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY
 from tests.fakes.anthropic_upstream import FakeAnthropic, Reply, error_body
 from tests.fakes.anthropic_upstream import Fault as AnthropicFault

@@ -19,7 +19,7 @@ import anthropic
 import orjson
 import pytest
 
-from kubellm.router._count_tokens import estimate_input_tokens
+from kubellm.router.inbound._count_tokens import estimate_input_tokens
 from tests.fakes.anthropic_upstream import FakeAnthropic, Fault, prompt_words
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.servers import RouterProcess

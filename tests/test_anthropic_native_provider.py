@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 import pytest
 
-from kubellm.router._config import DeploymentConfig
-from kubellm.router._upstream import UpstreamPool
+from kubellm.router.config._schema import DeploymentConfig
 from kubellm.router.providers import Event, Operation, RequestContext
 from kubellm.router.providers.anthropic import AnthropicProvider
+from kubellm.router.upstream._pool import UpstreamPool
 from tests.fakes.anthropic_upstream import (
     SIGNATURE,
     FakeAnthropic,

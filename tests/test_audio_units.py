@@ -6,10 +6,10 @@ from decimal import Decimal
 
 import pytest
 
-from kubellm.router._config import Pricing
 from kubellm.router._errors import InvalidRequestError, PayloadTooLargeError
-from kubellm.router._pricing import price_for, usage_cost
 from kubellm.router.audio._multipart import MAX_FIELD_BYTES, Upload, UploadBody, encode_form, parse_form
+from kubellm.router.config._schema import Pricing
+from kubellm.router.metering._pricing import price_for, usage_cost
 from kubellm.router.providers import Usage
 from kubellm.router.providers._openai_audio import transcription_usage
 

@@ -191,7 +191,15 @@ def test_the_asgi_path_serves_azure_paths_under_any_server(tmp_path: Any) -> Non
     """Under another server (uvicorn's h11 protocol) the Azure paths are dispatched by the ASGI app."""
     port = free_port()
     env = {**os.environ, "KUBELLM_STATE_DIR": str(tmp_path / "state")}
-    argv = [sys.executable, "-m", "uvicorn", "kubellm.router._app:app_from_env", "--factory", "--http", "h11"]
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "kubellm.router:app_from_env",
+        "--factory",
+        "--http",
+        "h11",
+    ]
     proc = subprocess.Popen(
         [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         env=env,

@@ -7,8 +7,8 @@ from collections import Counter
 from typing import Any
 
 from kubellm.router import parse_config
-from kubellm.router._balancer import Stats, order_tier
-from kubellm.router._state import build_state
+from kubellm.router.core._balancer import Stats, order_tier
+from kubellm.router.core._state import build_state
 
 
 def _group(strategy: str, deployments: list[dict[str, Any]], **extra: Any) -> Any:

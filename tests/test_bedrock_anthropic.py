@@ -14,7 +14,7 @@ from urllib.parse import quote
 import anthropic
 import pytest
 
-from kubellm.router._config import DeploymentConfig
+from kubellm.router.config._schema import DeploymentConfig
 from kubellm.router.providers import Operation
 from kubellm.router.providers.bedrock import BedrockProvider
 from tests.conftest import MASTER_KEY

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubellm.router._budget import BudgetStore, MemoryBudgetStore, RedisBudgetStore, period_window
-from kubellm.router._redis import connect
+from kubellm.router.metering._budget import BudgetStore, MemoryBudgetStore, RedisBudgetStore, period_window
+from kubellm.router.redis_store import connect
 from tests.support.redis_server import RedisServer
 
 D = Decimal

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubellm.router._config import RouterSettings
+from kubellm.router.config._schema import RouterSettings
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.support.kube import KubeBinaries, ensure_binaries
 from tests.support.redis_server import RedisServer
@@ -233,7 +233,7 @@ def test_helm_template_objects_are_complete_and_secure(values: Path) -> None:
             assert res["limits"]["cpu"] and res["limits"]["memory"], what
             assert c.get("image") and ":" in c["image"].rsplit("/", 1)[-1], what
     # The operator validates its settings file against the router schema at start: so do we.
-    from kubellm.router._config import RouterSettings
+    from kubellm.router.config._schema import RouterSettings
 
     settings = yaml.safe_load(find(docs, "ConfigMap", f"{RELEASE}-settings")["data"]["settings.yaml"])
     assert RouterSettings.model_validate(settings).master_key_env == "KUBELLM_MASTER_KEY"
@@ -321,7 +321,7 @@ def test_hpa_targets_the_router_deployment() -> None:
 
 
 def test_hpa_custom_metric_is_the_routers_in_flight_gauge() -> None:
-    from kubellm.router import _metrics
+    from kubellm.router.observability import _metrics
 
     docs = rendered([CHART / "ci" / "hpa-custom-metric-values.yaml"])
     metrics = find(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
@@ -954,8 +954,8 @@ def test_redis_command_line_runs_with_the_generated_password(tmp_path: Path) -> 
     the URL + password the routers get (through RouterSettings.redis) authenticate."""
     import redis as redis_lib
 
-    from kubellm.router._config import RedisSettings
-    from kubellm.router._services import redis_url
+    from kubellm.router.config._schema import RedisSettings
+    from kubellm.router.core._services import redis_url
 
     docs = rendered()
     c = container(component(docs, "StatefulSet", "redis"))

@@ -1,8 +1,8 @@
 """Contracts with other libraries' internals, checked against the pinned versions.
 
 The router extends uvicorn's httptools protocol and writes into its request/response cycle
-(router/_http.py, router/_direct.py: the server adapter), and folds histogram observations
-into prometheus_client's children (router/_metrics.py ``observe_many``). These tests pin what
+(router/server/_protocol.py, router/server/_direct.py: the server adapter), and folds histogram observations
+into prometheus_client's children (router/observability/_metrics.py ``observe_many``). These tests pin what
 that code relies on, so that an upgrade that changes it fails here, naming what moved, rather
 than somewhere in the end-to-end suites; and they keep the coupling inside those modules.
 """
@@ -20,12 +20,12 @@ from prometheus_client import CollectorRegistry, Histogram
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from kubellm.router._http import GuardedHttpToolsProtocol
+from kubellm.router.server._protocol import GuardedHttpToolsProtocol
 
 ROUTER = Path(__file__).resolve().parent.parent / "router"
 
 #: The only modules allowed to import uvicorn's internals.
-SERVER_ADAPTER = {"_http.py", "_direct.py", "_supervisor.py"}
+SERVER_ADAPTER = {"_protocol.py", "_direct.py", "_supervisor.py"}
 #: uvicorn's modules that are not its public API (``uvicorn.run``, ``uvicorn.Config``).
 UVICORN_INTERNALS = (
     "uvicorn.protocols",
@@ -116,7 +116,7 @@ def test_the_cycle_fields_the_fast_path_reads_and_writes_exist() -> None:
         True,
         lambda: None,
     )
-    # router/_direct.py reads and assigns these (and nothing else of the cycle).
+    # router/server/_direct.py reads and assigns these (and nothing else of the cycle).
     for field in (
         "scope",
         "body",

@@ -18,15 +18,15 @@ import orjson
 import pytest
 from starlette.responses import Response, StreamingResponse
 
-from kubellm.router._anthropic_inbound import MessagesApi
-from kubellm.router._config import RouterConfig
-from kubellm.router._dispatch import Call, RequestOptions
-from kubellm.router._inbound import Inbound
-from kubellm.router._outcome import Answer, Failure, Stream, StreamError
-from kubellm.router._proxy import Router
-from kubellm.router._services import build_services
-from kubellm.router._state import build_state
+from kubellm.router.config._schema import RouterConfig
+from kubellm.router.core._dispatch import Call, RequestOptions
+from kubellm.router.core._outcome import Answer, Failure, Stream, StreamError
+from kubellm.router.core._router import Router
+from kubellm.router.core._services import build_services
+from kubellm.router.core._state import build_state
+from kubellm.router.inbound._anthropic import MessagesApi
 from kubellm.router.providers import Operation, RequestContext, UpstreamRequest, UpstreamResponse
+from kubellm.router.server._inbound import Inbound
 
 KEY = "sk-Zq9xK2vLpW7mN4rT8bY3cH6"
 

@@ -17,12 +17,12 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from kubellm.router._anthropic_inbound import MessagesApi
-from kubellm.router._config import RouterConfig
-from kubellm.router._count_tokens import estimate_input_tokens, handle_count_tokens
-from kubellm.router._proxy import Router
-from kubellm.router._services import build_services
-from kubellm.router._state import build_state
+from kubellm.router.config._schema import RouterConfig
+from kubellm.router.core._router import Router
+from kubellm.router.core._services import build_services
+from kubellm.router.core._state import build_state
+from kubellm.router.inbound._anthropic import MessagesApi
+from kubellm.router.inbound._count_tokens import estimate_input_tokens, handle_count_tokens
 from kubellm.router.providers import RequestContext, UpstreamRequest, UpstreamResponse
 from tests.fakes.anthropic_upstream import Reply, frame, message_for, stream_events
 from tests.test_core import BodyInbound, FakeResponse, body_of, completion

@@ -224,7 +224,13 @@ def build_context(dest: Path) -> list[str]:
 
 def test_dockerignore_sends_only_what_the_wheel_needs(tmp_path: Path, stages: dict[str, Stage]) -> None:
     files = build_context(tmp_path)
-    for needed in ("pyproject.toml", "README.md", "kubellm/cli.py", "router/_app.py", "operator/_runtime.py"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "kubellm/cli.py",
+        "router/server/_app.py",
+        "operator/_runtime.py",
+    ):
         assert needed in files
     assert "kubellm/router" in files and (tmp_path / "kubellm" / "router").is_symlink()
     for kept_out in (".git/", "tests/", "charts/", "bench/", ".hypothesis/", "__pycache__", ".mypy_cache/"):

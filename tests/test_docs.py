@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kubellm.router._docs import config_reference
+from kubellm.router.config._docs import config_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,8 +41,8 @@ def test_example_router_config_is_valid() -> None:
 
 
 def test_settings_built_at_start_are_real_settings() -> None:
-    from kubellm.router._config import RouterSettings
-    from kubellm.router._docs import BUILT_AT_START
+    from kubellm.router.config._docs import BUILT_AT_START
+    from kubellm.router.config._schema import RouterSettings
 
     aliases = {field.alias or name for name, field in RouterSettings.model_fields.items()}
     assert set(BUILT_AT_START) <= aliases

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from kubellm.router._config import ConfigError, parse_config
-from kubellm.router._outcome import Answer, Failure, Stream, StreamError, StreamEvent
 from kubellm.router._sse import Event
+from kubellm.router.config._schema import ConfigError, parse_config
+from kubellm.router.core._outcome import Answer, Failure, Stream, StreamError, StreamEvent
 from kubellm.router.guardrails import Context, Guardrails, chain, compile_guardrails
 from kubellm.router.guardrails._stream import LOOKBACK
 from kubellm.router.providers import Operation

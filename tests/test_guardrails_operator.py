@@ -10,8 +10,8 @@ import pytest
 from kubellm.operator import _crds
 from kubellm.operator._build import Ref, build_config
 from kubellm.operator._runtime import load_guardrails
-from kubellm.router._config import ConfigError, GuardrailConfig
-from kubellm.router._state import build_state
+from kubellm.router.config._schema import ConfigError, GuardrailConfig
+from kubellm.router.core._state import build_state
 from tests.test_operator_build import NOW, ak, key_secrets, md, mg
 
 PII = GuardrailConfig.model_validate({"name": "pii", "type": "regex-redact", "patterns": [r"\d{3}-\d{4}"]})

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from kubellm.router._config import CooldownSettings
-from kubellm.router._health import HealthTracker, MemoryHealthStore, RedisHealthStore
-from kubellm.router._redis import connect
+from kubellm.router.config._schema import CooldownSettings
+from kubellm.router.core._health import HealthTracker, MemoryHealthStore, RedisHealthStore
+from kubellm.router.redis_store import connect
 from tests.support.redis_server import RedisServer
 
 POLICY = CooldownSettings(

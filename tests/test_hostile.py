@@ -32,10 +32,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from kubellm.router._anthropic_inbound import anthropic_request_to_openai
-from kubellm.router._config import DeploymentConfig
 from kubellm.router._errors import KubellmError
-from kubellm.router._validate import MAX_DEPTH, validate
+from kubellm.router.config._schema import DeploymentConfig
+from kubellm.router.inbound._anthropic import anthropic_request_to_openai
+from kubellm.router.inbound._openai_validate import MAX_DEPTH, validate
 from kubellm.router.providers import Operation, RequestContext, Usage, get_provider, provider_names
 from kubellm.router.providers._base import MAX_TOKENS
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, openai_deployment

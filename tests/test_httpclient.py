@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from kubellm.router import _httpclient as http
-from kubellm.router._proxies import Proxy, ProxyChooser, bypassed
+from kubellm.router.upstream import _client as http
+from kubellm.router.upstream._proxies import Proxy, ProxyChooser, bypassed
 from tests.support.proxy import ForwardProxy
 from tests.support.tls import certificates
 

@@ -15,8 +15,8 @@ import brotli
 import pytest
 import uvloop
 
-from kubellm.router import _decoding
-from kubellm.router import _httpclient as http
+from kubellm.router.upstream import _client as http
+from kubellm.router.upstream import _decoding
 from tests.support.raw_upstream import RawConnection, RawUpstream
 
 BODY = b'{"choices":[{"message":{"content":"' + b"hello compressed world " * 200 + b'"}}]}'
@@ -104,7 +104,7 @@ def test_a_compressed_stream_is_decoded_as_it_arrives() -> None:
     """The first events come out before the server sends the rest: decoding is incremental."""
     first_seen = threading.Event()
     waited: list[bool] = []
-    events = [b"data: {\"n\": %d, \"text\": \"%s\"}\n\n" % (i, b"x" * i) for i in range(40)]
+    events = [b'data: {"n": %d, "text": "%s"}\n\n' % (i, b"x" * i) for i in range(40)]
     stream = b"".join(events)
 
     def answer(conn: RawConnection, request: bytes) -> None:

@@ -14,7 +14,7 @@ import yaml
 from kubellm import keys, keys_cli
 from kubellm.cli import build_parser
 from kubellm.operator import _build, _crds, _keys
-from kubellm.router._kube import KubeError
+from kubellm.router.kube import KubeError
 
 
 def test_the_ApiKey_contract_matches_the_operator() -> None:

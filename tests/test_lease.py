@@ -22,12 +22,12 @@ import openai
 import pytest
 import redis as redis_sync
 
-from kubellm.router._budget import BudgetAsk, BudgetCharge, RedisBudgetStore, period_window
-from kubellm.router._config import LeaseSettings
-from kubellm.router._lease import LeasingLimiter
-from kubellm.router._limits import Admission, LimitRule, Settlement
-from kubellm.router._limits_redis import RedisLimiter
-from kubellm.router._redis import connect
+from kubellm.router.config._schema import LeaseSettings
+from kubellm.router.metering._budget import BudgetAsk, BudgetCharge, RedisBudgetStore, period_window
+from kubellm.router.metering._lease import LeasingLimiter
+from kubellm.router.metering._limits import Admission, LimitRule, Settlement
+from kubellm.router.metering._limits_redis import RedisLimiter
+from kubellm.router.redis_store import connect
 from tests.conftest import UPSTREAM_KEY, openai_deployment
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.redis_server import RedisServer
@@ -323,7 +323,7 @@ async def test_a_charge_applied_before_counts_once(redis_url: str) -> None:
 @synchronously
 async def test_ledger_day_totals_stay_exact_across_the_fast_sum(redis_url: str) -> None:
     """The ledger script adds costs with doubles below 10^15 pico-USD and digit by digit above."""
-    from kubellm.router._ledger import RedisLedger, UsageRecord
+    from kubellm.router.metering._ledger import RedisLedger, UsageRecord
 
     client = connect(redis_url)
     prefix = f"l{uuid.uuid4().hex[:6]}:"

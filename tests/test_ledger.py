@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubellm.router._ledger import (
+from kubellm.router.metering._ledger import (
     GroupBy,
     LedgerStore,
     LedgerWriter,
@@ -32,7 +32,7 @@ from kubellm.router._ledger import (
     UsageRecord,
     totals,
 )
-from kubellm.router._redis import connect
+from kubellm.router.redis_store import connect
 from tests.support.ledger_crash import DAY0, REPORT_WINDOW, make_records, redis_store
 from tests.support.redis_server import RedisServer
 
@@ -546,7 +546,7 @@ def test_fsync_interval_syncs_the_journal(tmp_path: Path, monkeypatch: pytest.Mo
         synced.append(fd)
         real_fsync(fd)
 
-    monkeypatch.setattr("kubellm.router._ledger.os.fsync", fsync)
+    monkeypatch.setattr("kubellm.router.metering._ledger.os.fsync", fsync)
     db = SqliteLedger(tmp_path / "ledger.db")
 
     async def scenario() -> None:

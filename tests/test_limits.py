@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubellm.router._limits import (
+from kubellm.router.metering._limits import (
     Admission,
     Limiter,
     LimitRule,
@@ -24,8 +24,8 @@ from kubellm.router._limits import (
     Settlement,
     format_reset,
 )
-from kubellm.router._limits_redis import RedisLimiter
-from kubellm.router._redis import connect
+from kubellm.router.metering._limits_redis import RedisLimiter
+from kubellm.router.redis_store import connect
 from tests.support.redis_server import RedisServer
 
 T0 = 1_700_000_080.0  # 40 s into an epoch minute
@@ -459,7 +459,7 @@ def test_fused_admission_and_batched_settlement_agree(
     records nothing), and a batch of settlements applies each lease and charge once."""
     from decimal import Decimal
 
-    from kubellm.router._budget import BudgetAsk, BudgetCharge, MemoryBudgetStore, RedisBudgetStore
+    from kubellm.router.metering._budget import BudgetAsk, BudgetCharge, MemoryBudgetStore, RedisBudgetStore
 
     rules = [LimitRule("key:f", rpm=rpm, tpm=tpm), LimitRule("deployment:f", max_parallel=2)]
     limit = Decimal(budget) / 100
@@ -504,7 +504,7 @@ def test_a_budget_denial_records_no_limit_and_a_limit_denial_reserves_nothing(
 ) -> None:
     from decimal import Decimal
 
-    from kubellm.router._budget import BudgetAsk, MemoryBudgetStore, RedisBudgetStore
+    from kubellm.router.metering._budget import BudgetAsk, MemoryBudgetStore, RedisBudgetStore
 
     async def scenario() -> None:
         client = connect(redis_url)

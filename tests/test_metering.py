@@ -364,9 +364,9 @@ def test_spend_during_a_redis_outage_is_charged_to_the_budget_once_it_returns(
 
 
 def _call(body: dict[str, Any], windows: tuple[int | None, ...] = (None,), **settings: Any) -> Any:
-    from kubellm.router._config import RouterConfig
-    from kubellm.router._dispatch import Call, RequestOptions
-    from kubellm.router._state import build_state
+    from kubellm.router.config._schema import RouterConfig
+    from kubellm.router.core._dispatch import Call, RequestOptions
+    from kubellm.router.core._state import build_state
     from kubellm.router.providers import Operation
 
     deployments = [
@@ -398,7 +398,7 @@ def _call(body: dict[str, Any], windows: tuple[int | None, ...] = (None,), **set
 
 
 def test_worst_case_reservation_rules() -> None:
-    from kubellm.router._metering import worst_case
+    from kubellm.router.metering._meter import worst_case
 
     msgs = [{"role": "user", "content": "hi"}]  # 8 estimated prompt tokens
     price = Decimal("1e-6")
@@ -484,15 +484,15 @@ def test_one_script_admits_a_request_and_one_script_settles_a_batch(
     settlements (leases and budget charges) of 20 finished requests share one EVALSHA."""
     import hashlib
 
-    from kubellm.router._budget import RedisBudgetStore
-    from kubellm.router._config import RouterConfig
-    from kubellm.router._dispatch import Call, RequestOptions
-    from kubellm.router._ledger import LedgerWriter, SqliteLedger
-    from kubellm.router._limits_redis import RedisLimiter
-    from kubellm.router._metering import Meter
-    from kubellm.router._redis import connect
-    from kubellm.router._state import build_state
+    from kubellm.router.config._schema import RouterConfig
+    from kubellm.router.core._dispatch import Call, RequestOptions
+    from kubellm.router.core._state import build_state
+    from kubellm.router.metering._budget import RedisBudgetStore
+    from kubellm.router.metering._ledger import LedgerWriter, SqliteLedger
+    from kubellm.router.metering._limits_redis import RedisLimiter
+    from kubellm.router.metering._meter import Meter
     from kubellm.router.providers import Operation, Usage
+    from kubellm.router.redis_store import connect
 
     redis.flush()
     doc = {

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
-from kubellm.router import _metrics as metrics
-from kubellm.router._finished import Finished
+from kubellm.router.core._finished import Finished
+from kubellm.router.observability import _metrics as metrics
 from kubellm.router.providers import Usage
 
 

@@ -10,12 +10,12 @@ from decimal import Decimal
 import pytest
 
 from kubellm.operator._build import build_config
-from kubellm.router._config import ConfigError, DeploymentConfig, Pricing, parse_config
-from kubellm.router._modes import infer_mode, operation_mode
-from kubellm.router._pricing import price_for, usage_cost
-from kubellm.router._state import Deployment, build_state
-from kubellm.router._units import requested_units
-from kubellm.router.inbound.multipart import encode_form, parse_form
+from kubellm.router.config._modes import infer_mode, operation_mode
+from kubellm.router.config._schema import ConfigError, DeploymentConfig, Pricing, parse_config
+from kubellm.router.core._state import Deployment, build_state
+from kubellm.router.inbound._multipart import encode_form, parse_form
+from kubellm.router.metering._pricing import price_for, usage_cost
+from kubellm.router.metering._units import requested_units
 from kubellm.router.providers import Operation, Usage
 from tests.fakes.surface_wire import PNG
 from tests.test_operator_build import md

@@ -15,7 +15,7 @@ import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubellm.router._pricing import PICO, format_usd, from_pico
+from kubellm.router.metering._pricing import PICO, format_usd, from_pico
 from tests.conftest import MASTER_KEY
 from tests.support.servers import RouterProcess
 

@@ -13,8 +13,8 @@ import pytest
 from openapi_spec_validator import validate
 
 from kubellm.router import parse_config
-from kubellm.router._app import ConfigSource, create_app
 from kubellm.router.openapi import openapi_document
+from kubellm.router.server._app import ConfigSource, create_app
 
 MODEL_ROUTES = [
     "/v1/chat/completions",

@@ -27,8 +27,8 @@ from kubellm.operator._status import (
     deployment_status,
     status_patch,
 )
-from kubellm.router._config import parse_config
-from kubellm.router._state import build_state
+from kubellm.router.config._schema import parse_config
+from kubellm.router.core._state import build_state
 from kubellm.router.providers import provider_names
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -570,6 +570,7 @@ def test_router_waits_for_its_first_config(env: Env) -> None:
         args=["--kube-secret", f"{SYSTEM}/late-config", "--kubeconfig", str(admin_kc)]
     ).start(wait=False)
     try:
+
         def answer() -> tuple[int, bytes] | None:
             try:
                 return http_get(late.base_url + "/health/readiness")
@@ -633,8 +634,8 @@ def test_config_watch_relists_after_410_and_keeps_the_last_good_config(tmp_path:
 
     from aiohttp import web
 
-    from kubellm.router._config import RouterConfig
-    from kubellm.router._kube import watch_config_secret
+    from kubellm.router.config._schema import RouterConfig
+    from kubellm.router.kube import watch_config_secret
     from tests.support.servers import ThreadedApp
 
     def deployments(model: str) -> dict[str, Any]:
@@ -707,7 +708,7 @@ def test_config_watch_relists_after_410_and_keeps_the_last_good_config(tmp_path:
 
 
 def test_kubeconfig_and_in_cluster_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubellm.router._kube import auto_config, in_cluster_config, load_kubeconfig
+    from kubellm.router.kube import auto_config, in_cluster_config, load_kubeconfig
 
     (tmp_path / "ca.crt").write_text("x")
     (tmp_path / "kc").write_text(

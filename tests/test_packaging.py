@@ -34,7 +34,7 @@ def test_tests_import_the_package_not_the_folders() -> None:
 def test_error_logs_carry_the_exception_type_not_its_traceback() -> None:
     code = (
         "import logging, time\n"
-        "from kubellm.router._logging import configure\n"
+        "from kubellm.router.observability._logging import configure\n"
         "configure('info')\n"
         "try:\n"
         "    secret = 'sk-local-value'\n"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubellm.router._config import Pricing
-from kubellm.router._pricing import (
+from kubellm.router.config._schema import Pricing
+from kubellm.router.metering._pricing import (
     DEFAULT_PRICES,
     PRICES_AS_OF,
     Price,
@@ -83,9 +83,9 @@ def test_table_is_dated_and_sane() -> None:
         # Image and rerank models are priced per unit, audio models per character or second;
         # moderation is free.
         audio = [r for r in (p.per_million_characters, p.per_second) if r is not None]
-        assert (
-            p.input_per_million > 0 or p.per_image or p.per_search_unit or audio or "moderation" in name
-        ), name
+        assert p.input_per_million > 0 or p.per_image or p.per_search_unit or audio or "moderation" in name, (
+            name
+        )
         assert all(r > 0 for r in audio), name
         for unit in (p.per_image, p.per_search_unit):
             assert unit is None or (unit > 0 and unit.scaleb(12) == unit.scaleb(12).to_integral_value()), name

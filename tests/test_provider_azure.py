@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubellm.router._config import DeploymentConfig
 from kubellm.router._errors import ContentFilterError, RateLimitError
-from kubellm.router._validate import validate
+from kubellm.router.config._schema import DeploymentConfig
+from kubellm.router.inbound._openai_validate import validate
 from kubellm.router.providers import Operation, RequestContext
 from kubellm.router.providers.azure import AzureOpenAIProvider
 from tests.fakes.azure_upstream import (
@@ -143,8 +143,8 @@ def test_entra_credential_is_sent_as_a_bearer_token(client: openai.OpenAI, fake:
 
 def test_missing_api_version_fails_at_config_load() -> None:
     from kubellm.router import parse_config
-    from kubellm.router._config import ConfigError
-    from kubellm.router._state import build_state
+    from kubellm.router.config._schema import ConfigError
+    from kubellm.router.core._state import build_state
 
     config = parse_config(
         {"deployments": [{"model": "m", "provider": "azure", "baseUrl": "http://127.0.0.1:9"}]}

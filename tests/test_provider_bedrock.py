@@ -19,7 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubellm.router._config import DeploymentConfig
 from kubellm.router._errors import (
     AuthenticationError,
     ContextLengthExceededError,
@@ -27,6 +26,7 @@ from kubellm.router._errors import (
     RateLimitError,
     UpstreamStatusError,
 )
+from kubellm.router.config._schema import DeploymentConfig
 from kubellm.router.providers import Operation, RequestContext
 from kubellm.router.providers._bedrock_converse import (
     ConverseStreamTranslator,

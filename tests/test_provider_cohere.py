@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubellm.router._config import DeploymentConfig
-from kubellm.router._validate import validate
+from kubellm.router.config._schema import DeploymentConfig
+from kubellm.router.inbound._openai_validate import validate
 from kubellm.router.providers import Operation, RequestContext
 from kubellm.router.providers.cohere import CohereProvider, cohere_finish_reason_to_openai
 from tests.fakes.azure_upstream import embedding_vector

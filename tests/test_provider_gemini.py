@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubellm.router._config import DeploymentConfig
 from kubellm.router._errors import (
     AuthenticationError,
     ContextLengthExceededError,
     InvalidRequestError,
     RateLimitError,
 )
+from kubellm.router.config._schema import DeploymentConfig
 from kubellm.router.providers import Operation, RequestContext
 from kubellm.router.providers._gemini import (
     GeminiStreamTranslator,

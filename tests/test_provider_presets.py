@@ -18,8 +18,8 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubellm.router._config import DeploymentConfig
-from kubellm.router._validate import validate
+from kubellm.router.config._schema import DeploymentConfig
+from kubellm.router.inbound._openai_validate import validate
 from kubellm.router.providers import Operation, RequestContext, get_provider
 from kubellm.router.providers.presets import PRESETS
 from tests.conftest import UPSTREAM_KEY

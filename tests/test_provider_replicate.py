@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubellm.router._config import DeploymentConfig
 from kubellm.router._errors import (
     ContentFilterError,
     ContextLengthExceededError,
@@ -26,6 +25,7 @@ from kubellm.router._errors import (
     RateLimitError,
     UpstreamStatusError,
 )
+from kubellm.router.config._schema import DeploymentConfig
 from kubellm.router.providers import Operation, RequestContext, get_provider
 from kubellm.router.providers.replicate import (
     ReplicateProvider,

@@ -104,7 +104,7 @@ def test_the_process_wide_registry() -> None:
 
 
 def test_what_each_provider_counts_as_its_credentials() -> None:
-    from kubellm.router._config import DeploymentConfig
+    from kubellm.router.config._schema import DeploymentConfig
     from kubellm.router.providers import get_provider
 
     def dep(provider: str, **extra: object) -> DeploymentConfig:

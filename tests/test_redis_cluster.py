@@ -17,11 +17,11 @@ import openai
 import pytest
 import redis as redis_sync
 
-from kubellm.router._budget import period_window
-from kubellm.router._config import RedisSettings
-from kubellm.router._ledger import UsageRecord
-from kubellm.router._redis_connect import connect_settings
-from kubellm.router._services import redis_ledger
+from kubellm.router.config._schema import RedisSettings
+from kubellm.router.core._services import redis_ledger
+from kubellm.router.metering._budget import period_window
+from kubellm.router.metering._ledger import UsageRecord
+from kubellm.router.redis_connect import connect_settings
 from tests.conftest import UPSTREAM_KEY, openai_deployment
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.redis_cluster import RedisClusterServers, SentinelServers
@@ -232,11 +232,11 @@ def test_sentinel_failover_keeps_limits_budgets_and_the_ledger(fake_openai: Fake
 def test_every_store_speaks_to_the_cluster(cluster: RedisClusterServers) -> None:
     """Breakers, the response cache, the Responses store, budgets and the ledger on the cluster
     client, as the router builds them (build_services)."""
-    from kubellm.router._budget import RedisBudgetStore
-    from kubellm.router._cache import RedisCache
-    from kubellm.router._config import CacheSettings, CooldownSettings
-    from kubellm.router._health import RedisHealthStore
+    from kubellm.router.config._schema import CacheSettings, CooldownSettings
+    from kubellm.router.core._cache import RedisCache
+    from kubellm.router.core._health import RedisHealthStore
     from kubellm.router.inbound.responses._store import RedisResponseStore, StoredResponse
+    from kubellm.router.metering._budget import RedisBudgetStore
 
     settings = RedisSettings(mode="cluster", nodes=cluster.nodes, key_prefix="s:")
 
@@ -284,10 +284,10 @@ def test_every_store_speaks_to_the_cluster(cluster: RedisClusterServers) -> None
 def test_a_refusal_on_one_shard_rolls_back_the_others(cluster: RedisClusterServers) -> None:
     """The key's limits and budget on one slot, the deployment's on another: a refusal by the
     deployment undoes the key's request count, lease and budget hold exactly."""
-    from kubellm.router._budget import BudgetAsk, RedisBudgetStore
-    from kubellm.router._limits import LimitRule
-    from kubellm.router._limits_cluster import ClusterLimiter
-    from kubellm.router._redis_connect import slot
+    from kubellm.router.metering._budget import BudgetAsk, RedisBudgetStore
+    from kubellm.router.metering._limits import LimitRule
+    from kubellm.router.metering._limits_cluster import ClusterLimiter
+    from kubellm.router.redis_connect import slot
 
     settings = RedisSettings(mode="cluster", nodes=cluster.nodes, key_prefix="rb:")
     key, dep = LimitRule("key:rb", rpm=100, max_parallel=10), LimitRule("deployment:rb", rpm=1)

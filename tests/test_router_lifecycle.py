@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 
-from kubellm.router._config import ConfigError, parse_config
+from kubellm.router.config._schema import ConfigError, parse_config
 from tests.conftest import openai_deployment
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.support.servers import RouterProcess, free_port, http_get
@@ -253,7 +253,15 @@ def test_the_asgi_app_serves_model_endpoints_under_any_server(tmp_path: Any) -> 
     """Under another server (here uvicorn's h11 protocol) the model endpoints take the ASGI path."""
     port = free_port()
     env = {**os.environ, "KUBELLM_STATE_DIR": str(tmp_path / "state")}
-    argv = [sys.executable, "-m", "uvicorn", "kubellm.router._app:app_from_env", "--factory", "--http", "h11"]
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "kubellm.router:app_from_env",
+        "--factory",
+        "--http",
+        "h11",
+    ]
     proc = subprocess.Popen(
         [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         env=env,
@@ -287,8 +295,8 @@ def test_the_asgi_app_serves_model_endpoints_under_any_server(tmp_path: Any) -> 
 
 
 def test_model_routes_are_named_by_operation_with_and_without_v1() -> None:
-    from kubellm.router._app import ConfigSource, create_app
-    from kubellm.router._quickstart import embedded_default
+    from kubellm.router.config._quickstart import embedded_default
+    from kubellm.router.server._app import ConfigSource, create_app
 
     app = create_app(ConfigSource(config=embedded_default()))
     names = {getattr(r, "path", ""): getattr(r, "name", "") for r in app.routes}

@@ -25,9 +25,9 @@ import pytest
 import redis
 from aiohttp import web
 
-from kubellm.router import _state
-from kubellm.router._config import parse_config
-from kubellm.router._state import build_state, hash_key
+from kubellm.router.config._schema import parse_config
+from kubellm.router.core import _state
+from kubellm.router.core._state import build_state, hash_key
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, openai_deployment
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.otlp_collector import FakeCollector

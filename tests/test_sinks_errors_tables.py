@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from kubellm.router import ConfigError, parse_config
-from kubellm.router.sinks._supabase import COLUMNS, table_sql
+from kubellm.router.observability.sinks._supabase import COLUMNS, table_sql
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, openai_deployment
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.otlp_collector import FakeCollector
@@ -330,15 +330,15 @@ def test_sentry_429_is_retried_after_its_retry_after_and_a_401_dropped() -> None
     ],
 )
 def test_dsn_names_the_envelope_endpoint(dsn: str, url: str, key: str) -> None:
-    from kubellm.router.sinks._sentry import parse_dsn
+    from kubellm.router.observability.sinks._sentry import parse_dsn
 
     assert parse_dsn(dsn) == (url, key)
 
 
 @pytest.mark.parametrize("dsn", ["https://sentry.io/42", "https://k@sentry.io/abc", "ftp://k@h/1"])
 def test_a_bad_dsn_is_refused_without_quoting_it(dsn: str) -> None:
-    from kubellm.router.sinks._base import SinkSetupError
-    from kubellm.router.sinks._sentry import parse_dsn
+    from kubellm.router.observability.sinks._base import SinkSetupError
+    from kubellm.router.observability.sinks._sentry import parse_dsn
 
     with pytest.raises(SinkSetupError) as info:
         parse_dsn(dsn)

@@ -46,6 +46,7 @@ def sse(chunk: dict[str, Any]) -> bytes:
 
 def stream_events(words: list[str]) -> list[bytes]:
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
     def event(delta: dict[str, str], finish: str | None = None) -> bytes:
         return sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 

@@ -15,7 +15,7 @@ import anthropic
 import openai
 import pytest
 
-from kubellm.router._config import DeploymentConfig
+from kubellm.router.config._schema import DeploymentConfig
 from kubellm.router.providers import Operation
 from kubellm.router.providers.vertex import VertexProvider
 from tests.conftest import MASTER_KEY

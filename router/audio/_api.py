@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response, StreamingResponse
 
-from .._api import JSON, SSE, InboundApi, Requested
 from .._errors import InvalidRequestError
-from .._outcome import Answer, Outcome, Stream, StreamError, StreamEvent
+from ..core._outcome import Answer, Outcome, Stream, StreamError, StreamEvent
+from ..inbound._base import JSON, SSE, InboundApi, Requested
 from ..providers import Operation, Usage
 from ._multipart import UploadBody, read_form
 
 if TYPE_CHECKING:
-    from .._config import RouterSettings
-    from .._dispatch import Call
-    from .._inbound import Inbound
+    from ..config._schema import RouterSettings
+    from ..core._dispatch import Call
+    from ..server._inbound import Inbound
 
 __all__ = ["SpeechApi", "TranscriptionApi", "audio_usage"]
 

@@ -14,7 +14,7 @@ from email.message import Message
 from typing import Any
 
 from .._errors import InvalidRequestError, PayloadTooLargeError
-from .._inbound import Inbound
+from ..server._inbound import Inbound
 
 __all__ = ["Form", "Upload", "UploadBody", "encode_form", "parse_form", "read_form"]
 

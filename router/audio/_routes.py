@@ -11,10 +11,10 @@ from ._api import SpeechApi, TranscriptionApi
 if TYPE_CHECKING:
     from starlette.responses import Response
 
-    from .._api import InboundApi
-    from .._app import RouterApp
-    from .._inbound import Inbound
-    from .._proxy import Router
+    from ..core._router import Router
+    from ..inbound._base import InboundApi
+    from ..server._app import RouterApp
+    from ..server._inbound import Inbound
 
 _JSON_BODY = {
     "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}

@@ -21,8 +21,8 @@ from ..providers._openai_shaped import OpenAIShapedProvider
 from ..providers.azure import AzureOpenAIProvider
 
 if TYPE_CHECKING:
-    from .._proxy import Caller, Router
-    from .._state import Deployment, ModelGroup, RouterState
+    from ..core._router import Caller, Router
+    from ..core._state import Deployment, ModelGroup, RouterState
 
 #: Providers whose deployments have OpenAI's files and batches APIs.
 PLATFORM_PROVIDERS = frozenset({"openai", "azure"})
@@ -102,7 +102,7 @@ async def call(
     content_type: str | None = None,
 ) -> UpstreamResponse:
     """One call to ``dep``'s files or batches API; an upstream error becomes a scrubbed KubellmError."""
-    from .._proxy import next_request_id
+    from ..core._router import next_request_id
 
     provider = dep.provider
     assert isinstance(provider, OpenAIShapedProvider)  # PLATFORM_PROVIDERS only

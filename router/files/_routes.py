@@ -21,20 +21,20 @@ from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .._api import JSON
 from .._errors import InvalidRequestError, KubellmError
-from .._inbound import AsgiInbound
-from .._proxy import Caller, authenticate, error_response
-from .._validate import parse_body
 from ..audio._multipart import Upload, encode_form, read_form
+from ..core._router import Caller, authenticate, error_response
+from ..inbound._base import JSON
+from ..inbound._openai_validate import parse_body
+from ..server._inbound import AsgiInbound
 from ._platform import call, call_json, choose_deployment, find_deployment, group_for, not_found, path_id
 from ._settle import settle
 from ._store import Entry, Kind
 
 if TYPE_CHECKING:
-    from .._app import RouterApp
-    from .._proxy import Router
-    from .._state import Deployment
+    from ..core._router import Router
+    from ..core._state import Deployment
+    from ..server._app import RouterApp
 
 Handler = Callable[[Request, Caller], Awaitable[Response]]
 #: These routes do not go through the dispatcher, so they count themselves.

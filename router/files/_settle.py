@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .. import _metrics as metrics
-from .._ledger import UsageRecord
-from .._metering import deployment_price
-from .._pricing import usage_cost
+from ..metering._ledger import UsageRecord
+from ..metering._meter import deployment_price
+from ..metering._pricing import usage_cost
+from ..observability import _metrics as metrics
 from ..providers import Usage
 from ..providers._openai_responses import usage_from_responses
 from ._platform import call, path_id
 from ._store import Entry
 
 if TYPE_CHECKING:
-    from .._proxy import Caller, Router
-    from .._state import Deployment
+    from ..core._router import Caller, Router
+    from ..core._state import Deployment
 
 log = logging.getLogger("kubellm.router")
 

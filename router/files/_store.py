@@ -23,8 +23,8 @@ import orjson
 from ..inbound.responses._store import owner_tag
 
 if TYPE_CHECKING:
-    from .._config import RouterSettings
-    from .._redis import Client
+    from ..config._schema import RouterSettings
+    from ..redis_store import Client
 
 Kind = Literal["file", "batch"]
 #: How long a settled-batch flag is kept (batches complete within 24 hours; their ids are not reused).

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .._config import GuardrailConfig
 from .._errors import KubellmError
-from .._tokens import count_tokens
+from ..config._schema import GuardrailConfig
+from ..metering._tokens import count_tokens
 
 __all__ = [
     "Check",

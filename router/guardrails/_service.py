@@ -16,12 +16,12 @@ from typing import Any
 
 import orjson
 
-from .. import _httpclient as http
-from .. import _metrics as metrics
-from .._config import RouterConfig
 from .._errors import KubellmError
-from .._outcome import Answer, Failure, Outcome, Stream
+from ..config._schema import RouterConfig
+from ..core._outcome import Answer, Failure, Outcome, Stream
+from ..observability import _metrics as metrics
 from ..providers import Operation
+from ..upstream import _client as http
 from ._builtin import Check, GuardrailUnavailableError, MaxPromptSize, Redact, compile_builtin, denied
 from ._stream import Refused, StreamGuard, buffered, guarded
 from ._text import answer_texts, map_answer, map_request, request_texts

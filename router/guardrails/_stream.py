@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from .. import _metrics as metrics
 from .._errors import KubellmError
-from .._outcome import Batch, StreamError, StreamEvent
 from .._sse import Event
+from ..core._outcome import Batch, StreamError, StreamEvent
+from ..observability import _metrics as metrics
 from ..providers import Operation
 from ._builtin import Check, Redact, denied
 

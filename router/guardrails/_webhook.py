@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from .. import _httpclient as http
-from .._config import ConfigError, GuardrailConfig
-from .._httpclient import _target  # type: ignore[attr-defined]
+from ..config._schema import ConfigError, GuardrailConfig
+from ..upstream import _client as http
+from ..upstream._client import _target  # type: ignore[attr-defined]
 from ._builtin import stages_of
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._validate import MAX_DIMENSIONS, ROLES
+from ..inbound._openai_validate import MAX_DIMENSIONS, ROLES
 from ._schema import INT_MAX, INT_MIN, NOTHING, Schema, integer, nullable, number, obj
 
 _PART: Schema = {

@@ -33,7 +33,7 @@ def path(name: str, description: str) -> Schema:
     return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
 
 
-#: The per-request choices every model route reads (router/_proxy.py request_options).
+#: The per-request choices every model route reads (router/core/_router.py request_options).
 MODEL_HEADERS = [
     header(
         "x-kubellm-fallbacks",

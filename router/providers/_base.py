@@ -39,7 +39,7 @@ from .._sse import Event as Event
 from .._sse import Payload as Payload
 
 if TYPE_CHECKING:
-    from .._config import DeploymentConfig, Timeouts
+    from ..config._schema import DeploymentConfig, Timeouts
 
 
 class Operation(StrEnum):

@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 
 from .._errors import UpstreamProtocolError
-from .._units import requested_units
-from ..inbound.multipart import encode_form
+from ..inbound._multipart import encode_form
+from ..metering._units import requested_units
 from ._base import (
     Operation,
     ProviderResponse,
@@ -191,7 +191,6 @@ def read_openai_compatible(doc: dict[str, Any]) -> tuple[RerankResult, str | Non
     tokens = usage.get("total_tokens", usage.get("prompt_tokens"))
     answer_id = doc.get("id") if isinstance(doc.get("id"), str) else None
     return read_scored(doc), answer_id, None, int(tokens) if isinstance(tokens, int) else None
-
 
 
 def cohere_rerank_body(body: dict[str, Any], model: str) -> dict[str, Any]:

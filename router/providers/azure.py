@@ -56,7 +56,7 @@ from ._openai_responses import ResponsesPassthroughTranslator
 from ._openai_shaped import OpenAIPassthroughTranslator, OpenAIShapedProvider
 
 if TYPE_CHECKING:
-    from .._config import DeploymentConfig
+    from ..config._schema import DeploymentConfig
 
 #: A credential written ``entra:<token>`` is a Microsoft Entra ID bearer token, not an API key.
 ENTRA_PREFIX = "entra:"

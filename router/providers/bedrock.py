@@ -36,7 +36,6 @@ from urllib.parse import quote
 import orjson
 
 from .. import _redact as redact
-from .._config import DeploymentConfig
 from .._errors import InvalidRequestError, KubellmError, UpstreamProtocolError
 from ._anthropic_native import parse_count, parse_native
 from ._base import (
@@ -61,7 +60,7 @@ from ._embeddings import LocalResponse, embedding_inputs, estimate_tokens, opena
 from ._surface import bedrock_reader, bedrock_rerank_body, finish_rerank, parse_surface
 
 if TYPE_CHECKING:
-    from .._config import DeploymentConfig
+    from ..config._schema import DeploymentConfig
 
 COHERE_BATCH = 96
 _API_KEY_PREFIXES = ("ABSK", "bedrock-api-key-")

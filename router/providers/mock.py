@@ -26,7 +26,7 @@ import orjson
 
 from .._errors import InvalidRequestError
 from .._sse import DONE, frame
-from .._tokens import count_tokens, prompt_tokens, text_of
+from ..metering._tokens import count_tokens, prompt_tokens, text_of
 from ._base import Operation, RequestContext, UpstreamClient, UpstreamResponse
 from ._embeddings import LocalResponse
 from ._mock_json import instance_of

@@ -50,7 +50,7 @@ from ._google_auth import ServiceAccount, TokenCache, load_service_account, serv
 from .gemini import GoogleGenAIProvider
 
 if TYPE_CHECKING:
-    from .._config import DeploymentConfig
+    from ..config._schema import DeploymentConfig
 
 
 class VertexProvider(GoogleGenAIProvider):

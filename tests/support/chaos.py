@@ -55,7 +55,7 @@ import openai
 import orjson
 import redis
 
-from kubellm.router._ledger import UsageRecord
+from kubellm.router.metering._ledger import UsageRecord
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.support.redis_server import RedisServer
 from tests.support.servers import RouterProcess, as_written, free_port, http_get
@@ -340,7 +340,7 @@ class Fleet:
             doc = self.config(self.revision)
             for router in self.routers:
                 router.write_config(doc)
-            from kubellm.router._config import parse_config
+            from kubellm.router.config._schema import parse_config
 
             return parse_config(as_written(doc)).version
         for router in self.routers:

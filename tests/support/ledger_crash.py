@@ -16,9 +16,9 @@ import sys
 import uuid
 from datetime import UTC, datetime
 
-from kubellm.router._ledger import LedgerStore, LedgerWriter, RedisLedger, SqliteLedger, UsageRecord
-from kubellm.router._pricing import DEFAULT_PRICES, cost
-from kubellm.router._redis import connect
+from kubellm.router.metering._ledger import LedgerStore, LedgerWriter, RedisLedger, SqliteLedger, UsageRecord
+from kubellm.router.metering._pricing import DEFAULT_PRICES, cost
+from kubellm.router.redis_store import connect
 
 DAY0 = datetime(2025, 3, 10, tzinfo=UTC).timestamp()
 REPORT_WINDOW = 1  # submits that may have returned unreported when the process is killed

@@ -22,20 +22,20 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from ..._api import JSON, SSE, InboundApi, Requested, stream_headers
 from ..._errors import KubellmError
-from ..._outcome import Answer, Failure, Outcome, Stream, StreamError, StreamEvent
 from ..._sse import Event, frame
-from ..._validate import validate as validate_chat
+from ...core._outcome import Answer, Failure, Outcome, Stream, StreamError, StreamEvent
 from ...providers import Operation
+from .._base import JSON, SSE, InboundApi, Requested, stream_headers
+from .._openai_validate import validate as validate_chat
 from ._render import chat_completion_to_response, failed, new_id
 from ._request import check_request, input_items, responses_request_to_chat
 from ._store import BrokenChainError, ResponseStore, StoredResponse, as_input, history, with_ids
 from ._stream import ChatToResponsesStream, response_error_code
 
 if TYPE_CHECKING:
-    from ..._dispatch import Call
-    from ..._proxy import Caller
+    from ...core._dispatch import Call
+    from ...core._router import Caller
 
 
 class ResponseNotFoundError(KubellmError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..._errors import InvalidRequestError
-from ..._validate import CLIENT_TARGET_FIELDS, as_integer
+from .._openai_validate import CLIENT_TARGET_FIELDS, as_integer
 
 #: Responses parameters that pass to chat under the same name.
 _SAME_NAME = ("temperature", "top_p", "parallel_tool_calls", "top_logprobs", "prompt_cache_key")

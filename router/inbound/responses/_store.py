@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 if TYPE_CHECKING:
-    from ..._config import RouterSettings
-    from ..._redis import Client
+    from ...config._schema import RouterSettings
+    from ...redis_store import Client
 
 #: How far back a chain of previous_response_id is followed (a loop cannot form, but a runaway
 #: client could build a very long chain).

@@ -1,0 +1,1 @@
+"""Observability: metrics, logs, traces and the sinks, fed by one finished-request record."""

@@ -1,4 +1,0 @@
-"""What the observability sinks send: one record per finished request, and its vendor shapes.
-
-:mod:`kubellm.router._sinks` runs the sinks; this package only turns records into wire formats.
-"""
