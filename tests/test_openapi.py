@@ -24,7 +24,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import MASTER_KEY
+from tests.conftest import MASTER_KEY, UPSTREAM_KEY
+from tests.fakes.openai_platform import FakePlatform
 from tests.support.servers import RouterProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,9 +34,36 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def router() -> Iterator[RouterProcess]:
-    config = {"deployments": [{"model": "mock", "provider": "mock"}], "settings": {"numRetries": 0}}
-    proc = RouterProcess(config, env={"KUBELLM_MASTER_KEY": MASTER_KEY})
+def platform() -> Iterator[FakePlatform]:
+    """OpenAI's audio, files and batches APIs, which the mock provider does not have."""
+    with FakePlatform(UPSTREAM_KEY, "openai", name="oa") as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def router(platform: FakePlatform) -> Iterator[RouterProcess]:
+    # One model group, ``mock``, reaches every route: the mock provider answers chat, embeddings,
+    # images, moderations and rerank; an OpenAI deployment (on the fake) audio, files and batches.
+    config = {
+        "deployments": [
+            {
+                "model": "mock",
+                "provider": "mock",
+                "mode": ["chat", "embedding", "image", "moderation", "rerank"],
+            },
+            {
+                "name": "mock-audio",
+                "model": "mock",
+                "provider": "openai",
+                "mode": "audio",
+                "upstreamModel": "gpt-4o-mini-tts",
+                "baseUrl": platform.base_url,
+                "apiKeyEnv": "TEST_UPSTREAM_KEY",
+            },
+        ],
+        "settings": {"numRetries": 0},
+    }
+    proc = RouterProcess(config, env={"KUBELLM_MASTER_KEY": MASTER_KEY, "TEST_UPSTREAM_KEY": UPSTREAM_KEY})
     proc.start()
     yield proc
     proc.stop()
@@ -94,8 +122,9 @@ def test_schemathesis_finds_nothing_with_every_check(router: RouterProcess, tmp_
     # cwd: schemathesis keeps its run data in ./.schemathesis
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr
+    (tmp_path / "schemathesis.txt").write_text(out)  # the whole report, for a failed run
     assert done.returncode == 0, out[-12000:]
-    assert "Tested: 19" in out, out[-4000:]  # every operation, none skipped
+    assert "Tested: 40" in out, out[-4000:]  # every operation, none skipped
 
 
 # --------------------------------------------------------------------------- what it found
