@@ -77,14 +77,17 @@ class SpeechApi(InboundApi):
         if not isinstance(text, str) or not text:
             raise _bad("'input' is required and must be a non-empty string", "input")
         voice = body.get("voice")
-        if not (isinstance(voice, str) and voice) and not (isinstance(voice, dict) and voice.get("id")):
+        custom = voice.get("id") if isinstance(voice, dict) else None
+        if not (isinstance(voice, str) and voice) and not (isinstance(custom, str) and custom):
             raise _bad("'voice' is required: a voice name, or an object with an 'id'", "voice")
         fmt = body.get("response_format", "mp3")
-        if fmt not in SPEECH_MEDIA:
+        if not isinstance(fmt, str) or fmt not in SPEECH_MEDIA:  # a dict is unhashable: no 500
             raise _bad(f"'response_format' must be one of {', '.join(SPEECH_MEDIA)}", "response_format")
         speed = body.get("speed", 1.0)
         if isinstance(speed, bool) or not isinstance(speed, int | float) or not 0.25 <= speed <= 4.0:
             raise _bad("'speed' must be a number from 0.25 to 4.0", "speed")
+        if not isinstance(body.get("instructions", ""), str):
+            raise _bad("'instructions' must be a string", "instructions")
         if body.get("stream_format", "audio") not in ("audio", "sse"):
             raise _bad("'stream_format' must be 'audio' or 'sse'", "stream_format")
         # A stream whatever the client asked: the answer is relayed as it arrives.
@@ -117,7 +120,7 @@ class TranscriptionApi(InboundApi):
             raise _bad("'file' is empty", "file")
         model = _model(body)
         fmt = body.get("response_format", "json")
-        if fmt not in TRANSCRIPT_FORMATS:
+        if not isinstance(fmt, str) or fmt not in TRANSCRIPT_FORMATS:  # a repeated field is a list
             raise _bad(
                 f"'response_format' must be one of {', '.join(sorted(TRANSCRIPT_FORMATS))}", "response_format"
             )
@@ -129,7 +132,8 @@ class TranscriptionApi(InboundApi):
                 ok = False
             if not ok:
                 raise _bad("'temperature' must be a number from 0 to 1", "temperature")
-        if str(body.get("stream", "false")).lower() == "true":
+        stream = body.get("stream", "false")
+        if stream != "false":
             raise _bad("'stream' is not supported on this endpoint by the router; leave it unset", "stream")
         return Requested(model=model)
 

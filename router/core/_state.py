@@ -67,8 +67,12 @@ class ModelGroup:
         self.caches = any(dep.config.cache for dep in self.deployments)
 
     def speaks(self, operation: Operation) -> bool:
-        """Some deployment serves ``operation`` natively."""
-        return any(dep.provider.speaks(operation, dep.config) for dep in self.deployments)
+        """Some deployment that takes ``operation`` (its mode) serves it natively: an audio-only
+        OpenAI deployment beside a chat one does not make the group speak Responses."""
+        return any(
+            dep.serves_mode(operation) and dep.provider.speaks(operation, dep.config)
+            for dep in self.deployments
+        )
 
     @property
     def modes(self) -> list[str]:

@@ -247,7 +247,7 @@ class FilesApi:
 def _page(docs: list[dict[str, Any]], request: Request, default: int) -> dict[str, Any]:
     """A cursor page: ``after`` an id, ``limit`` items (newest first, as OpenAI lists them)."""
     raw_limit = request.query_params.get("limit", str(default))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 10000:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 10000:
         raise InvalidRequestError("limit: expected an integer from 1 to 10000", param="limit")
     after = request.query_params.get("after")
     if after is not None:

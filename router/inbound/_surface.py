@@ -57,8 +57,10 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int) -> None:
     value = body.get(name)
     if value is None:
         return
-    if isinstance(value, str) and value.strip().isdigit():
-        value = body[name] = int(value)  # multipart fields arrive as text
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = body[name] = int(value)  # multipart fields arrive as text ('²'.isdigit() too)
+    elif isinstance(value, float) and value.is_integer():
+        value = body[name] = int(value)  # JSON has one number type: 5.0 is 5
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise _bad(name, f"must be an integer from {low} to {high}")
 

@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 
 from ._components import components
 from ._operations import model_operations, other_operations
+from ._platform_ops import platform_operations, served_operations
 
 __all__ = ["MissingOperationError", "install", "openapi_document"]
 
@@ -51,7 +52,7 @@ def openapi_document(app: FastAPI, *, auth_required: bool, strict: bool = False)
     """The description of ``app``'s routes. A route not described in :mod:`._operations` keeps
     FastAPI's bare operation and is logged; ``strict`` (the tests) raises instead."""
     doc = get_openapi(title=app.title, version=app.version, openapi_version="3.1.0", routes=app.routes)
-    written = {**model_operations(), **other_operations()}
+    written = {**model_operations(), **served_operations(), **platform_operations(), **other_operations()}
     missing: list[str] = []
     for path, item in doc.get("paths", {}).items():
         for method, operation in item.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _anthropic, _openai, _responses
+from . import _anthropic, _openai, _responses, _surface
 from ._schema import ANTHROPIC_ERROR, OPENAI_ERROR, Schema, obj
 
 #: The last instant /admin/spend takes (9999-12-31T23:59:59Z), as Unix seconds.
@@ -99,6 +99,7 @@ def components() -> dict[str, Schema]:
         "DeletedResponse": _responses.DELETED,
         "InputItemList": _responses.INPUT_ITEMS,
         "Model": _MODEL,
+        **_surface_components(),
         "ModelList": obj(
             {"object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}, ["object", "data"]
         ),
@@ -137,4 +138,30 @@ def components() -> dict[str, Schema]:
             },
             ["status"],
         ),
+    }
+
+
+def _surface_components() -> dict[str, Schema]:
+    return {
+        "ImageRequest": _surface.image_request(),
+        "AzureImageRequest": _surface.image_request(in_path=True),
+        "ImageEditRequest": _surface.image_edit_request(),
+        "AzureImageEditRequest": _surface.image_edit_request(in_path=True),
+        "ModerationRequest": _surface.moderation_request(),
+        "RerankRequest": _surface.rerank_request(),
+        "SpeechRequest": _surface.speech_request(),
+        "AzureSpeechRequest": _surface.speech_request(in_path=True),
+        "TranscriptionRequest": _surface.transcription_request(),
+        "AzureTranscriptionRequest": _surface.transcription_request(in_path=True),
+        "FileUploadRequest": _surface.file_upload_request(),
+        "BatchRequest": _surface.batch_request(),
+        "Images": _surface.IMAGES,
+        "Moderation": _surface.MODERATION,
+        "Rerank": _surface.RERANK,
+        "Transcription": _surface.TRANSCRIPTION,
+        "File": _surface.FILE,
+        "FileList": _surface.page(_surface.FILE),
+        "DeletedFile": _surface.DELETED_FILE,
+        "Batch": _surface.BATCH,
+        "BatchList": _surface.page(_surface.BATCH),
     }
