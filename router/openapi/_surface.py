@@ -9,7 +9,7 @@ boolean is sent as its text (``5``, ``0.5``, ``true``), which is what the router
 from __future__ import annotations
 
 from ..audio._api import SPEECH_MEDIA, TRANSCRIPT_FORMATS
-from ..inbound.surface import MAX_DOCUMENTS, MAX_IMAGES
+from ..inbound._surface import MAX_DOCUMENTS, MAX_IMAGES
 from ._schema import Schema, integer, nullable, number, obj
 
 #: A file part (OpenAPI 3.1's spelling of OpenAPI 3.0's ``format: binary``).
