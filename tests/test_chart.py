@@ -955,7 +955,7 @@ def test_redis_command_line_runs_with_the_generated_password(tmp_path: Path) -> 
     import redis as redis_lib
 
     from kubellm.router.config._schema import RedisSettings
-    from kubellm.router.core._services import redis_url
+    from kubellm.router.redis_connect import redis_url
 
     docs = rendered()
     c = container(component(docs, "StatefulSet", "redis"))

@@ -18,7 +18,7 @@ import pytest
 import redis as redis_sync
 
 from kubellm.router.config._schema import RedisSettings
-from kubellm.router.core._services import redis_ledger
+from kubellm.router.metering import redis_ledger
 from kubellm.router.metering._budget import period_window
 from kubellm.router.metering._ledger import UsageRecord
 from kubellm.router.redis_connect import connect_settings
