@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -22,7 +18,7 @@ import pytest
 
 from tests.conftest import MASTER_KEY, openai_deployment
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.support.servers import RouterProcess, free_port, http_get
+from tests.support.servers import RouterProcess, h11_router, http_get
 
 API_VERSION = "2024-10-21"
 AZURE_KEY = "sk-azure-client-0123456789"
@@ -189,28 +185,7 @@ def test_metering_matches_the_v1_paths(router: RouterProcess) -> None:
 
 def test_the_asgi_path_serves_azure_paths_under_any_server(tmp_path: Any) -> None:
     """Under another server (uvicorn's h11 protocol) the Azure paths are dispatched by the ASGI app."""
-    port = free_port()
-    env = {**os.environ, "KUBELLM_STATE_DIR": str(tmp_path / "state")}
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "kubellm.router:app_from_env",
-        "--factory",
-        "--http",
-        "h11",
-    ]
-    proc = subprocess.Popen(
-        [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not _ready(port):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+    with h11_router(tmp_path / "state") as port:
         client = openai.AzureOpenAI(
             azure_endpoint=f"http://127.0.0.1:{port}",
             api_key="unused",
@@ -226,17 +201,6 @@ def test_the_asgi_path_serves_azure_paths_under_any_server(tmp_path: Any) -> Non
         with pytest.raises(openai.NotFoundError) as info:
             client.embeddings.create(model="no-such-model", input="a")
         assert info.value.code == "model_not_found"
-    finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=10)
-    assert b"Traceback" not in stderr, stderr[-2000:]
-
-
-def _ready(port: int) -> bool:
-    try:
-        return http_get(f"http://127.0.0.1:{port}/health/readiness", timeout=1)[0] == 200
-    except OSError:
-        return False
 
 
 def _post(

@@ -238,3 +238,30 @@ def router_process(config: dict[str, Any] | None = None, **kwargs: Any) -> Itera
         yield proc
     finally:
         proc.stop()
+
+
+@contextlib.contextmanager
+def h11_router(state_dir: Path) -> Iterator[int]:
+    """The router on its embedded default under uvicorn's own h11 protocol (so requests take the
+    ASGI path, not the fast path); yields its port. On exit it must have logged no traceback."""
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "kubellm.router:app_from_env", "--factory", "--http", "h11"]
+    proc = subprocess.Popen(
+        [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env={**os.environ, "KUBELLM_STATE_DIR": str(state_dir)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError):
+                if http_get(f"http://127.0.0.1:{port}/health/readiness", timeout=1)[0] == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=10)
+    assert b"Traceback" not in stderr, stderr[-2000:]
