@@ -14,6 +14,7 @@ import itertools
 import threading
 from typing import Self
 
+from tests.support.proxy import pipe
 from tests.support.servers import free_port, http_get
 
 
@@ -63,7 +64,7 @@ class Balancer:
             return
         self._open.update((writer, up_writer))
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         finally:
             self._open.difference_update((writer, up_writer))
 
@@ -98,13 +99,3 @@ class Balancer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy one direction; at its end close the other side, as a proxied close does."""
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    with contextlib.suppress(OSError):
-        writer.close()

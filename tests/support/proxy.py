@@ -65,7 +65,7 @@ class ForwardProxy:
                 up_writer.write(
                     ("\r\n".join([f"{method} {path} {version}", *kept]) + "\r\n\r\n").encode("latin-1")
                 )
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         except (OSError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
@@ -101,7 +101,8 @@ class ForwardProxy:
         self.stop()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy one direction; at its end close the other side, as a proxied close does."""
     with contextlib.suppress(OSError):
         while data := await reader.read(65536):
             writer.write(data)
