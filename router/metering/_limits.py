@@ -54,6 +54,8 @@ about one acquire script per round trip, an idle one each acquire at once).
 from __future__ import annotations
 
 import time
+from bisect import insort
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -105,7 +107,6 @@ class Admission:
     lease_id: str
     retry_after: float | None = None
     denied_by: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
     #: Start of the rpm/tpm bucket the request was counted in; pass it to settle.
     window_start: float = 0.0
     #: Every scope whose limits denied (``denied_by`` names the one that frees last).
@@ -116,10 +117,15 @@ class Admission:
     counts: Sequence[tuple[LimitRule, _Count]] = field(default=(), compare=False, repr=False)
     now_ms: int = field(default=0, compare=False, repr=False)
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers of the tightest of all the rules.
+
+        Built on demand: most admissions only ever need one scope's (:meth:`headers_of`)."""
+        return _rate_headers(self.counts, self.now_ms)
+
     def headers_of(self, scope: str) -> dict[str, str]:
-        """The ``x-ratelimit-*`` headers of one scope's own limits (``headers``: the tightest of all)."""
-        if len(self.counts) == 1:
-            return self.headers if self.counts[0][0].scope == scope else {}
+        """The ``x-ratelimit-*`` headers of one scope's own limits."""
         return _rate_headers([(r, c) for r, c in self.counts if r.scope == scope], self.now_ms)
 
 
@@ -249,9 +255,7 @@ def _build(
                 worst = (wait, f"{rules[i].scope} {kind}")
         if worst is not None:
             adm.retry_after, adm.denied_by = worst
-    pairs = list(zip(rules, counts, strict=True))
-    adm.headers = _rate_headers(pairs, now_ms)
-    adm.counts, adm.now_ms = pairs, now_ms
+    adm.counts, adm.now_ms = list(zip(rules, counts, strict=True)), now_ms
     return adm
 
 
@@ -293,25 +297,44 @@ def _span(now_ms: int) -> tuple[int, int]:
 
 @dataclass(slots=True)
 class _Window:
-    """A scope's sliding window: per-bucket [requests, tokens] and their sums."""
+    """A scope's sliding window: per-bucket [requests, tokens] and their sums.
+
+    ``order`` holds the buckets oldest first (time only moves forward, so a new bucket goes at the
+    end): dropping the buckets that left the window and finding the oldest cost O(1) per request
+    instead of a walk over all 61."""
 
     requests: int = 0
     tokens: int = 0
     buckets: dict[int, list[int]] = field(default_factory=dict)
+    order: deque[int] = field(default_factory=deque)
+
+    def add(self, bucket: int, requests: int, tokens: int) -> None:
+        counts = self.buckets.get(bucket)
+        if counts is None:
+            counts = self.buckets[bucket] = [0, 0]
+            if self.order and bucket < self.order[-1]:
+                insort(self.order, bucket)  # a clock that stepped back (or a test pinning time)
+            else:
+                self.order.append(bucket)
+        counts[0] += requests
+        counts[1] += tokens
+        self.requests += requests
+        self.tokens += tokens
 
     def view(self, low: int) -> tuple[int, int, int | None]:
         """(requests, tokens, oldest bucket with data) counting only buckets >= ``low``."""
-        r, t, oldest = self.requests, self.tokens, None
-        for b, (br, bt) in self.buckets.items():
-            if b < low:
-                r, t = r - br, t - bt
-            elif oldest is None or b < oldest:
-                oldest = b
-        return r, t, oldest
+        r, t = self.requests, self.tokens
+        for b in self.order:
+            if b >= low:
+                return r, t, b
+            br, bt = self.buckets[b]
+            r, t = r - br, t - bt
+        return r, t, None
 
     def advance(self, low: int) -> None:
-        for b in [b for b in self.buckets if b < low]:
-            br, bt = self.buckets.pop(b)
+        order = self.order
+        while order and order[0] < low:
+            br, bt = self.buckets.pop(order.popleft())
             self.requests, self.tokens = self.requests - br, self.tokens - bt
 
     def wait(self, low: int, cur: int, index: int, need: int) -> int:
@@ -334,6 +357,7 @@ class MemoryLimiter:
         self.budgets = budgets
         self._windows: dict[str, _Window] = {}
         self._leases: dict[str, dict[str, int]] = {}
+        self._next_purge: dict[str, int] = {}
 
     def _count(self, r: LimitRule, lease_id: str, now_ms: int, write: bool) -> _Count:
         low = _span(now_ms)[1]
@@ -350,8 +374,13 @@ class MemoryLimiter:
         leases = self._leases.get(r.scope)
         if leases:
             if write:
-                for lid in [lid for lid, exp in leases.items() if exp <= now_ms]:
-                    del leases[lid]
+                # Without max_parallel a lease only makes settle idempotent, so expired ones may
+                # linger up to a bucket: the walk over every live lease runs once per bucket, not
+                # once per request.
+                if r.max_parallel is not None or now_ms >= self._next_purge.get(r.scope, 0):
+                    for lid in [lid for lid, exp in leases.items() if exp <= now_ms]:
+                        del leases[lid]
+                    self._next_purge[r.scope] = now_ms + BUCKET_MS
                 if r.max_parallel is not None:
                     parallel = len(leases) - (lease_id in leases)
                     first = min(leases.values(), default=-1)
@@ -390,12 +419,10 @@ class MemoryLimiter:
         if allowed:
             for r, c in zip(rules, counts, strict=True):
                 if r.rpm is not None or r.tpm is not None:
-                    w = self._windows.setdefault(r.scope, _Window())
-                    bucket = w.buckets.setdefault(cur, [0, 0])
-                    bucket[0] += 1
-                    bucket[1] += estimated_tokens
-                    w.requests += 1
-                    w.tokens += estimated_tokens
+                    w = self._windows.get(r.scope)
+                    if w is None:
+                        w = self._windows[r.scope] = _Window()
+                    w.add(cur, 1, estimated_tokens)
                     c.requests += 1
                     c.tokens += estimated_tokens
                     if c.oldest_drop_ms < 0:
