@@ -295,7 +295,7 @@ def test_chart_crds_are_identical_to_crds_folder() -> None:
 
 def test_crds_keep_and_enabled_switches() -> None:
     unkept = kinds(rendered(sets=["crds.keep=false"]), "CustomResourceDefinition")
-    assert len(unkept) == 3 and all("annotations" not in d["metadata"] for d in unkept)
+    assert len(unkept) == 4 and all("annotations" not in d["metadata"] for d in unkept)
     assert kinds(rendered(sets=["crds.enabled=false"]), "CustomResourceDefinition") == []
 
 
