@@ -281,7 +281,12 @@ def render_documents(
     guardrails: Iterable[GuardrailConfig] = (),
 ) -> BuildResult:
     """What the operator would publish for these documents (CRs and Secrets; others are ignored)."""
-    kinds: dict[str, list[dict[str, Any]]] = {"ModelDeployment": [], "ModelGroup": [], "ApiKey": []}
+    kinds: dict[str, list[dict[str, Any]]] = {
+        "ModelDeployment": [],
+        "ModelGroup": [],
+        "ApiKey": [],
+        "IdentityBinding": [],
+    }
     secrets: dict[tuple[str, str], dict[str, str]] = {}
     for doc in _flatten(docs):
         meta = doc.setdefault("metadata", {})
@@ -299,6 +304,7 @@ def render_documents(
         settings=settings,
         now=now,
         guardrails=guardrails,
+        identity_bindings=kinds["IdentityBinding"],
     )
 
 

@@ -84,3 +84,28 @@ def test_usage_is_counted_for_the_binding_the_routers_chose() -> None:
     assert owner_of("sa:b/web", rendered) is None
     assert owner_of("oidc:corp/alice", rendered) == "a/alice"
     assert owner_of("oidc:corp/bob", rendered) is None
+
+
+def test_the_documented_settings_and_bindings_work() -> None:
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md").read_text()
+    section = text[text.index("### Identities") : text.index("### Reviewing changes offline")]
+    settings: dict[str, Any] = {}
+    bindings, pods = [], []
+    for block in re.findall(r"```yaml\n(.*?)```", section, re.S):
+        for doc in yaml.safe_load_all(block):
+            if doc.get("kind") == "IdentityBinding":
+                bindings.append(doc)
+            elif doc.get("kind") == "Pod":
+                pods.append(doc)
+            else:
+                settings.setdefault("identity", {}).update(doc["identity"])
+    parsed = RouterSettings.model_validate(settings)
+    result = build_config([DEPLOYMENT], identity_bindings=bindings, settings=parsed)
+    assert [v.reason for r, v in result.verdicts.items() if r.kind == "IdentityBinding"] == ["Rendered"] * 2
+    source = pods[0]["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]
+    assert source["audience"] in parsed.identity.kubernetes.audiences
