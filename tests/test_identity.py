@@ -159,7 +159,15 @@ def test_the_binding_decides_team_models_and_limits(tmp_path: Path, issuer: Oidc
     refused(router, issuer.mint(sub="mallory"), "identity_not_bound", 403)
 
 
+def validations(result: str) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"source": "oidc:corp", "result": result}
+    return REGISTRY.get_sample_value("kubellm_identity_validations_total", labels) or 0.0
+
+
 def test_tokens_are_validated_once_and_cached(tmp_path: Path, issuer: OidcIssuer) -> None:
+    accepted, refused_before = validations("accepted"), validations("refused")
     router = make_router(tmp_path, issuer)
     token = issuer.mint(sub="alice")
     for _ in range(5):
@@ -170,6 +178,7 @@ def test_tokens_are_validated_once_and_cached(tmp_path: Path, issuer: OidcIssuer
     for _ in range(3):
         refused(router, bad, "invalid_audience")
     assert router.identities.validations == 2  # the refusal is cached too
+    assert validations("accepted") == accepted + 1 and validations("refused") == refused_before + 1
 
 
 def test_a_cached_token_is_dropped_when_it_expires(tmp_path: Path, issuer: OidcIssuer) -> None:

@@ -21,6 +21,7 @@ import orjson
 from .._errors import AuthenticationError, KubellmError
 from ..config._identity import IdentitySettings
 from ..core._state import RouterState, VirtualKey
+from ..observability import _metrics as metrics
 from ._bindings import BindingIndex
 from ._kubernetes import TokenReviewer
 from ._oidc import JwksUnavailable, OidcVerifier
@@ -113,27 +114,36 @@ class Identities:
     async def _validate(self, token: str) -> _Entry:
         self.validations += 1
         now = time.monotonic()
+        source = ["unknown"]
         try:
-            identity, ttl = await self._identity(token)
+            identity, ttl = await self._identity(token, source)
         except AuthenticationError as err:
+            metrics.IDENTITY_VALIDATIONS.labels(source[0], "refused").inc()
             entry = _Entry(now + self.settings.negative_cache_ttl_seconds, None, err)
+        except KubellmError:
+            metrics.IDENTITY_VALIDATIONS.labels(source[0], "unavailable").inc()
+            raise
         else:
+            metrics.IDENTITY_VALIDATIONS.labels(source[0], "accepted").inc()
             entry = _Entry(now + ttl, identity)
         self._remember(token, entry)
         return entry
 
-    async def _identity(self, token: str) -> tuple[Identity, float]:
-        """Who ``token`` names and how long that may be trusted; raises a 401 (or a 503)."""
+    async def _identity(self, token: str, source: list[str]) -> tuple[Identity, float]:
+        """Who ``token`` names and how long that may be trusted; raises a 401 (or a 503).
+        ``source[0]`` is set to the validator that was asked (for the metrics)."""
         seen = unverified(token)
         expires = seen.expires
         verifier = self.issuers.get(seen.issuer)
         kube = self.settings.kubernetes
         if verifier is not None:
+            source[0] = f"oidc:{verifier.config.name}"
             ttl = verifier.config.cache_ttl_seconds
             identity = await verifier.verify(token, seen)
         elif self.reviewer is not None and kube.issuer in (None, seen.issuer):
             # Cheap local refusals first: an expired token or one for another audience never
             # costs an API call. TokenReview then checks everything again, authoritatively.
+            source[0] = "kubernetes"
             precheck(seen, kube.audiences)
             ttl = kube.cache_ttl_seconds
             identity = await self.reviewer.review(token)
