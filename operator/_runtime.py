@@ -32,11 +32,11 @@ log = logging.getLogger("kubellm.operator")
 
 FINALIZER = "kubellm.io/finalizer"
 KOPF_PREFIX = "operator.kubellm.io"
-PLURALS = ("modeldeployments", "modelgroups", "apikeys")
+PLURALS = ("modeldeployments", "modelgroups", "apikeys", "identitybindings")
 
 
 async def wait_for_crds(client: KubeClient, *, interval: float = 1.0) -> None:
-    """Return once the API server serves the three kinds, i.e. their CRDs are Established.
+    """Return once the API server serves the four kinds, i.e. their CRDs are Established.
 
     Installed together with its CRDs (one `helm install`), the operator can start before the API
     server serves them; reconciling then fails (404, or 429 "storage is (re)initializing" just after

@@ -287,3 +287,25 @@ def test_token_review_answers_name_the_service_account() -> None:
         identity_of({"authenticated": False, "error": "service account deleted"})
     with pytest.raises(Exception, match="not a ServiceAccount token"):
         identity_of({"authenticated": True, "user": {"username": "alice"}})
+
+
+def test_concurrent_requests_with_a_new_token_share_one_validation(
+    tmp_path: Path, issuer: OidcIssuer
+) -> None:
+    router = make_router(tmp_path, issuer)
+    token = issuer.mint(sub="alice")
+
+    async def main() -> list[int]:
+        async def one() -> int:
+            inbound = BodyInbound(chat(), {"authorization": f"Bearer {token}"})
+            return (await router.handle(Operation.CHAT, inbound)).status_code
+
+        # The first caller gives up at once: the others still get the shared validation's answer.
+        first = asyncio.ensure_future(router.identities.resolve(router.state, token))
+        await asyncio.sleep(0)
+        first.cancel()
+        return list(await asyncio.gather(*(one() for _ in range(20))))
+
+    assert asyncio.run(main()) == [200] * 20
+    assert router.identities.validations == 1
+    assert router.identities.lookup(router.state, token) is not None

@@ -93,23 +93,23 @@ class Identities:
     # ---- cache misses ---------------------------------------------------------
 
     async def resolve(self, state: RouterState, token: str) -> VirtualKey:
-        """Validate ``token`` (sharing a validation already in flight), cache and bind it."""
-        pending = self._inflight.get(token)
-        if pending is None:
-            future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
-            self._inflight[token] = future
-            try:
-                entry = await self._validate(token)
-                future.set_result(entry)
-            except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()
-                raise
-            finally:
-                del self._inflight[token]
-        else:
-            entry = await asyncio.shield(pending)
+        """Validate ``token`` (sharing a validation already in flight), cache and bind it.
+
+        The validation runs as a task of its own, so a client that disconnects meanwhile
+        cancels only its own wait: the others get the answer, and the cache keeps it."""
+        task = self._inflight.get(token)
+        if task is None:
+            task = asyncio.ensure_future(self._validate(token))
+            self._inflight[token] = task
+            task.add_done_callback(lambda done: self._settled(token, done))
+        entry = await asyncio.shield(task)
         return self._answer(state, entry)
+
+    def _settled(self, token: str, task: asyncio.Future[_Entry]) -> None:
+        if self._inflight.get(token) is task:
+            del self._inflight[token]
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have gone
 
     async def _validate(self, token: str) -> _Entry:
         self.validations += 1
