@@ -220,3 +220,23 @@ def test_an_oidc_token_maps_its_claims_to_a_team(
     # No binding covers a caller outside the ml group: authenticated, yet forbidden.
     with pytest.raises(openai.PermissionDeniedError):
         chat(router, issuer.mint(sub="bob", groups=["sales"]))
+
+
+def test_a_router_without_the_tokenreview_grant_says_so(kube: KubeControlPlane) -> None:
+    from tests.conftest import UPSTREAM_KEY
+
+    bare = kube.service_account_kubeconfig("no-grants", "kubellm-system", duration="1h")
+    config = {
+        "deployments": [{"name": "m", "model": "gpt-test", "provider": "mock"}],
+        "identityBindings": [{"name": "all", "serviceAccounts": [{"namespace": TEAM}]}],
+        "settings": {
+            "accessLog": False,
+            "identity": {"kubernetes": {"enabled": True, "kubeconfig": str(bare)}},
+        },
+    }
+    with RouterProcess(config, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as proc:
+        client = openai.OpenAI(base_url=proc.v1, api_key=token(kube, "worker"), max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 503
+    assert "may not create TokenReviews" in caught.value.message

@@ -55,6 +55,11 @@ class TokenReviewer:
         except KubeError as err:
             # The message names the path and the API server's reason, never the request body.
             log.warning("TokenReview failed: %s", err)
+            if err.status in (401, 403):
+                raise ServiceUnavailableError(
+                    "ServiceAccount tokens cannot be checked: the router may not create TokenReviews "
+                    "(see its RBAC in docs/kubernetes.md)"
+                ) from None
             raise ServiceUnavailableError(
                 "ServiceAccount tokens cannot be checked right now: the Kubernetes API is unavailable"
             ) from None
