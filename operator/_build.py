@@ -430,11 +430,15 @@ def build_config(
     now: datetime | None = None,
     spend: Mapping[str, Decimal] | None = None,
     guardrails: Iterable[GuardrailConfig] = (),
+    identity_bindings: Iterable[Body] = (),
 ) -> BuildResult:
     """Render the router config. ``spend`` maps key names (NAMESPACE/NAME) to the current period's
     spend; it only decides the BudgetExceeded state (the config does not depend on it).
     ``guardrails``: the platform's guardrail definitions (from the operator's settings file), which
-    ModelGroups and ApiKeys name; a resource naming one that is not there is left out."""
+    ModelGroups and ApiKeys name; a resource naming one that is not there is left out.
+    ``identity_bindings``: IdentityBinding resources (see ``_identities``)."""
+    from ._identities import identity_bindings as bindings_of
+
     guardrail_list = list(guardrails)
     known = {g.name for g in guardrail_list}
     secrets = secrets or {}
@@ -494,10 +498,16 @@ def build_config(
         settings_doc: Any = settings.model_dump(mode="json", by_alias=True)
     else:
         settings_doc = dict(settings or {})
+    try:
+        parsed_settings = RouterSettings.model_validate(settings_doc)
+    except ValidationError as exc:
+        raise BuildError(f"settings: {validation_message(exc, settings_doc)}") from None
+    bindings = bindings_of(identity_bindings, parsed_settings, known, verdicts)
     doc = {
         "deployments": [d.model_dump(mode="json", by_alias=True) for d in rendered],
         "modelGroups": [g.model_dump(mode="json", by_alias=True) for g in group_configs],
         "keys": [k.model_dump(mode="json", by_alias=True) for k in keys],
+        "identityBindings": [b.model_dump(mode="json", by_alias=True) for b in bindings],
         "guardrails": [g.model_dump(mode="json", by_alias=True, exclude_none=True) for g in guardrail_list],
         "settings": settings_doc,
     }

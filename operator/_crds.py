@@ -598,7 +598,14 @@ def crds() -> dict[str, Schema]:
             _REASON_COLUMN,
         ],
     )
-    return {"modeldeployments.yaml": md, "apikeys.yaml": ak, "modelgroups.yaml": mg}
+    from ._identity_crd import identity_binding_crd
+
+    return {
+        "modeldeployments.yaml": md,
+        "apikeys.yaml": ak,
+        "modelgroups.yaml": mg,
+        "identitybindings.yaml": identity_binding_crd(),
+    }
 
 
 def render_yaml(doc: Schema) -> str:

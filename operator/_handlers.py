@@ -63,6 +63,11 @@ def api_key_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) 
     _reconciler(memo).observe("ApiKey", type, body)
 
 
+@kopf.on.event(GROUP, VERSION, "identitybindings", registry=REGISTRY)
+def identity_binding_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconciler(memo).observe("IdentityBinding", type, body)
+
+
 @kopf.on.event("", "v1", "secrets", registry=REGISTRY)
 async def secret_event(
     type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any

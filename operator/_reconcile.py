@@ -40,13 +40,19 @@ from ._build import (
     referenced_secrets,
 )
 from ._crds import API_VERSION
+from ._identities import IdentityUsage, binding_status
 from ._keys import MANAGED_LABELS, KeySecretConflict, ensure_key_secret
 from ._status import Health, KeyUsage, api_key_status, deployment_status, group_status, status_patch
 from ._usage import UsageReader
 
 log = logging.getLogger("kubellm.operator")
 
-PLURALS = {"ModelDeployment": "modeldeployments", "ModelGroup": "modelgroups", "ApiKey": "apikeys"}
+PLURALS = {
+    "ModelDeployment": "modeldeployments",
+    "ModelGroup": "modelgroups",
+    "ApiKey": "apikeys",
+    "IdentityBinding": "identitybindings",
+}
 VERSION_ANNOTATION = "kubellm.io/config-version"
 #: Metadata that changes without changing what a resource asks for.
 _IGNORED_ANNOTATIONS = ("kopf.zalando.org/", "operator.kubellm.io/", "kubectl.kubernetes.io/")
@@ -135,6 +141,7 @@ class Reconciler:
         self.published: str | None = None
         self.last: BuildResult | None = None
         self.usage: dict[str, KeyUsage] = {}
+        self.identity_usage = IdentityUsage()
         self.health: dict[str, Health] | None = None if usage is None else {}
         self.passes = 0
         self._wake = asyncio.Event()
@@ -224,12 +231,16 @@ class Reconciler:
 
     async def reconcile_once(self, *, poll: bool = False) -> BuildResult | None:
         """One full pass; returns what was built (None when the build failed)."""
-        deployments, groups, api_keys = await asyncio.gather(
-            self.list_kind("ModelDeployment"), self.list_kind("ModelGroup"), self.list_kind("ApiKey")
+        deployments, groups, api_keys, bindings = await asyncio.gather(
+            self.list_kind("ModelDeployment"),
+            self.list_kind("ModelGroup"),
+            self.list_kind("ApiKey"),
+            self.list_kind("IdentityBinding"),
         )
         secrets = await self.secrets.get_many(self.client, referenced_secrets(deployments, api_keys))
         if poll:
             await self.refresh_facts(deployments, api_keys)
+            await self.identity_usage.refresh(self.usage_reader, bindings)
         spend: dict[str, Decimal] = {name: u.spend for name, u in self.usage.items()}
         try:
             result = build_config(
@@ -240,6 +251,7 @@ class Reconciler:
                 settings=self.options.settings,
                 spend=spend,
                 guardrails=self.options.guardrails,
+                identity_bindings=bindings,
             )
         except BuildError as err:
             log.error("rendered config is invalid, still serving %s: %s", self.published, err.message)
@@ -247,7 +259,7 @@ class Reconciler:
         self.passes += 1
         self.last = result
         await self.publish(result)
-        await self.write_statuses(deployments, groups, api_keys, secrets, result)
+        await self.write_statuses(deployments, groups, api_keys, secrets, result, bindings)
         await self.repair_key_secrets(api_keys, result)
         return result
 
@@ -330,6 +342,7 @@ class Reconciler:
         api_keys: list[dict[str, Any]],
         secrets: Mapping[SecretKey, Mapping[str, str]],
         result: BuildResult,
+        bindings: list[dict[str, Any]] | None = None,
     ) -> int:
         now = datetime.now(UTC)
         patches: list[tuple[Ref, dict[str, Any]]] = []
@@ -352,6 +365,12 @@ class Reconciler:
             key = (secrets.get((ref.namespace, key_secret_name(body))) or {}).get(KEY_DATA)
             usage = self.usage.get(ref.config_name) if self.usage_reader is not None else None
             add(ref, body, api_key_status(body, result.verdicts[ref], key, usage, now))
+        rendered = {b.name: b for b in result.config.identity_bindings}
+        for body in bindings or ():
+            ref = ref_of("IdentityBinding", body)
+            spent = self.identity_usage.of(ref.config_name, rendered) if self.usage_reader else None
+            spends, start = spent if spent is not None else (None, None)
+            add(ref, body, binding_status(body, result.verdicts[ref], spends, start, now))
 
         limit = asyncio.Semaphore(8)
 

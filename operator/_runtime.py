@@ -32,11 +32,11 @@ log = logging.getLogger("kubellm.operator")
 
 FINALIZER = "kubellm.io/finalizer"
 KOPF_PREFIX = "operator.kubellm.io"
-PLURALS = ("modeldeployments", "modelgroups", "apikeys")
+PLURALS = ("modeldeployments", "modelgroups", "apikeys", "identitybindings")
 
 
 async def wait_for_crds(client: KubeClient, *, interval: float = 1.0) -> None:
-    """Return once the API server serves the three kinds, i.e. their CRDs are Established.
+    """Return once the API server serves the four kinds, i.e. their CRDs are Established.
 
     Installed together with its CRDs (one `helm install`), the operator can start before the API
     server serves them; reconciling then fails (404, or 429 "storage is (re)initializing" just after
@@ -281,7 +281,12 @@ def render_documents(
     guardrails: Iterable[GuardrailConfig] = (),
 ) -> BuildResult:
     """What the operator would publish for these documents (CRs and Secrets; others are ignored)."""
-    kinds: dict[str, list[dict[str, Any]]] = {"ModelDeployment": [], "ModelGroup": [], "ApiKey": []}
+    kinds: dict[str, list[dict[str, Any]]] = {
+        "ModelDeployment": [],
+        "ModelGroup": [],
+        "ApiKey": [],
+        "IdentityBinding": [],
+    }
     secrets: dict[tuple[str, str], dict[str, str]] = {}
     for doc in _flatten(docs):
         meta = doc.setdefault("metadata", {})
@@ -299,6 +304,7 @@ def render_documents(
         settings=settings,
         now=now,
         guardrails=guardrails,
+        identity_bindings=kinds["IdentityBinding"],
     )
 
 

@@ -295,7 +295,7 @@ def test_chart_crds_are_identical_to_crds_folder() -> None:
 
 def test_crds_keep_and_enabled_switches() -> None:
     unkept = kinds(rendered(sets=["crds.keep=false"]), "CustomResourceDefinition")
-    assert len(unkept) == 3 and all("annotations" not in d["metadata"] for d in unkept)
+    assert len(unkept) == 4 and all("annotations" not in d["metadata"] for d in unkept)
     assert kinds(rendered(sets=["crds.enabled=false"]), "CustomResourceDefinition") == []
 
 
@@ -517,12 +517,12 @@ ALLOWED: dict[str, set[Grant]] = {
     "operator": {
         *{
             ("cluster", "kubellm.io", r, v, "*")
-            for r in ("modeldeployments", "modelgroups", "apikeys")
+            for r in ("modeldeployments", "modelgroups", "apikeys", "identitybindings")
             for v in ("get", "list", "watch", "patch")
         },
         *{
             ("cluster", "kubellm.io", f"{r}/status", "patch", "*")
-            for r in ("modeldeployments", "modelgroups", "apikeys")
+            for r in ("modeldeployments", "modelgroups", "apikeys", "identitybindings")
         },
         *{("cluster", "", "secrets", v, "*") for v in ("get", "list", "watch", "create", "update", "patch")},
         ("cluster", "", "events", "create", "*"),
@@ -533,7 +533,11 @@ ALLOWED: dict[str, set[Grant]] = {
         },
         *{("NS", "coordination.k8s.io", "leases", v, "*") for v in ("get", "create", "update")},
     },
-    "router": {("NS", "", "secrets", v, "CONFIG") for v in ("get", "list", "watch")},
+    "router": {
+        *{("NS", "", "secrets", v, "CONFIG") for v in ("get", "list", "watch")},
+        # ServiceAccount tokens as credentials (docs/kubernetes.md, Identities).
+        ("cluster", "authentication.k8s.io", "tokenreviews", "create", "*"),
+    },
 }
 
 

@@ -123,6 +123,7 @@ def test_install_creates_every_object(kube: KubeControlPlane, install_output: st
     crds = get_json(kube, "crd", "-l", "app.kubernetes.io/instance=" + RELEASE)["items"]
     assert {c["metadata"]["name"] for c in crds} == {
         "apikeys.kubellm.io",
+        "identitybindings.kubellm.io",
         "modeldeployments.kubellm.io",
         "modelgroups.kubellm.io",
     }
@@ -476,7 +477,12 @@ def test_uninstall_keeps_the_crds_and_custom_resources(kube: KubeControlPlane, r
     kube.helm("uninstall", RELEASE, "-n", NS, "--wait")
     assert kube.kubectl("get", "deployment", f"{RELEASE}-router", "-n", NS, check=False).returncode != 0
     assert secret_value(kube, NS, f"{RELEASE}-master-key", "masterKey") is None
-    for crd in ("apikeys.kubellm.io", "modeldeployments.kubellm.io", "modelgroups.kubellm.io"):
+    for crd in (
+        "apikeys.kubellm.io",
+        "identitybindings.kubellm.io",
+        "modeldeployments.kubellm.io",
+        "modelgroups.kubellm.io",
+    ):
         assert kube.kubectl("get", "crd", crd, check=False).returncode == 0, crd
     assert kube.kubectl("get", "apikey", "my-app", "-n", "default", check=False).returncode == 0
     # A reinstall adopts the kept CRDs (they still carry the release's ownership annotations).

@@ -23,7 +23,7 @@ API = "kubellm.io/v1alpha1"
 def kube() -> Iterator[KubeControlPlane]:
     with KubeControlPlane(controller_manager=False) as cp:
         cp.kubectl("apply", "-f", str(ROOT / "crds"))
-        for plural in ("modeldeployments", "apikeys", "modelgroups"):
+        for plural in ("modeldeployments", "apikeys", "modelgroups", "identitybindings"):
             cp.kubectl("wait", "--for=condition=Established", f"crd/{plural}.kubellm.io", "--timeout=60s")
         cp.kubectl("create", "namespace", NS)
         # Discovery of just-established CRDs can lag a moment behind the condition.
@@ -96,6 +96,14 @@ INVALID = [
     ("ApiKey", {"secretName": "Not_A_Name"}, "secretName must be a valid Secret name"),
     ("ModelGroup", {"fallbacks": ["other", "bad-group"]}, "a model group cannot fall back to itself"),
     ("ModelGroup", {"strategy": "round-robin"}, 'Unsupported value: "round-robin"'),
+    ("IdentityBinding", {"team": "a"}, "name at least one ServiceAccount (serviceAccounts) or OIDC caller"),
+    ("IdentityBinding", {"serviceAccounts": ["Not_A_Name"]}, "serviceAccounts: a ServiceAccount name"),
+    ("IdentityBinding", {"oidc": [{"subjects": ["x"]}]}, "spec.oidc[0].issuer: Required value"),
+    (
+        "IdentityBinding",
+        {"serviceAccounts": ["*"], "budget": {"amountUsd": "1", "period": "fortnightly"}},
+        "budget.period must be daily, weekly",
+    ),
 ]
 
 

@@ -88,7 +88,8 @@ def test_every_route_answers_more_than_200(doc: dict[str, Any]) -> None:
 
 
 def test_authentication_is_declared_only_when_the_router_needs_it(doc: dict[str, Any]) -> None:
-    assert {"bearer", "apiKey", "xApiKey"} == set(doc["components"]["securitySchemes"])
+    assert {"bearer", "bearerJwt", "apiKey", "xApiKey"} == set(doc["components"]["securitySchemes"])
+    assert doc["components"]["securitySchemes"]["bearerJwt"]["bearerFormat"] == "JWT"
     assert doc["paths"]["/health/readiness"]["get"]["security"] == []
     open_doc = openapi_document(_app(keys=False), auth_required=False)
     assert "security" not in open_doc and "securitySchemes" not in open_doc["components"]

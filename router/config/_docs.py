@@ -66,6 +66,7 @@ BUILT_AT_START = (
     "stateDir",
     "sinks",
     "otel",
+    "identity",
 )
 
 

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from .._errors import KubellmError
+from ._identity import IdentitySettings, OidcMatch, ServiceAccountMatch
 from ._modes import Mode
 
 
@@ -369,6 +370,26 @@ class KeyConfig(_Model):
         return self
 
 
+class IdentityBindingConfig(_Model):
+    """What callers with a bearer JWT may do: each identity it covers (`sa:NAMESPACE/NAME`,
+    `oidc:ISSUER/SUBJECT`) is metered like a key of its own, with these models, limits and budget."""
+
+    name: Label = Field(..., min_length=1, description="Binding id (the operator: NAMESPACE/NAME).")
+    service_accounts: list[ServiceAccountMatch] = Field(
+        default_factory=list, description="ServiceAccounts it covers."
+    )
+    oidc: list[OidcMatch] = Field(default_factory=list, description="OIDC callers it covers.")
+    models: list[str] = Field(default_factory=list, description="Model groups it may use; empty means all.")
+    limits: Limits = Field(default_factory=Limits, description="Limits of each identity it covers.")
+    budget: Budget | None = Field(None, description="Spend limit per period of each identity it covers.")
+    team: str | None = Field(None, description="The identities' team.")
+    disabled: bool = Field(False, description="Refuse the identities it covers.")
+    cache: bool = Field(False, description="Opt their requests into the response cache.")
+    guardrails: list[str] = Field(
+        default_factory=list, description="Guardrails (by name) their requests pass, besides the group's."
+    )
+
+
 class CooldownSettings(_Model):
     """The per-deployment circuit breaker."""
 
@@ -693,6 +714,10 @@ class RouterSettings(_Model):
         description="Local state (embedded ledger, ledger journal). Default: `$KUBELLM_STATE_DIR` or "
         "`~/.local/state/kubellm`.",
     )
+    identity: IdentitySettings = Field(
+        default_factory=lambda: IdentitySettings(),
+        description="ServiceAccount and OIDC bearer tokens as credentials.",
+    )
 
 
 class RouterConfig(_Model):
@@ -703,6 +728,9 @@ class RouterConfig(_Model):
         default_factory=list, description="Optional per-group settings (strategy, fallbacks, aliases)."
     )
     keys: list[KeyConfig] = Field(default_factory=list, description="Virtual API keys.")
+    identity_bindings: list[IdentityBindingConfig] = Field(
+        default_factory=list, description="What ServiceAccount and OIDC callers may do."
+    )
     guardrails: list[GuardrailConfig] = Field(
         default_factory=list, description="Named guardrails that model groups and keys refer to."
     )
@@ -747,6 +775,7 @@ class RouterConfig(_Model):
             defined.add(guard.name)
         users = [(f"modelGroups[{g.name}]", g.guardrails) for g in self.model_groups]
         users += [(f"keys[{k.name}]", k.guardrails) for k in self.keys]
+        users += [(f"identityBindings[{b.name}]", b.guardrails) for b in self.identity_bindings]
         for where, names in users:
             for name in names:
                 if name not in defined:

@@ -25,6 +25,7 @@ from .._errors import (
 )
 from ..guardrails import Context as GuardContext
 from ..guardrails import chain as guard_chain
+from ..identity import Identities, looks_like_jwt
 from ..inbound._base import JSON, InboundApi, OpenAiApi
 from ..metering._meter import Ticket
 from ..observability import _metrics as metrics
@@ -36,7 +37,7 @@ from ._outcome import Failure
 from ._services import Services
 from ._state import ModelGroup, RouterState, VirtualKey
 
-__all__ = ["JSON", "Caller", "Router", "authenticate", "error_response"]
+__all__ = ["JSON", "Caller", "Router", "authenticate", "authenticate_caller", "error_response"]
 
 
 @dataclass(slots=True)
@@ -58,7 +59,20 @@ def error_response(err: KubellmError, headers: dict[str, str] | None = None) -> 
     )
 
 
-def authenticate(state: RouterState, headers: Mapping[str, str]) -> Caller:
+class NeedsValidation(Exception):
+    """A bearer JWT not in the identity cache: the caller must await its validation."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("bearer token to validate")
+        self.token = token
+
+
+def authenticate(
+    state: RouterState, headers: Mapping[str, str], identities: Identities | None = None
+) -> Caller:
+    """The caller, from a virtual key, the master key or (with ``identities``) a cached bearer JWT.
+
+    Raises :class:`NeedsValidation` for a JWT not validated yet (see :func:`authenticate_caller`)."""
     if not state.auth_required:
         return Caller(False, None)
     header = headers.get("authorization")
@@ -76,7 +90,16 @@ def authenticate(state: RouterState, headers: Mapping[str, str]) -> Caller:
         presented = presented.strip()
     is_master, key = state.find_key(presented)
     if not is_master and key is None:
-        raise AuthenticationError("invalid API key")
+        # Virtual keys never get here: a JWT costs its shape check and one dict lookup once cached.
+        if identities is None or not identities.enabled or not looks_like_jwt(presented):
+            raise AuthenticationError("invalid API key")
+        key = identities.lookup(state, presented)
+        if key is None:
+            raise NeedsValidation(presented)
+    return _checked(is_master, key)
+
+
+def _checked(is_master: bool, key: VirtualKey | None) -> Caller:
     if key is not None and key.config.disabled:
         raise AuthenticationError(f"API key {key.config.name!r} is disabled", code="key_disabled")
     expires = key.config.expires_at if key is not None else None
@@ -85,6 +108,17 @@ def authenticate(state: RouterState, headers: Mapping[str, str]) -> Caller:
             f"API key {key.config.name!r} expired at {expires.isoformat()}", code="key_expired"
         )
     return Caller(is_master, key)
+
+
+async def authenticate_caller(
+    state: RouterState, headers: Mapping[str, str], identities: Identities | None
+) -> Caller:
+    """:func:`authenticate`, validating a bearer JWT seen for the first time."""
+    try:
+        return authenticate(state, headers, identities)
+    except NeedsValidation as pending:
+        assert identities is not None
+        return _checked(False, await identities.resolve(state, pending.token))
 
 
 def request_options(headers: Mapping[str, str]) -> RequestOptions:
@@ -156,6 +190,7 @@ class Router:
         self.cache = services.cache
         self.meter = services.meter
         self.dispatcher = services.dispatcher
+        self.identities = services.identities
 
     def adopt(self, services: Services) -> None:
         """Serve with ``services`` from now on. Only for a router whose config (and with it the
@@ -179,7 +214,7 @@ class Router:
         request_id = next_request_id()
         try:
             headers = inbound.headers
-            caller = authenticate(state, headers)
+            caller = await authenticate_caller(state, headers, self.identities)
             options = request_options(headers)
             body = await api.read_body(inbound, state.config.settings)
             if model is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..config._schema import RouterSettings
 from ..files._store import ObjectStore, object_store
 from ..guardrails import Guardrails
+from ..identity import Identities
 from ..inbound.responses import ResponseStore, responses_store
 from ..metering._budget import MemoryBudgetStore, RedisBudgetStore
 from ..metering._lease import LeasingLimiter
@@ -51,6 +52,8 @@ class Services:
     redis: Client | None
     #: Runs the guardrails; owns the webhook connection pool (closed at shutdown).
     guardrails: Guardrails
+    #: Validates bearer JWTs (TokenReview, OIDC JWKS) and caches the answers (closed at shutdown).
+    identities: Identities
 
 
 def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient | None = None) -> Services:
@@ -99,4 +102,5 @@ def build_services(settings: RouterSettings, *, upstream_client: UpstreamClient 
         files=object_store(settings, client),
         redis=client,
         guardrails=Guardrails(),
+        identities=Identities(settings.identity),
     )

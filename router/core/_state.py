@@ -103,10 +103,15 @@ class RouterState:
     keys: dict[bytes, VirtualKey] = field(default_factory=dict)
     #: The config's guardrails, compiled, by name.
     guardrails: dict[str, Guard] = field(default_factory=dict)
+    #: Bearer JWTs are accepted: with identities configured nobody is anonymous, keys or not.
+    identities: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.identities = self.config.settings.identity.enabled or bool(self.config.identity_bindings)
 
     @property
     def auth_required(self) -> bool:
-        return self.master_key_hash is not None or bool(self.keys)
+        return self.master_key_hash is not None or bool(self.keys) or self.identities
 
     def find_key(self, presented: str) -> tuple[bool, VirtualKey | None]:
         """(is_master, virtual_key) for a presented bearer token, comparing hashes in constant time."""

@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from .._errors import InvalidRequestError, KubellmError
 from ..audio._multipart import Upload, encode_form, read_form
-from ..core._router import Caller, authenticate, error_response
+from ..core._router import Caller, authenticate_caller, error_response
 from ..inbound._base import JSON
 from ..inbound._openai_validate import parse_body
 from ..server._inbound import AsgiInbound
@@ -266,7 +266,8 @@ def _page(docs: list[dict[str, Any]], request: Request, default: int) -> dict[st
 def _endpoint(router: Router, handler: Handler, operation: str) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            response = await handler(request, authenticate(router.state, request.headers))
+            caller = await authenticate_caller(router.state, request.headers, router.identities)
+            response = await handler(request, caller)
         except KubellmError as err:
             response = error_response(err)
         PLATFORM_REQUESTS.labels(operation, str(response.status_code)).inc()

@@ -27,7 +27,7 @@ from starlette.responses import Response
 
 from .. import _redact as redact
 from .._errors import InvalidRequestError, KubellmError
-from ..core._router import authenticate, next_request_id, request_options
+from ..core._router import authenticate_caller, next_request_id, request_options
 from ..metering._tokens import real_count
 from ..observability import _metrics as metrics
 from ..providers import Operation, RequestContext
@@ -160,7 +160,7 @@ async def handle_count_tokens(router: Router, inbound: Inbound) -> Response:
     request_id = next_request_id()
     headers = {"x-request-id": request_id}
     try:
-        caller = authenticate(state, inbound.headers)
+        caller = await authenticate_caller(state, inbound.headers, router.identities)
         options = request_options(inbound.headers)
         body = parse_body(await inbound.read(state.config.settings.max_request_body_bytes))
         group = router._group(state, caller, _validate(body), options)

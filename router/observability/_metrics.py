@@ -77,6 +77,11 @@ CONFIG_INFO = Gauge(
     ["version"],
     multiprocess_mode="liveall",
 )
+IDENTITY_VALIDATIONS = Counter(
+    "kubellm_identity_validations_total",
+    "Bearer JWTs validated (identity cache misses), by source and result.",
+    ["source", "result"],
+)
 CONFIG_RELOADS = Counter("kubellm_config_reloads_total", "Config reload attempts, by result.", ["result"])
 
 

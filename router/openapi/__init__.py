@@ -29,6 +29,16 @@ log = logging.getLogger("kubellm.router")
 
 _SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "A router API key, or the master key"},
+    "bearerJwt": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A Kubernetes ServiceAccount token (projected, bound to the configured audience, "
+        "e.g. `kubellm`; checked with TokenReview) or a token of a configured OIDC issuer (checked "
+        "against its JWKS), when `settings.identity` accepts them; an IdentityBinding says what the "
+        "caller may do. Anthropic clients send it as `x-api-key`. An invalid, expired or "
+        "wrong-audience token is a 401; a valid one no binding covers is a 403 `identity_not_bound`.",
+    },
     "apiKey": {
         "type": "apiKey",
         "in": "header",
@@ -82,7 +92,8 @@ def openapi_document(app: FastAPI, *, auth_required: bool, strict: bool = False)
 def _unauthorized(path: str) -> dict[str, Any]:
     schema = "AnthropicError" if path.startswith("/v1/messages") else "Error"
     return {
-        "description": "No API key, or one the router does not know",
+        "description": "No API key, or one the router does not know; or a bearer JWT that is invalid, "
+        "expired or for another audience (never echoed back)",
         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
     }
 

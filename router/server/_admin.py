@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .._errors import InvalidRequestError, KubellmError, PermissionDeniedError
-from ..core._router import JSON, authenticate, error_response
+from ..core._router import JSON, authenticate, authenticate_caller, error_response
 from ..metering._budget import period_window
 from ..metering._ledger import Totals
 from ..metering._pricing import format_usd
@@ -79,7 +79,7 @@ _LATEST = 253402300799.0
 def register_admin_routes(app: FastAPI, router: Router) -> None:
     async def key_info(request: Request) -> Response:
         try:
-            caller = authenticate(router.state, request.headers)
+            caller = await authenticate_caller(router.state, request.headers, router.identities)
         except KubellmError as err:
             return error_response(err)
         key = caller.key

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from .._errors import INTERNAL_ERROR_BODY, KubellmError, ModelNotFoundError, error_body
 from ..audio._routes import register_audio_routes
 from ..config._schema import ConfigError, RouterConfig, load_config
-from ..core._router import JSON, Router, authenticate, error_response
+from ..core._router import JSON, Router, authenticate_caller, error_response
 from ..core._services import build_services
 from ..core._state import RouterState, build_state, changed_deployments
 from ..files._routes import register_files_routes
@@ -330,6 +330,7 @@ def create_app(source: ConfigSource) -> RouterApp:
                 task.cancel()
             await router.upstream.stop()
             await router.services.guardrails.stop()
+            await router.services.identities.close()
             await router.meter.drain()
             await asyncio.to_thread(sink_hub.close)  # flush what the sinks still hold
             if router.services.redis is not None:
@@ -398,9 +399,9 @@ def create_app(source: ConfigSource) -> RouterApp:
         name="count_tokens",
     )
 
-    def visible_models(request: Request) -> list[str]:
+    async def visible_models(request: Request) -> list[str]:
         """Model groups the caller may use; raises if the caller is not authenticated."""
-        caller = authenticate(router.state, request.headers)
+        caller = await authenticate_caller(router.state, request.headers, router.identities)
         groups = sorted(router.state.groups)
         if caller.key is not None:
             groups = [g for g in groups if caller.key.may_use(g)]
@@ -416,7 +417,7 @@ def create_app(source: ConfigSource) -> RouterApp:
 
     async def list_models(request: Request) -> Response:
         try:
-            groups = visible_models(request)
+            groups = await visible_models(request)
         except KubellmError as err:
             return error_response(err)
         return _json({"object": "list", "data": [model_card(g) for g in groups]})
@@ -424,7 +425,7 @@ def create_app(source: ConfigSource) -> RouterApp:
     async def get_model(request: Request) -> Response:
         name = request.path_params["model"]
         try:
-            groups = visible_models(request)
+            groups = await visible_models(request)
         except KubellmError as err:
             return error_response(err)
         if name not in groups:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .._errors import InvalidRequestError, KubellmError
-from ..core._router import authenticate, error_response
+from ..core._router import authenticate_caller, error_response
 from ..inbound._base import JSON
 from ..inbound.responses import ResponseNotFoundError, ResponsesApi, StoredResponse, settle
 
@@ -33,7 +33,7 @@ def _not_found(response_id: str) -> ResponseNotFoundError:
 
 
 async def _stored(router: Router, api: ResponsesApi, request: Request) -> tuple[str, StoredResponse]:
-    owner = authenticate(router.state, request.headers).label
+    owner = (await authenticate_caller(router.state, request.headers, router.identities)).label
     response_id = request.path_params["response_id"]
     stored = await api.store.get(owner, response_id)
     if stored is None:

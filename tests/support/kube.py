@@ -410,6 +410,13 @@ class KubeControlPlane:
         return pki.ca_cert
 
     @property
+    def service_account_signing_key(self) -> Path:
+        """The PEM private key the API server signs ServiceAccount tokens with (its issuer is
+        ``server_url``): lets a test mint tokens the API server cannot (an expired one)."""
+        pki: _Pki = self._require(self._pki, "service_account_signing_key")
+        return pki.sa_key
+
+    @property
     def kubeconfig_path(self) -> Path:
         return Path(self._require(self._kubeconfig, "kubeconfig_path"))
 
