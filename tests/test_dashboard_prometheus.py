@@ -23,7 +23,13 @@ import pytest
 from kubellm.router.config._schema import parse_config
 from tests.conftest import UPSTREAM_KEY
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
-from tests.support.prometheus import Prometheus, check_dashboard, load_dashboard, panel_queries
+from tests.support.prometheus import (
+    DashboardError,
+    Prometheus,
+    check_dashboard,
+    load_dashboard,
+    panel_queries,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.servers import RouterProcess, as_written
 
@@ -92,8 +98,27 @@ def _round(routers: list[RouterProcess], n: int) -> None:
             app.chat.completions.create(model="down", messages=HELLO)
         assert down.value.status_code >= 500
         with pytest.raises(openai.RateLimitError):
-            for _ in range(3):  # rpm 2, shared through Redis by both routers
+            for _ in range(5):  # rpm 2, shared through Redis; 5 covers a window boundary in between
                 tight.chat.completions.create(model="chat", messages=HELLO)
+
+
+#: Panels that must fail the check, each for its own reason, in a collapsed row (nested panels).
+BROKEN = {
+    "No such metric": "sum(rate(kubellm_no_such_thing_total[$__rate_interval]))",
+    "No such label": 'sum(kubellm_requests_total{model="chat"})',
+    "Bad syntax": "sum(rate(kubellm_requests_total[$__rate_interval])",
+    "Undefined variable": 'sum(kubellm_requests_total{pod=~"$pod"})',
+    "Nothing finite": "vector(0) / 0",
+}
+
+
+def _broken_dashboard() -> dict[str, Any]:
+    board = load_dashboard()
+    panels = [
+        {"type": "timeseries", "title": t, "targets": [{"refId": "A", "expr": e}]} for t, e in BROKEN.items()
+    ]
+    board["panels"].append({"type": "row", "title": "Broken", "collapsed": True, "panels": panels})
+    return board
 
 
 def _routers_per_version(prom: Prometheus) -> dict[str, float]:
@@ -142,6 +167,14 @@ def test_every_dashboard_panel_returns_series_after_a_short_load(
             time.sleep(0.2)
         prom.wait_scraped(after=time.time() + 1.1)
         checked = check_dashboard(prom)
+        with pytest.raises(DashboardError) as caught:
+            check_dashboard(prom, _broken_dashboard())
+    failed = {f.where: f.problem for f in caught.value.failures}
+    assert set(failed) == {f"Broken / {title} [A]" for title in BROKEN}, caught.value
+    assert failed["Broken / No such metric [A]"] == failed["Broken / No such label [A]"] == "no series"
+    assert "parse error" in failed["Broken / Bad syntax [A]"]
+    assert "$pod" in str(caught.value) and "'pod'" in failed["Broken / Undefined variable [A]"]
+    assert "none with a finite value" in failed["Broken / Nothing finite [A]"]
     assert before == {parse_config(as_written(config)).version: 2}
     assert broken.calls > 0 and ok.calls > 0
     assert all("$" not in pq.query for pq in checked)

@@ -50,6 +50,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -232,14 +233,13 @@ class Prometheus:
 
 
 def _timestamp(rfc3339: str) -> float:
-    # Prometheus writes nanoseconds and a zone ("2026-12-03T15:01:02.123456789Z"); seconds suffice.
-    from datetime import datetime
-
-    head, _, rest = rfc3339.partition(".")
-    zone = re.search(r"(Z|[+-]\d\d:\d\d)$", rest or head)
-    stamp = datetime.fromisoformat(head + (zone.group(1).replace("Z", "+00:00") if zone else "+00:00"))
-    fraction = re.match(r"\d+", rest)
-    return stamp.timestamp() + (float("0." + fraction.group(0)) if fraction else 0.0)
+    """Prometheus' RFC 3339 times ("2026-12-03T15:01:02.123456789Z"): nanoseconds, which
+    ``datetime`` does not parse, and a zone."""
+    m = re.fullmatch(r"([^.Z+]+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", rfc3339.strip())
+    if m is None:
+        return 0.0
+    zone = (m.group(3) or "Z").replace("Z", "+00:00")
+    return datetime.fromisoformat(m.group(1) + zone).timestamp() + float("0." + (m.group(2) or "0"))
 
 
 # --------------------------------------------------------------------------- the dashboard
