@@ -20,6 +20,7 @@ _E2E_SUPPORT = (
     "tests.support.chaos",
     "tests.support.proxy",
     "tests.support.ledger_crash",
+    "tests.support.prometheus",
     "subprocess",
 )
 

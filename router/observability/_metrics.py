@@ -71,11 +71,13 @@ CACHE_HITS = Counter(
 IN_FLIGHT = Gauge(
     "kubellm_in_flight_requests", "Requests being served.", ["model_group"], multiprocess_mode="livesum"
 )
+# One series per router and version (max over its live workers, not one per worker), so a dashboard
+# counting routers per version counts routers.
 CONFIG_INFO = Gauge(
     "kubellm_config_info",
-    "The loaded config version (value is always 1).",
+    "The loaded config version: 1; with several workers, a version served before a reload reads 0.",
     ["version"],
-    multiprocess_mode="liveall",
+    multiprocess_mode="livemax",
 )
 IDENTITY_VALIDATIONS = Counter(
     "kubellm_identity_validations_total",
@@ -221,5 +223,7 @@ def render() -> tuple[bytes, str]:
 
 def set_config_version(old: str | None, new: str) -> None:
     if old is not None and old != new:
+        # With several workers, remove() leaves the value in this worker's file, still 1: zero it first.
+        CONFIG_INFO.labels(old).set(0)
         CONFIG_INFO.remove(old)
     CONFIG_INFO.labels(new).set(1)
