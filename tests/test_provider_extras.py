@@ -34,7 +34,10 @@ def _without(tmp_path: Path, package: str) -> dict[str, str]:
     """Environment for a router that cannot import ``package``."""
     shim = tmp_path / "shim" / package
     shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text(f"raise ImportError({f'No module named {package!r} (test shim)'!r})\n")
+    # ModuleNotFoundError, as for a package that is not installed: libraries that probe for an
+    # optional dependency (PyJWT probes for cryptography) catch exactly that.
+    message = f"No module named {package!r} (test shim)"
+    (shim / "__init__.py").write_text(f"raise ModuleNotFoundError({message!r}, name={package!r})\n")
     path = os.pathsep.join(p for p in (str(tmp_path / "shim"), os.environ.get("PYTHONPATH")) if p)
     return {"PYTHONPATH": path}
 
