@@ -60,7 +60,7 @@ def connect_settings(settings: RedisSettings, *, timeout: float = 0.75) -> Clien
 
     password = _password(settings.password_env)
     if settings.mode == "sentinel":
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
             [_addr(a) for a in settings.sentinels],
             sentinel_kwargs={
                 "socket_timeout": timeout,

@@ -152,6 +152,31 @@ def test_store_is_idempotent_and_aggregates_reconcile(kind: str, redis_url: str,
     asyncio.run(scenario())
 
 
+def test_redis_ledger_writes_a_batch_as_one_entry_and_reads_older_entries(redis_url: str) -> None:
+    """A batch is one stream entry; an id twice in one batch is stored once; entries of one record
+    each (field ``r``, as routers before batching wrote them) are still read and aggregated."""
+
+    async def scenario() -> None:
+        client = connect(redis_url)
+        p = f"t{uuid.uuid4().hex[:8]}:"
+        store = RedisLedger(client, stream=p + "ledger", prefix=p)
+        try:
+            old, *records = make_records(121, seed=7)
+            old.ts = END + 10  # outside the aggregated days: an older writer counted it there
+            await client.xadd(p + "ledger", {"r": old.to_json()})
+            assert await store.write(records[:100] + records[:1]) == 100
+            assert await store.write(records[90:]) == 20
+            assert await client.xlen(p + "ledger") == 3
+            got = await store.records(DAY0, END)
+            assert sorted(r.id for r in got) == sorted(r.id for r in records)
+            assert await store.records(END, END + 86400) == [old]
+            await assert_aggregates(store, records)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_redis_crash_mid_way_loses_nothing(tmp_path: Path) -> None:
     """1,000 records plus 200 duplicates; Redis is killed (SIGKILL) a third of the way in and
     restarted (AOF, script cache gone) later. Records wait in the journal and are replayed."""

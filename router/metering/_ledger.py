@@ -13,9 +13,12 @@ Stores:
 
 * :class:`SqliteLedger`: a local table keyed by record id (``INSERT OR IGNORE``).
 * :class:`RedisLedger`: a stream plus per-day aggregate hashes. One script
-  per batch adds each record's id to its day's id set and, only for new ids,
-  XADDs the record and HINCRBYs the aggregates, so the aggregates are exactly
-  the sum of the records in the stream. Durability is Redis's own: run it
+  per batch checks the records' ids against their day's id set and, if none is
+  held, XADDs the batch as one stream entry, adds the ids and HINCRBYs the
+  aggregates the writer summed; a batch with held ids is sent again without
+  them. The aggregates are therefore exactly the sum of the records in the
+  stream, and Redis' work per record is one set lookup and one set insert
+  (a few microseconds of its CPU; ``bench/metering.py`` measures it). Durability is Redis's own: run it
   with ``appendonly yes``. Id sets live ``dedupe_ttl`` (default 30 days): a
   record replayed later than that would be counted again. The stream is the
   ledger itself and grows with traffic; export and trim it (``maxlen``).
@@ -283,65 +286,59 @@ class SqliteLedger:
 
 # --------------------------------------------------------------------------- redis
 
-# KEYS[1] the stream; per record i, KEYS[1+4(i-1)+1..4] = the day's set of record ids, then the
-# day's aggregate hash by key, by model group, by deployment. ARGV[1] dedupe ttl ms, ARGV[2]
-# aggregate ttl ms, ARGV[3] stream MAXLEN (0 = never trim); per record 9 values: json, key, model
-# group, deployment, prompt, completion, cost in pico-USD (a decimal string; Lua never does math on
-# it), record id, outcome (n succeeded, r rejected, f failed: the count field it adds to). One id
-# set per day (not one key per record) keeps Redis' key count bounded.
+# One script per batch, whose Redis work does not grow with the fields summed: the router sums the
+# batch's aggregates and Redis only checks ids, appends one stream entry and adds the sums.
+# KEYS[1] the stream, KEYS[2..1+D] the id sets of the D days the batch touches, then the aggregate
+# hashes. ARGV[1] dedupe ttl ms, ARGV[2] aggregate ttl ms, ARGV[3] stream MAXLEN (0 = never trim),
+# ARGV[4] D, ARGV[5] the batch (the records' JSON lines, newline-separated); then per id set its
+# count and ids; then per hash its field count and (field, increment) pairs. If any id is already
+# held, nothing is written and the held ids are returned (the caller drops them and retries), so the
+# aggregates stay exactly the sum of the stream's records. One id set per day (not one key per
+# record) keeps Redis' key count bounded.
 _WRITE = Script("""
--- Exact sum of two non-negative decimal integer strings (money must not go through doubles).
-local function add(a, b)
-  -- Both below 10^15: their sum is below 2^53, so a double adds them exactly (the usual case).
-  if #a < 16 and #b < 16 then return string.format('%d', tonumber(a) + tonumber(b)) end
-  local out, carry, i, j = {}, 0, #a, #b
-  while i > 0 or j > 0 or carry > 0 do
-    local d = carry + (i > 0 and a:byte(i) - 48 or 0) + (j > 0 and b:byte(j) - 48 or 0)
-    out[#out + 1] = string.char(48 + d % 10)
-    carry, i, j = math.floor(d / 10), i - 1, j - 1
+local days, pos, held = tonumber(ARGV[4]), 6, {}
+for d = 1, days do
+  local n = tonumber(ARGV[pos])
+  local seen = redis.call('SMISMEMBER', KEYS[1 + d], unpack(ARGV, pos + 1, pos + n))
+  for i = 1, n do
+    if seen[i] == 1 then held[#held + 1] = ARGV[pos + i] end
   end
-  return string.reverse(table.concat(out))
+  pos = pos + 1 + n
 end
-local new, maxlen = 0, tonumber(ARGV[3])
--- The batch's new records are summed here first: one HINCRBY per aggregate field per batch.
-local sums, hashes, sets = {}, {}, {}
-for i = 1, (#KEYS - 1) / 4 do
-  local k, a = 1 + 4 * (i - 1), 3 + 9 * (i - 1)
-  if redis.call('SADD', KEYS[k + 1], ARGV[a + 8]) == 1 then
-    sets[KEYS[k + 1]] = true
-    if maxlen > 0 then
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[a + 1])
-    else
-      redis.call('XADD', KEYS[1], '*', 'r', ARGV[a + 1])
-    end
-    for j = 1, 3 do
-      local h, name = KEYS[k + 1 + j], ARGV[a + 1 + j]
-      local t = sums[h]
-      if not t then t = {}; sums[h] = t; hashes[#hashes + 1] = h end
-      local e = t[name]
-      if not e then e = {{n = 0, r = 0, f = 0}, 0, 0, '0'}; t[name] = e end
-      local kind = ARGV[a + 9]
-      e[1][kind] = e[1][kind] + 1
-      e[2], e[3] = e[2] + tonumber(ARGV[a + 5]), e[3] + tonumber(ARGV[a + 6])
-      e[4] = add(e[4], ARGV[a + 7])
-    end
-    new = new + 1
+if #held > 0 then return held end
+local maxlen = tonumber(ARGV[3])
+if maxlen > 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'b', ARGV[5])
+else
+  redis.call('XADD', KEYS[1], '*', 'b', ARGV[5])
+end
+pos = 6
+for d = 1, days do
+  local n = tonumber(ARGV[pos])
+  redis.call('SADD', KEYS[1 + d], unpack(ARGV, pos + 1, pos + n))
+  redis.call('PEXPIRE', KEYS[1 + d], ARGV[1])
+  pos = pos + 1 + n
+end
+for h = 2 + days, #KEYS do
+  local n = tonumber(ARGV[pos])
+  for i = 1, n do
+    redis.call('HINCRBY', KEYS[h], ARGV[pos + 2 * i - 1], ARGV[pos + 2 * i])
   end
+  redis.call('PEXPIRE', KEYS[h], ARGV[2])
+  pos = pos + 1 + 2 * n
 end
-for set in pairs(sets) do redis.call('PEXPIRE', set, ARGV[1]) end
-for _, h in ipairs(hashes) do
-  for name, e in pairs(sums[h]) do
-    for kind, n in pairs(e[1]) do
-      if n > 0 then redis.call('HINCRBY', h, name .. '|' .. kind, n) end
-    end
-    redis.call('HINCRBY', h, name .. '|p', string.format('%d', e[2]))
-    redis.call('HINCRBY', h, name .. '|c', string.format('%d', e[3]))
-    redis.call('HINCRBY', h, name .. '|$', e[4])
-  end
-  redis.call('PEXPIRE', h, ARGV[2])
-end
-return new
+return days
 """)
+#: Records per script call: Lua's unpack() takes a few thousand values at most.
+_CHUNK = 1000
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> list[UsageRecord]:
+    """The records of one ledger stream entry: a batch (``b``) or, as older routers wrote, one (``r``)."""
+    batch = fields.get(b"b")
+    if batch is None:
+        return [UsageRecord.from_json(fields[b"r"])]
+    return [UsageRecord.from_json(line) for line in batch.split(b"\n")]
 
 
 def _day(ts: float) -> str:
@@ -379,30 +376,58 @@ class RedisLedger:
         return f"{self.prefix}ledger:agg:{by}:{day}"
 
     async def write(self, records: Sequence[UsageRecord]) -> int:
-        if not records:
-            return 0
-        keys = [self.stream]
-        args: list[Arg] = [self.dedupe_ttl_ms, self.aggregate_ttl_ms, self.maxlen]
+        new = 0
+        for i in range(0, len(records), _CHUNK):
+            new += await self._write_chunk(records[i : i + _CHUNK])
+        return new
+
+    async def _write_chunk(self, records: Sequence[UsageRecord]) -> int:
+        pending = {r.id: r for r in records}  # a batch holding one id twice stores it once
+        while pending:
+            keys, args = self._script_input(list(pending.values()))
+            if self.wait_replicas:
+                held = await self._write_replicated(keys, args)
+            else:
+                held = await _WRITE(self.client, keys, args)
+            if not isinstance(held, list):
+                return len(pending)
+            for raw in held:
+                pending.pop(raw.decode() if isinstance(raw, bytes) else str(raw), None)
+        return 0
+
+    def _script_input(self, records: list[UsageRecord]) -> tuple[list[str], list[Arg]]:
+        ids: dict[str, list[Arg]] = {}
+        sums: dict[str, dict[str, int]] = {}
         for r in records:
             day = _day(r.ts)
-            keys.append(f"{self.prefix}ledger:ids:{day}")
-            keys += [self._agg_key(by, day) for by in _GROUPS]
-            args += [r.to_json(), r.key, r.model_group, r.deployment]
-            args += [r.prompt_tokens, r.completion_tokens, str(to_pico(r.cost)), r.id, outcome(r.status)]
-        if not self.wait_replicas:
-            return int(await _WRITE(self.client, keys, args))
-        return await self._write_replicated(keys, args)
+            ids.setdefault(f"{self.prefix}ledger:ids:{day}", []).append(r.id)
+            kind, cost = outcome(r.status), to_pico(r.cost)
+            for by, name in (("key", r.key), ("model_group", r.model_group), ("deployment", r.deployment)):
+                fields = sums.setdefault(self._agg_key(by, day), {})
+                for field, n in ((kind, 1), ("p", r.prompt_tokens), ("c", r.completion_tokens), ("$", cost)):
+                    if n:
+                        fields[f"{name}|{field}"] = fields.get(f"{name}|{field}", 0) + n
+        blob = b"\n".join(r.to_json() for r in records)
+        keys = [self.stream, *ids, *sums]
+        args: list[Arg] = [self.dedupe_ttl_ms, self.aggregate_ttl_ms, self.maxlen, len(ids), blob]
+        for members in ids.values():
+            args += [len(members), *members]
+        for fields in sums.values():
+            args.append(len(fields))
+            for field, n in fields.items():
+                args += [field, n]
+        return keys, args
 
-    async def _write_replicated(self, keys: list[str], args: list[Arg]) -> int:
+    async def _write_replicated(self, keys: list[str], args: list[Arg]) -> object:
         # WAIT covers the writes of its own connection: the script and WAIT share one pipeline.
         await _WRITE.load(self.client)
         pipe = self.client.pipeline(transaction=False)
         pipe.evalsha(_WRITE.sha, len(keys), *keys, *args)
         pipe.execute_command("WAIT", self.wait_replicas, 1000)
-        new, acked = await pipe.execute()
+        result, acked = await pipe.execute()
         if int(acked) < self.wait_replicas:
             raise ConnectionError(f"ledger batch reached {acked} of {self.wait_replicas} replicas")
-        return int(new)
+        return result
 
     async def records(self, since: float, until: float) -> list[UsageRecord]:
         # A record is added after it happened (possibly much later, after a spill), so scan
@@ -413,9 +438,7 @@ class RedisLedger:
             raw = await self.client.xrange(self.stream, min=start, max="+", count=1000)
             page = cast(list[tuple[bytes, dict[bytes, bytes]]], raw or [])
             for _, fields in page:
-                r = UsageRecord.from_json(fields[b"r"])
-                if since <= r.ts < until:
-                    out.append(r)
+                out += [r for r in decode_entry(fields) if since <= r.ts < until]
             if len(page) < 1000:
                 break
             start = "(" + page[-1][0].decode()

@@ -55,7 +55,7 @@ import openai
 import orjson
 import redis
 
-from kubellm.router.metering._ledger import UsageRecord
+from kubellm.router.metering._ledger import UsageRecord, decode_entry
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.support.redis_server import RedisServer
 from tests.support.servers import RouterProcess, as_written, free_port, http_get
@@ -366,13 +366,13 @@ class Fleet:
             http_get(router.base_url + "/admin/spend", {"Authorization": f"Bearer {MASTER_KEY}"}, timeout=10)
 
     def ledger(self) -> tuple[list[UsageRecord], int]:
-        """Every record in the Redis ledger stream, and the number of stream entries."""
+        """Every record in the Redis ledger stream (one entry holds a batch), and the number of entries."""
         client = redis.Redis(host="127.0.0.1", port=self.redis.port)
         try:
             entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange("kubellm:ledger", "-", "+")  # type: ignore[assignment]
         finally:
             client.close()
-        return [UsageRecord.from_json(fields[b"r"]) for _, fields in entries], len(entries)
+        return [r for _, fields in entries for r in decode_entry(fields)], len(entries)
 
     def budget_spent(self) -> Decimal:
         status, body = http_get(self.base_url + "/v1/key/info", {"Authorization": f"Bearer {BUDGET_KEY}"})
@@ -751,7 +751,7 @@ def analyse(fleet: Fleet, load: Load, marks: list[Mark]) -> ChaosReport:
     ledger = {
         "records": len(records),
         "stream_entries": entries,
-        "duplicate_ids": entries - len({r.id for r in records}),
+        "duplicate_ids": len(records) - len({r.id for r in records}),
         "client_successes": len(successes),
         "successes_missing_from_ledger": len(missing),
         "usage_mismatches": len(mismatched),
