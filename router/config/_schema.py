@@ -358,7 +358,9 @@ class KeyConfig(_Model):
         description="Guardrails (by name) this key's requests pass, in addition to the model group's.",
     )
     owner: str | None = Field(None, description="Who the key belongs to (metadata).")
-    team: str | None = Field(None, description="The owner's team (metadata).")
+    team: str | None = Field(
+        None, description="The owner's team: a `teams` entry of this name adds its limits, budget and models."
+    )
     metadata: dict[str, str] = Field(
         default_factory=dict, description="Free-form labels, copied to usage records."
     )
@@ -368,6 +370,22 @@ class KeyConfig(_Model):
         if (self.key_hash is None) == (self.key_env is None):
             raise ValueError("set exactly one of keyHash, keyEnv")
         return self
+
+
+class TeamConfig(_Model):
+    """A team: limits, budget and models shared by every key (and identity) whose `team` names it.
+
+    A request is admitted only if both the key's and its team's limits and budgets admit it."""
+
+    name: Label = Field(
+        ..., min_length=1, description="Team id, as keys' `team` names it (the operator: NAMESPACE/NAME)."
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="Model groups its keys may use (they must allow it too); empty means all.",
+    )
+    limits: Limits = Field(default_factory=Limits, description="Limits shared by all of its keys.")
+    budget: Budget | None = Field(None, description="Spend limit per period shared by all of its keys.")
 
 
 class IdentityBindingConfig(_Model):
@@ -728,6 +746,9 @@ class RouterConfig(_Model):
         default_factory=list, description="Optional per-group settings (strategy, fallbacks, aliases)."
     )
     keys: list[KeyConfig] = Field(default_factory=list, description="Virtual API keys.")
+    teams: list[TeamConfig] = Field(
+        default_factory=list, description="Teams: limits, budgets and models shared by their keys."
+    )
     identity_bindings: list[IdentityBindingConfig] = Field(
         default_factory=list, description="What ServiceAccount and OIDC callers may do."
     )
@@ -765,6 +786,10 @@ class RouterConfig(_Model):
         if cycle:
             raise ValueError(f"modelGroups: fallback loop {' -> '.join(cycle)}")
         self._check_guardrail_names()
+        teams = [t.name for t in self.teams]
+        for name in teams:
+            if teams.count(name) > 1:
+                raise ValueError(f"teams: duplicate name {name!r}")
         return self
 
     def _check_guardrail_names(self) -> None:

@@ -291,16 +291,15 @@ class Router:
         key = caller.key
         if key is None:
             return group
-        if not key.may_use(group.name):
-            raise PermissionDeniedError(
-                f"API key {key.config.name!r} may not use model {group.name!r}", param="model"
-            )
+        who = key.refuses(group.name)
+        if who is not None:
+            raise PermissionDeniedError(f"{who} may not use model {group.name!r}", param="model")
         # Fallbacks the client names are models it asks for: the key must be allowed them too.
         for name in options.fallbacks or ():
             target = state.groups.get(name)
-            if target is not None and not key.may_use(target.name):
+            who = key.refuses(target.name) if target is not None else None
+            if target is not None and who is not None:
                 raise PermissionDeniedError(
-                    f"API key {key.config.name!r} may not use model {target.name!r}",
-                    param="x-kubellm-fallbacks",
+                    f"{who} may not use model {target.name!r}", param="x-kubellm-fallbacks"
                 )
         return group

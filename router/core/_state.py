@@ -16,7 +16,14 @@ from pathlib import Path
 from .. import _redact as redact
 from ..config._modes import deployment_modes, ordered
 from ..config._modes import serves as serves_modes
-from ..config._schema import ConfigError, DeploymentConfig, KeyConfig, ModelGroupConfig, RouterConfig
+from ..config._schema import (
+    ConfigError,
+    DeploymentConfig,
+    KeyConfig,
+    ModelGroupConfig,
+    RouterConfig,
+    TeamConfig,
+)
 from ..guardrails import Guard, compile_guardrails
 from ..metering._limits import LimitRule, rule
 from ..providers import Operation, Provider, get_provider
@@ -81,9 +88,30 @@ class ModelGroup:
 
 
 @dataclass(slots=True)
+class Team:
+    """A ``teams`` entry: limits, budget and models its keys share (they nest in the key's own)."""
+
+    config: TeamConfig
+    limit_rule: LimitRule | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limit_rule = rule(self.scope, self.config.limits)
+
+    @property
+    def scope(self) -> str:
+        """Its limits' and budget's scope in the shared store (one Redis Cluster slot of its own)."""
+        return f"team:{self.config.name}"
+
+    def may_use(self, group: str) -> bool:
+        return not self.config.models or group in self.config.models
+
+
+@dataclass(slots=True)
 class VirtualKey:
     config: KeyConfig
     key_hash: bytes
+    #: The team its ``team`` names, when the config has one of that name (else only a label).
+    team: Team | None = None
     #: The key's limits, or None when it has none.
     limit_rule: LimitRule | None = field(init=False)
 
@@ -91,7 +119,15 @@ class VirtualKey:
         self.limit_rule = rule(f"key:{self.config.name}", self.config.limits)
 
     def may_use(self, group: str) -> bool:
-        return not self.config.models or group in self.config.models
+        return self.refuses(group) is None
+
+    def refuses(self, group: str) -> str | None:
+        """Who forbids this key ``group`` (the key or its team), or None when both allow it."""
+        if self.config.models and group not in self.config.models:
+            return f"API key {self.config.name!r}"
+        if self.team is not None and not self.team.may_use(group):
+            return f"team {self.team.config.name!r} of API key {self.config.name!r}"
+        return None
 
 
 @dataclass(slots=True)
@@ -103,6 +139,8 @@ class RouterState:
     keys: dict[bytes, VirtualKey] = field(default_factory=dict)
     #: The config's guardrails, compiled, by name.
     guardrails: dict[str, Guard] = field(default_factory=dict)
+    #: Teams by name.
+    teams: dict[str, Team] = field(default_factory=dict)
     #: Bearer JWTs are accepted: with identities configured nobody is anonymous, keys or not.
     identities: bool = field(init=False)
 
@@ -180,6 +218,7 @@ def build_state(config: RouterConfig) -> RouterState:
     elif os.environ.get(config.settings.master_key_env):
         master = hashlib.sha256(os.environ[config.settings.master_key_env].encode()).digest()
 
+    teams = {t.name: Team(t) for t in config.teams}
     keys: dict[bytes, VirtualKey] = {}
     for i, key in enumerate(config.keys):
         if key.key_hash is not None:
@@ -190,5 +229,6 @@ def build_state(config: RouterConfig) -> RouterState:
             if not secret:
                 raise ConfigError(f"keys[{i}].keyEnv: environment variable {key.key_env} is not set")
             digest = hashlib.sha256(secret.encode()).digest()
-        keys[digest] = VirtualKey(key, digest)
-    return RouterState(config, config.version, groups, master, keys, compile_guardrails(config))
+        keys[digest] = VirtualKey(key, digest, teams.get(key.team or ""))
+    guards = compile_guardrails(config)
+    return RouterState(config, config.version, groups, master, keys, guards, teams=teams)

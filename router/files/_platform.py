@@ -50,10 +50,9 @@ def group_for(state: RouterState, caller: Caller, model: str, param: str) -> Mod
     group = state.groups.get(model)
     if group is None:
         raise ModelNotFoundError(f"the model {model!r} does not exist", param=param)
-    if caller.key is not None and not caller.key.may_use(group.name):
-        raise PermissionDeniedError(
-            f"API key {caller.key.config.name!r} may not use model {group.name!r}", param=param
-        )
+    who = caller.key.refuses(group.name) if caller.key is not None else None
+    if who is not None:
+        raise PermissionDeniedError(f"{who} may not use model {group.name!r}", param=param)
     return group
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from .._errors import PermissionDeniedError
 from ..config._identity import OidcIssuer, OidcMatch
 from ..config._schema import IdentityBindingConfig, KeyConfig
-from ..core._state import VirtualKey
+from ..core._state import Team, VirtualKey
 from ._token import Identity
 
 
@@ -36,7 +36,14 @@ def _oidc_matches(match: OidcMatch, identity: Identity) -> bool:
 class BindingIndex:
     """The bindings of one config, indexed; identity keys are made once per config and identity."""
 
-    def __init__(self, bindings: list[IdentityBindingConfig], issuers: list[OidcIssuer]) -> None:
+    def __init__(
+        self,
+        bindings: list[IdentityBindingConfig],
+        issuers: list[OidcIssuer],
+        teams: Mapping[str, Team] | None = None,
+    ) -> None:
+        #: The config's teams: an identity whose team names one is limited by it too.
+        self.teams: Mapping[str, Team] = teams or {}
         self.exact: dict[tuple[str, str], IdentityBindingConfig] = {}
         self.namespaces: dict[str, IdentityBindingConfig] = {}
         ranked: list[tuple[int, str, OidcMatch, IdentityBindingConfig]] = []
@@ -92,7 +99,7 @@ class BindingIndex:
             owner=binding.name,
             metadata={"identityBinding": binding.name},
         )
-        key = VirtualKey(config, b"")
+        key = VirtualKey(config, b"", self.teams.get(team or ""))
         if len(self._keys) >= 100_000:
             self._keys.clear()
         self._keys[identity.name] = key

@@ -87,7 +87,8 @@ class Identities:
     def _bindings(self, state: RouterState) -> BindingIndex:
         if self._index is None or self._index[0] is not state:
             config = state.config
-            self._index = (state, BindingIndex(config.identity_bindings, list(self.settings.oidc)))
+            index = BindingIndex(config.identity_bindings, list(self.settings.oidc), state.teams)
+            self._index = (state, index)
         return self._index[1]
 
     # ---- cache misses ---------------------------------------------------------

@@ -41,7 +41,17 @@ from ..config._schema import LeaseSettings
 from ..redis_store import Arg
 from ._budget import BudgetAsk, BudgetDecision, period_window
 from ._lease_lua import APPLY, LEASE
-from ._limits import BUCKET_MS, Admission, Headroom, LimitRule, Settlement, _build, _Count
+from ._limits import (
+    BUCKET_MS,
+    Admission,
+    BudgetAsks,
+    Headroom,
+    LimitRule,
+    Settlement,
+    _build,
+    _Count,
+    asks_of,
+)
 from ._limits_redis import RedisLimiter
 from ._pricing import from_pico, to_pico
 
@@ -181,11 +191,16 @@ class LeasingLimiter:
         estimated_tokens: int,
         lease_id: str,
         now: float | None = None,
-        budget: BudgetAsk | None = None,
+        budget: BudgetAsks = None,
     ) -> Admission:
         rules = [r for r in rules if r.active]
-        if now is not None or not (rules or budget) or any(r.max_parallel is not None for r in rules):
-            return await self.inner.acquire(rules, estimated_tokens, lease_id, now, budget)
+        asks = asks_of(budget)
+        # Slices cover rpm/tpm limits and one budget: a request with a parallel limit, or with two
+        # budgets (a key's and its team's), is admitted exactly, one script, as without leasing.
+        exact = now is not None or not (rules or asks) or len(asks) > 1
+        if exact or any(r.max_parallel is not None for r in rules):
+            return await self.inner.acquire(rules, estimated_tokens, lease_id, now, asks)
+        budget = asks[0] if asks else None
         cost = to_pico(budget.estimate) if budget is not None else 0
         pkey = period_window(budget.period, budget.now)[2] if budget is not None else ""
         group = (*(r.scope for r in rules), *((f"budget:{budget.scope}:{pkey}",) if budget else ()))
@@ -267,6 +282,7 @@ class LeasingLimiter:
                 b.end,
                 b.period_key,
             )
+            adm.budgets = {budget.scope: adm.budget}
         return adm
 
     def _want(self, scope: str, horizon: float, per_request: int, kind: int) -> int:

@@ -111,8 +111,11 @@ class Admission:
     window_start: float = 0.0
     #: Every scope whose limits denied (``denied_by`` names the one that frees last).
     denied_scopes: tuple[str, ...] = ()
-    #: The budget reservation made (or refused) in the same atomic step, when one was asked for.
+    #: The budget reservation made (or refused) in the same atomic step, when one was asked for
+    #: (the first one asked for, when several were).
     budget: BudgetDecision | None = None
+    #: Every budget's decision, by scope (a key's and its team's).
+    budgets: dict[str, BudgetDecision] = field(default_factory=dict, compare=False, repr=False)
     #: The rules and counts the headers were built from (see :meth:`headers_of`).
     counts: Sequence[tuple[LimitRule, _Count]] = field(default=(), compare=False, repr=False)
     now_ms: int = field(default=0, compare=False, repr=False)
@@ -124,9 +127,26 @@ class Admission:
         Built on demand: most admissions only ever need one scope's (:meth:`headers_of`)."""
         return _rate_headers(self.counts, self.now_ms)
 
-    def headers_of(self, scope: str) -> dict[str, str]:
-        """The ``x-ratelimit-*`` headers of one scope's own limits."""
-        return _rate_headers([(r, c) for r, c in self.counts if r.scope == scope], self.now_ms)
+    def headers_of(self, *scopes: str) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers of these scopes' limits (the tightest of them)."""
+        return _rate_headers([(r, c) for r, c in self.counts if r.scope in scopes], self.now_ms)
+
+
+#: One budget reservation, several (a key's and its team's, all or none made), or none.
+BudgetAsks = BudgetAsk | Sequence[BudgetAsk] | None
+
+
+def asks_of(budget: BudgetAsks) -> list[BudgetAsk]:
+    """The reservations ``budget`` asks for, as a list (scopes distinct, like the rules')."""
+    if budget is None:
+        return []
+    return [budget] if isinstance(budget, BudgetAsk) else list(budget)
+
+
+def set_budgets(adm: Admission, asks: Sequence[BudgetAsk], decisions: Sequence[BudgetDecision]) -> None:
+    """Record the budgets' decisions on an admission (``budget`` is the first one's)."""
+    adm.budgets = {a.scope: d for a, d in zip(asks, decisions, strict=True)}
+    adm.budget = decisions[0] if decisions else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +181,7 @@ class Limiter(Protocol):
         estimated_tokens: int,
         lease_id: str,
         now: float | None = None,
-        budget: BudgetAsk | None = None,
+        budget: BudgetAsks = None,
     ) -> Admission: ...
 
     async def settle_many(self, items: Sequence[Settlement]) -> None: ...
@@ -395,12 +415,13 @@ class MemoryLimiter:
         estimated_tokens: int,
         lease_id: str,
         now: float | None = None,
-        budget: BudgetAsk | None = None,
+        budget: BudgetAsks = None,
     ) -> Admission:
         rules = [r for r in rules if r.active]
+        asks = asks_of(budget)
         now_ms = _ms(now)
         cur, low = _span(now_ms)
-        if budget is not None and self.budgets is None:
+        if asks and self.budgets is None:
             raise TypeError("this limiter holds no budget store to reserve in")
         counts = [self._count(r, lease_id, now_ms, True) for r in rules]
         denials = _denials(rules, counts, estimated_tokens)
@@ -411,11 +432,13 @@ class MemoryLimiter:
             elif w is not None and kind == "tpm":
                 need = min(c.tokens, c.tokens + estimated_tokens - (rules[i].tpm or 0))
                 c.wait_tokens_ms = w.wait(low, cur, 1, need)
-        decision = None
-        if budget is not None and self.budgets is not None:
-            # The budget is judged last, so it reserves only when every limit admits.
-            decision = self.budgets.reserve_now(budget, commit=not denials)
-        allowed = not denials and (decision is None or decision.allowed)
+        decisions: list[BudgetDecision] = []
+        if asks and self.budgets is not None:
+            # Budgets are judged last, so they reserve only when every limit and every budget admits.
+            decisions = [self.budgets.reserve_now(a, commit=False) for a in asks]
+            if not denials and all(d.allowed for d in decisions):
+                decisions = [self.budgets.reserve_now(a, commit=True) for a in asks]
+        allowed = not denials and all(d.allowed for d in decisions)
         if allowed:
             for r, c in zip(rules, counts, strict=True):
                 if r.rpm is not None or r.tpm is not None:
@@ -433,7 +456,7 @@ class MemoryLimiter:
                         c.parallel += 1
                     leases[lease_id] = now_ms + self.lease_ttl_ms
         adm = _build(rules, counts, allowed, lease_id, now_ms, estimated_tokens)
-        adm.budget = decision
+        set_budgets(adm, asks, decisions)
         return adm
 
     async def settle_many(self, items: Sequence[Settlement]) -> None:

@@ -28,21 +28,21 @@ from ..redis_connect import slot, tagged
 from ..redis_store import Script
 from . import _budget
 from ._budget import BudgetAsk
-from ._limits import Admission, Headroom, LimitRule, Settlement, _build
+from ._limits import Admission, BudgetAsks, Headroom, LimitRule, Settlement, _build, asks_of, set_budgets
 from ._limits_redis import _PRELUDE, RedisLimiter, _Queued
 
 # Undoes one admission of _ACQUIRE on one slot. ARGV[1] the admission's now ms, ARGV[2] lease id,
-# ARGV[3] estimate, ARGV[4] 1 when it held a budget reservation, ARGV[5] its id; rules from
-# ARGV[6]. KEYS as _ACQUIRE's.
+# ARGV[3] estimate, ARGV[4] the number of budget reservations it held there, then their ids; rules
+# follow. KEYS as _ACQUIRE's (2 per rule, 3 per budget).
 _UNDO = Script(
     _PRELUDE
     + _budget.LUA
     + """
-local lease, est, hb = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
-local n = hb and (#KEYS - 3) / 2 or #KEYS / 2
+local lease, est, nb = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = (#KEYS - 3 * nb) / 2
 for i = 1, n do
   local wk, lk = KEYS[2 * i - 1], KEYS[2 * i]
-  local rpm, tpm, par = lim(i, 5)
+  local rpm, tpm, par = lim(i, 4 + nb)
   if (rpm >= 0 or tpm >= 0) and redis.call('HEXISTS', wk, 'r' .. int(cur)) == 1 then
     redis.call('HINCRBY', wk, 'r' .. int(cur), -1)
     redis.call('HINCRBY', wk, 'r', -1)
@@ -51,13 +51,16 @@ for i = 1, n do
   end
   if par >= 0 or tpm >= 0 then redis.call('ZREM', lk, lease) end
 end
-if hb then b_unhold(KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3], ARGV[5]) end
+for j = 1, nb do
+  local k = 2 * n + 3 * (j - 1)
+  b_unhold(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[4 + j])
+end
 return 1
 """
 )
 
-#: One slot's part of an admission: its slot, its rules, whether the budget lives there.
-_Part = tuple[int, list[LimitRule], bool]
+#: One slot's part of an admission: its slot, its rules, the budgets that live there.
+_Part = tuple[int, list[LimitRule], list[BudgetAsk]]
 
 
 class ClusterLimiter(RedisLimiter):
@@ -69,16 +72,15 @@ class ClusterLimiter(RedisLimiter):
     def _slot(self, r: LimitRule) -> int:
         return slot(self._base(r.scope))
 
-    def _plan(self, rules: Sequence[LimitRule], budget: BudgetAsk | None) -> list[_Part]:
+    def _plan(self, rules: Sequence[LimitRule], asks: Sequence[BudgetAsk]) -> list[_Part]:
         parts: dict[int, _Part] = {}
         for r in rules:
-            parts.setdefault(self._slot(r), (self._slot(r), [], False))[1].append(r)
-        if budget is not None:
+            parts.setdefault(self._slot(r), (self._slot(r), [], []))[1].append(r)
+        for ask in asks:
             if self.budgets is None:
                 raise TypeError("this limiter holds no budget store to reserve in")
-            s = slot(self.budgets.reserve_keys_args(budget)[0][0])
-            part = parts.get(s)
-            parts[s] = (s, part[1] if part else [], True)
+            s = slot(self.budgets.reserve_keys_args(ask)[0][0])
+            parts.setdefault(s, (s, [], []))[2].append(ask)
         return list(parts.values())
 
     async def acquire(
@@ -87,27 +89,28 @@ class ClusterLimiter(RedisLimiter):
         estimated_tokens: int,
         lease_id: str,
         now: float | None = None,
-        budget: BudgetAsk | None = None,
+        budget: BudgetAsks = None,
     ) -> Admission:
         rules = [r for r in rules if r.active]
-        plan = self._plan(rules, budget)
+        asks = asks_of(budget)
+        plan = self._plan(rules, asks)
         if len(plan) <= 1:  # one slot: one script, as on a single Redis
-            return await super().acquire(rules, estimated_tokens, lease_id, now, budget)
+            return await super().acquire(rules, estimated_tokens, lease_id, now, asks)
         done: list[tuple[_Part, Admission]] = []
         try:
             for part in plan:
-                _, sub, hb = part
-                adm = await super().acquire(sub, estimated_tokens, lease_id, now, budget if hb else None)
+                _, sub, here = part
+                adm = await super().acquire(sub, estimated_tokens, lease_id, now, here)
                 if now is None:
                     now = adm.now_ms / 1000  # the other slots count on the first one's clock
                 if not adm.allowed:
                     undo, done = done, []  # undone once, even if this raises
-                    await self._undo(undo, estimated_tokens, lease_id, budget)
+                    await self._undo(undo, estimated_tokens, lease_id)
                     return adm
                 done.append((part, adm))
         except BaseException:
             # A failed or cancelled admission holds nothing: roll back what it reserved.
-            rollback = asyncio.ensure_future(self._undo(done, estimated_tokens, lease_id, budget))
+            rollback = asyncio.ensure_future(self._undo(done, estimated_tokens, lease_id))
             with contextlib.suppress(Exception):
                 await asyncio.shield(rollback)
             raise
@@ -116,19 +119,19 @@ class ClusterLimiter(RedisLimiter):
         merged = _build(
             rules, [counts[r.scope] for r in rules], True, lease_id, first.now_ms, estimated_tokens
         )
-        merged.budget = next((adm.budget for (_, _, hb), adm in done if hb), None)
+        decisions = {scope: d for _, adm in done for scope, d in adm.budgets.items()}
+        set_budgets(merged, asks, [decisions[a.scope] for a in asks])
         return merged
 
-    async def _undo(
-        self, done: list[tuple[_Part, Admission]], est: int, lease_id: str, budget: BudgetAsk | None
-    ) -> None:
+    async def _undo(self, done: list[tuple[_Part, Admission]], est: int, lease_id: str) -> None:
         async def one(part: _Part, adm: Admission) -> None:
-            _, sub, hb = part
+            _, sub, here = part
             keys, args = self._keys_args(sub)
-            if hb and budget is not None and self.budgets is not None:
-                keys += self.budgets.reserve_keys_args(budget)[0]
-            rid = budget.reservation_id if hb and budget is not None else ""
-            await _UNDO(self.client, keys, [adm.now_ms, lease_id, est, 1 if hb else 0, rid, *args])
+            if self.budgets is not None:
+                for ask in here:
+                    keys += self.budgets.reserve_keys_args(ask)[0]
+            rids = [ask.reservation_id for ask in here]
+            await _UNDO(self.client, keys, [adm.now_ms, lease_id, est, len(rids), *rids, *args])
 
         await asyncio.gather(*(one(p, a) for p, a in done))
 

@@ -17,6 +17,7 @@ from ._limits import (
     DEFAULT_LEASE_TTL,
     SPAN,
     Admission,
+    BudgetAsks,
     Headroom,
     LimitRule,
     Settlement,
@@ -24,6 +25,8 @@ from ._limits import (
     _Count,
     _headroom,
     _ms,
+    asks_of,
+    set_budgets,
 )
 
 # KEYS: per rule i, KEYS[2i-1] = window hash, KEYS[2i] = lease zset (member lease id, score expiry
@@ -113,22 +116,24 @@ end
 """
 )
 
-# ARGV[2] lease id, ARGV[3] estimate, ARGV[4] lease ttl ms, ARGV[5] 1 when a budget reservation is
-# asked for, ARGV[6..11] its arguments as _budget's reserve takes them (now, limit, estimate, id,
-# expiry, ttl); rules from ARGV[12]. KEYS: 2 per rule, then the budget's 3 when asked for.
-# Returns {limits ok, now, budget ok, spent, reserved, then per rule 7 counts}; records nothing
-# unless every limit and the budget admit.
+# ARGV[2] lease id, ARGV[3] estimate, ARGV[4] lease ttl ms, ARGV[5] the number of budget
+# reservations asked for (a key's and its team's: all are made or none), then 6 arguments per
+# reservation as _budget's reserve takes them (now, limit, estimate, id, expiry, ttl); rules follow.
+# KEYS: 2 per rule, then 3 per budget. Returns {limits ok, now, budgets ok, number of budgets, per
+# budget its ok, spent, reserved, then per rule 7 counts}; records nothing unless every limit and
+# every budget admit.
 _ADMIT = (
     _PRELUDE
     + _budget.LUA
     + """
 local function admit(K)
-  local lease, est, ttl, hb = A[2], tonumber(A[3]), tonumber(A[4]), A[5] == '1'
-  local n = hb and (#K - 3) / 2 or #K / 2
+  local lease, est, ttl, nb = A[2], tonumber(A[3]), tonumber(A[4]), tonumber(A[5])
+  local rbase = 5 + 6 * nb
+  local n = (#K - 3 * nb) / 2
   local ok, st = true, {}
   for i = 1, n do
     local wk, lk = K[2 * i - 1], K[2 * i]
-    local rpm, tpm, par = lim(i, 11)
+    local rpm, tpm, par = lim(i, rbase)
     local o, r, t, p, first, member = nil, 0, 0, 0, -1, false
     if rpm >= 0 or tpm >= 0 then o, r, t = window(wk, true) end
     if par >= 0 or tpm >= 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
@@ -147,14 +152,21 @@ local function admit(K)
     if par >= 0 and p + 1 > par then ok = false end
     st[i] = {r, t, p, first, o and (o + SPAN) * B or -1, wr, wt, member}
   end
-  local bk, hk, ek = K[2 * n + 1], K[2 * n + 2], K[2 * n + 3]
-  local bok, bheld = true, false
-  if hb then bok, bheld = b_check(bk, hk, ek, A[6], A[7], A[9]) end
+  local bok, bs = true, {}
+  for j = 1, nb do
+    local k, a = 2 * n + 3 * (j - 1), 5 + 6 * (j - 1)
+    local jok, jheld = b_check(K[k + 1], K[k + 2], K[k + 3], A[a + 1], A[a + 2], A[a + 4])
+    bs[j] = {jok, jheld}
+    bok = bok and jok
+  end
   if ok and bok then
-    if hb and not bheld then b_hold(bk, hk, ek, A[8], A[9], A[10], A[11]) end
+    for j = 1, nb do
+      local k, a = 2 * n + 3 * (j - 1), 5 + 6 * (j - 1)
+      if not bs[j][2] then b_hold(K[k + 1], K[k + 2], K[k + 3], A[a + 3], A[a + 4], A[a + 5], A[a + 6]) end
+    end
     for i = 1, n do
       local wk, lk = K[2 * i - 1], K[2 * i]
-      local rpm, tpm, par = lim(i, 11)
+      local rpm, tpm, par = lim(i, rbase)
       local s = st[i]
       if rpm >= 0 or tpm >= 0 then
         s[1] = s[1] + 1
@@ -179,8 +191,11 @@ local function admit(K)
       end
     end
   end
-  local bs = hb and b_state(bk) or {'0', '0'}
-  local out = {ok and 1 or 0, now, bok and 1 or 0, bs[1], bs[2]}
+  local out = {ok and 1 or 0, now, bok and 1 or 0, nb}
+  for j = 1, nb do
+    local state = b_state(K[2 * n + 3 * (j - 1) + 1])
+    table.insert(out, bs[j][1] and 1 or 0); table.insert(out, state[1]); table.insert(out, state[2])
+  end
   for i = 1, n do
     for j = 1, 7 do table.insert(out, st[i][j]) end
   end
@@ -417,31 +432,38 @@ class RedisLimiter:
         estimated_tokens: int,
         lease_id: str,
         now: float | None = None,
-        budget: BudgetAsk | None = None,
+        budget: BudgetAsks = None,
     ) -> Admission:
         rules = [r for r in rules if r.active]
-        if not rules and budget is None:
+        asks = asks_of(budget)
+        if not rules and not asks:
             return _build(rules, [], True, lease_id, _ms(now), estimated_tokens)
         keys, args = self._keys_args(rules)
-        head: list[Arg] = [_now_arg(now), lease_id, estimated_tokens, self.lease_ttl_ms, 0, *[""] * 6]
-        limit, end, period_key = 0, 0.0, ""
-        if budget is not None:
-            if self.budgets is None:
-                raise TypeError("this limiter holds no budget store to reserve in")
-            bkeys, bargs, limit, end, period_key = self.budgets.reserve_keys_args(budget)
-            keys += bkeys
-            head[4:] = [1, *bargs]
+        head: list[Arg] = [_now_arg(now), lease_id, estimated_tokens, self.lease_ttl_ms, len(asks)]
         undo = [Settlement(rules, lease_id, 0, 0, 0.0)]
-        if budget is not None:
-            undo.append(Settlement((), budget.reservation_id, 0, 0, 0.0, _zero_charge(budget, period_key)))
+        windows: list[tuple[int, float, str]] = []
+        if asks and self.budgets is None:
+            raise TypeError("this limiter holds no budget store to reserve in")
+        for ask in asks:
+            assert self.budgets is not None
+            bkeys, bargs, limit, end, period_key = self.budgets.reserve_keys_args(ask)
+            keys += bkeys
+            head += bargs
+            windows.append((limit, end, period_key))
+            undo.append(Settlement((), ask.reservation_id, 0, 0, 0.0, _zero_charge(ask, period_key)))
         vals = await self._admit(keys, head + args, undo)
         allowed, now_ms, budget_ok = bool(int(vals[0])), int(vals[1]), bool(int(vals[2]))
-        nums = [int(v) for v in vals[5:]]
+        nb = int(vals[3])
+        nums = [int(v) for v in vals[4 + 3 * nb :]]
         counts = [_Count(*nums[7 * i : 7 * i + 7]) for i in range(len(rules))]
         adm = _build(rules, counts, allowed and budget_ok, lease_id, now_ms, estimated_tokens)
-        if budget is not None:
-            spent, reserved = int(vals[3]), int(vals[4])
-            adm.budget = _budget._decision(budget_ok, spent, reserved, limit, end, period_key)
+        decisions = [
+            _budget._decision(
+                bool(int(vals[4 + 3 * j])), int(vals[5 + 3 * j]), int(vals[6 + 3 * j]), limit, end, key
+            )
+            for j, (limit, end, key) in enumerate(windows)
+        ]
+        set_budgets(adm, asks, decisions)
         return adm
 
     async def settle_many(self, items: Sequence[Settlement]) -> None:

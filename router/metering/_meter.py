@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import KubellmError, RateLimitError, ServiceUnavailableError
-from ..config._schema import RouterSettings
+from ..config._schema import Budget, RouterSettings
 from ..observability import _metrics as metrics
 from ..providers import Operation, Usage
 from ._budget import BudgetAsk, BudgetCharge, BudgetDecision, BudgetStore, MemoryBudgetStore, period_window
 from ._ledger import LedgerStore, LedgerWriter, SqliteLedger, UsageRecord
-from ._limits import Admission, Limiter, LimitRule, MemoryLimiter, Settlement, format_reset
+from ._limits import Admission, Limiter, LimitRule, MemoryLimiter, Settlement, format_reset, set_budgets
 from ._pricing import Price, cost, price_for, unit_cost, usage_cost
 from ._units import requested_units
 
@@ -79,9 +79,10 @@ class Ticket:
 
     estimated_cost: Decimal = Decimal(0)
     leases: list[Lease] = field(default_factory=list)
-    budget: BudgetDecision | None = None
-    budget_scope: str = ""
-    budget_period: str = ""
+    #: The budgets the request reserves in, scope -> period: its key's, then its team's.
+    budget_scopes: dict[str, str] = field(default_factory=dict)
+    #: Their reservations once made, by scope.
+    budgets: dict[str, BudgetDecision] = field(default_factory=dict)
     #: The budget store was unreachable at admission and the call was let through (fail-open):
     #: its spend is charged to the budget once the store is back.
     budget_unreserved: bool = False
@@ -91,6 +92,31 @@ class Ticket:
     allowance: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
+
+    @property
+    def budget(self) -> BudgetDecision | None:
+        """The first budget's reservation (the key's, when it has a budget)."""
+        return next(iter(self.budgets.values()), None)
+
+
+def caller_budgets(key: VirtualKey) -> list[tuple[str, Budget, str]]:
+    """(scope, budget, who) of every budget a key's request reserves in: its own, then its team's."""
+    out = []
+    if key.config.budget is not None:
+        out.append((f"key:{key.config.name}", key.config.budget, f"API key {key.config.name!r}"))
+    team = key.team
+    if team is not None and team.config.budget is not None:
+        who = f"team {team.config.name!r} of API key {key.config.name!r}"
+        out.append((team.scope, team.config.budget, who))
+    return out
+
+
+def caller_rules(key: VirtualKey) -> list[LimitRule]:
+    """The limits a key's request passes: its own, then its team's (both must admit)."""
+    rules = [key.limit_rule] if key.limit_rule is not None else []
+    if key.team is not None and key.team.limit_rule is not None:
+        rules.append(key.team.limit_rule)
+    return rules
 
 
 #: Prices by deployment object (a config reload makes new ones): every request asks again.
@@ -211,8 +237,8 @@ class Meter:
         #: Settlements waiting for the next batch, and the task that sends batches.
         self._batch: list[Settlement] = []
         self._flusher: asyncio.Task[None] | None = None
-        #: Charges owed to budgets, by request id, applied when the store answers again.
-        self.owed: dict[str, Charge] = {}
+        #: Charges owed to budgets, by (scope, request id), applied when the store answers again.
+        self.owed: dict[tuple[str, str], Charge] = {}
         self._charging: asyncio.Task[None] | None = None
 
     @property
@@ -246,13 +272,13 @@ class Meter:
         key = call.key
         if key is None:
             return ticket
-        budget = key.config.budget
-        if budget is not None:
+        budgets = caller_budgets(key)
+        if budgets:
             cap = call.state.config.settings.budget_reserve_tokens
             trust = call.group.name not in self.overbilled
             ticket.estimated_cost, ticket.allowance = worst_case(call, cap, trust)
-            ticket.budget_scope, ticket.budget_period = f"key:{key.config.name}", budget.period
-        if key.limit_rule is None and budget is None:
+            ticket.budget_scopes = {scope: b.period for scope, b, _ in budgets}
+        if key.limit_rule is None and not budgets and (key.team is None or key.team.limit_rule is None):
             return ticket
         ticket.pending = True
         if _may_be_cached(call):
@@ -276,68 +302,84 @@ class Meter:
     async def _admit(self, call: Call, ticket: Ticket, dep: Deployment | None) -> Admission | None:
         key, caller = call.key, ticket.pending
         rules: list[LimitRule] = []
-        ask: BudgetAsk | None = None
+        asks: list[BudgetAsk] = []
         if caller and key is not None:
-            if key.limit_rule is not None:
-                rules.append(key.limit_rule)
-            if key.config.budget is not None:
-                b = key.config.budget
-                ask = BudgetAsk(
-                    ticket.budget_scope,
-                    b.period,
-                    b.amount_usd,
-                    ticket.estimated_cost,
-                    call.request_id,
-                    time.time(),
-                )
+            rules += caller_rules(key)
+            now = time.time()
+            est, rid = ticket.estimated_cost, call.request_id
+            asks += [BudgetAsk(s, b.period, b.amount_usd, est, rid, now) for s, b, _ in caller_budgets(key)]
         if dep is not None and dep.limit_rule is not None:
             rules.append(dep.limit_rule)
         lease_id = call.request_id if dep is None else f"{call.request_id}:{dep.name}"
         try:
-            adm = await self._acquire(rules, call.estimated_tokens, lease_id, ask)
+            adm = await self._acquire(rules, call.estimated_tokens, lease_id, asks)
         except Exception as exc:
             self.store_failed("admission", exc)
             if not self.fail_open:
                 raise self._unavailable() from None
             if caller:
-                ticket.pending, ticket.budget_unreserved = False, ask is not None
+                ticket.pending, ticket.budget_unreserved = False, bool(asks)
             return None
         if not adm.allowed:
-            key_rule = key.limit_rule if caller and key is not None else None
-            if key is not None and key_rule is not None and key_rule.scope in adm.denied_scopes:
-                raise self._limited(adm, key_rule.scope, f"API key {key.config.name!r}")
-            if adm.budget is not None and not adm.budget.allowed and key is not None:
-                raise self._over_budget(adm.budget, key)
+            if caller and key is not None:
+                self._refuse_caller(adm, key)
             metrics.RATE_LIMITED.labels("deployment", adm.denied_by or "").inc()
             return adm
         if rules:
             ticket.leases.append(Lease(rules, adm))
         if caller:
             ticket.pending = False
-            ticket.budget = adm.budget
-            if key is not None and key.limit_rule is not None:
-                ticket.headers.update(adm.headers_of(key.limit_rule.scope))
+            ticket.budgets = dict(adm.budgets)
+            if key is not None:
+                # The key's own x-ratelimit headers, or its team's where the team has less left.
+                scopes = [r.scope for r in caller_rules(key)]
+                if scopes:
+                    ticket.headers.update(adm.headers_of(*scopes))
         return adm
+
+    def _refuse_caller(self, adm: Admission, key: VirtualKey) -> None:
+        """Raise the refusal of the key's or its team's limit or budget, if one refused."""
+        if key.limit_rule is not None and key.limit_rule.scope in adm.denied_scopes:
+            raise self._limited(adm, key.limit_rule.scope, f"API key {key.config.name!r}", "key")
+        team = key.team
+        if team is not None and team.limit_rule is not None and team.scope in adm.denied_scopes:
+            who = f"team {team.config.name!r} of API key {key.config.name!r}"
+            raise self._limited(adm, team.scope, who, "team")
+        for scope, budget, who in caller_budgets(key):
+            decision = adm.budgets.get(scope)
+            if decision is not None and not decision.allowed:
+                raise self._over_budget(decision, budget, who, "key" if scope.startswith("key:") else "team")
 
     async def _acquire(
-        self, rules: list[LimitRule], estimate: int, lease_id: str, ask: BudgetAsk | None
+        self, rules: list[LimitRule], estimate: int, lease_id: str, asks: list[BudgetAsk]
     ) -> Admission:
-        if ask is None or self.fused:
-            return await self.limiter.acquire(rules, estimate, lease_id, budget=ask)
-        # A limiter and a budget store that do not share a store: two steps, the lease undone
-        # when the budget refuses (its rpm count stays, erring towards fewer admissions).
+        if not asks or self.fused:
+            return await self.limiter.acquire(rules, estimate, lease_id, budget=asks)
+        # A limiter and a budget store that do not share a store: several steps, the lease and the
+        # reservations made undone when a budget refuses (the rpm count stays, erring towards fewer
+        # admissions).
         adm = await self.limiter.acquire(rules, estimate, lease_id)
-        if adm.allowed:
-            adm.budget = await self.budgets.reserve(
+        if not adm.allowed:
+            return adm
+        decisions: list[BudgetDecision] = []
+        for ask in asks:
+            decision = await self.budgets.reserve(
                 ask.scope, ask.period, ask.limit, ask.estimate, ask.reservation_id, ask.now
             )
-            if not adm.budget.allowed:
+            decisions.append(decision)
+            if not decision.allowed:
                 adm.allowed = False
+                for made in asks[: len(decisions) - 1]:
+                    await self.budgets.settle(
+                        made.scope, made.period, made.reservation_id, made.estimate, Decimal(0)
+                    )
                 await self.limiter.release(rules, lease_id)
+                break
+        set_budgets(adm, asks[: len(decisions)], decisions)
         return adm
 
-    def _limited(self, admission: Admission, scope: str, who: str) -> RateLimitError:
-        metrics.RATE_LIMITED.labels("key", admission.denied_by or "").inc()
+    def _limited(self, admission: Admission, scope: str, who: str, kind: str) -> RateLimitError:
+        metrics.RATE_LIMITED.labels(kind, admission.denied_by or "").inc()
         retry = max(1, int((admission.retry_after or 1) + 0.999))
         which = (admission.denied_by or "").rsplit(" ", 1)[-1] or "limit"
         err = RateLimitError(
@@ -347,9 +389,7 @@ class Meter:
         err.retryable = False  # the caller's own limit: no deployment or fallback would change it
         return err
 
-    def _over_budget(self, decision: BudgetDecision, key: VirtualKey) -> RateLimitError:
-        budget = key.config.budget
-        assert budget is not None
+    def _over_budget(self, decision: BudgetDecision, budget: Budget, who: str, kind: str) -> RateLimitError:
         if decision.spent < budget.amount_usd:
             # Not spent, only reserved by calls in flight: their settlement frees the rest.
             retry = 1
@@ -358,13 +398,13 @@ class Meter:
             retry = max(1, int(decision.resets_at - time.time() + 0.999))
             what = f"has spent its budget of ${budget.amount_usd}"
         err = RateLimitError(
-            f"API key {key.config.name!r} {what} for this {budget.period} period",
+            f"{who} {what} for this {budget.period} period",
             code="budget_exceeded",
             headers={"Retry-After": str(retry)},
         )
         err.type = "insufficient_quota"
         err.retryable = False
-        metrics.RATE_LIMITED.labels("key", "budget").inc()
+        metrics.RATE_LIMITED.labels(kind, "budget").inc()
         return err
 
     # -- settling ------------------------------------------------------------------------------
@@ -420,13 +460,12 @@ class Meter:
                 ticket.allowance,
                 call.group.name,
             )
-        if ticket.leases or ticket.budget is not None:
+        if ticket.leases or ticket.budgets:
             self._settle(call, ticket, usage.total_tokens if usage is not None else 0, spend)
         if ticket.budget_unreserved and spend:
-            key = period_window(ticket.budget_period)[2]
-            self._owe(
-                Charge(ticket.budget_scope, ticket.budget_period, call.request_id, Decimal(0), spend, key)
-            )
+            for scope, period in ticket.budget_scopes.items():
+                key = period_window(period)[2]
+                self._owe(Charge(scope, period, call.request_id, Decimal(0), spend, key))
         return spend
 
     def _settle(self, call: Call, ticket: Ticket, actual_tokens: int, spend: Decimal) -> None:
@@ -435,15 +474,10 @@ class Meter:
         for lease in ticket.leases:
             adm = lease.admission
             self._batch.append(Settlement(lease.rules, adm.lease_id, est, actual_tokens, adm.window_start))
-        if ticket.budget is not None:
-            charge = BudgetCharge(
-                ticket.budget_scope,
-                ticket.budget_period,
-                call.request_id,
-                spend,
-                ticket.budget.period_key,
-                time.time(),
-            )
+        now = time.time()
+        for scope, decision in ticket.budgets.items():
+            period = ticket.budget_scopes[scope]
+            charge = BudgetCharge(scope, period, call.request_id, spend, decision.period_key, now)
             self._batch.append(Settlement((), call.request_id, 0, 0, 0.0, charge))
         if isinstance(self.limiter, MemoryLimiter) and self.fused:
             batch, self._batch = self._batch, []
@@ -491,19 +525,19 @@ class Meter:
         )
 
     def charge_budget(self, key: VirtualKey, request_id: str, spend: Decimal) -> None:
-        """Charge ``key``'s budget for spend no request admitted (a batch's, once it completes);
-        idempotent by ``request_id``, applied in the background."""
-        budget = key.config.budget
-        if budget is None or spend <= 0:
+        """Charge ``key``'s budget and its team's for spend no request admitted (a batch's, once it
+        completes); idempotent by ``request_id``, applied in the background."""
+        if spend <= 0:
             return
-        period_key = period_window(budget.period)[2]
-        self._owe(Charge(f"key:{key.config.name}", budget.period, request_id, Decimal(0), spend, period_key))
+        for scope, budget, _ in caller_budgets(key):
+            period_key = period_window(budget.period)[2]
+            self._owe(Charge(scope, budget.period, request_id, Decimal(0), spend, period_key))
 
     def _owe(self, charge: Charge) -> None:
         if len(self.owed) >= MAX_OWED_CHARGES:
             metrics.STORE_ERRORS.labels("budget charge dropped").inc()
             return
-        self.owed[charge.request_id] = charge
+        self.owed[(charge.scope, charge.request_id)] = charge
         if self._charging is None or self._charging.done():
             self._charging = asyncio.get_running_loop().create_task(self._apply_owed_until_done())
 
@@ -514,12 +548,12 @@ class Meter:
 
     async def apply_owed(self) -> bool:
         """Charge the budgets what calls admitted during a store outage spent; True when none is owed."""
-        for request_id, charge in list(self.owed.items()):
+        for owed, charge in list(self.owed.items()):
             try:
                 await self._charge(charge)
             except Exception:
                 return False  # still unreachable: the next round tries again
-            del self.owed[request_id]
+            del self.owed[owed]
         return True
 
     async def release(self, ticket: Ticket) -> None:
