@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build a real Kubernetes control plane (kube-apiserver, kube-controller-manager,
-# kubectl), etcd and helm from the Go module proxy at pinned versions, and cache
+# kubectl), the node components of the test cluster (kubelet, kube-scheduler, kube-proxy:
+# tests/support/cluster.py), etcd and helm from the Go module proxy at pinned versions, and cache
 # the binaries outside the repository.
 #
 #   eval "$(scripts/k8s-binaries.sh)"   # exports KUBELLM_K8S_BIN, KUBELLM_ETCD_BIN, ...
@@ -33,14 +34,27 @@ ETCD_DIR="${BIN_CACHE}/etcd-${ETCD_VERSION}"
 # `helm template`/`lint`), so a helm cached without the stamps is not reused but rebuilt.
 HELM_DIR="${BIN_CACHE}/helm-${HELM_VERSION}-k8s1.${K8S_MINOR}"
 
-K8S_CMDS=(kube-apiserver kube-controller-manager kubectl)
+K8S_CMDS=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy)
 
 log() { printf '[k8s-binaries] %s\n' "$*" >&2; }
 
-k8s_present() {
-  local b
-  for b in "${K8S_CMDS[@]}"; do [[ -x "${K8S_DIR}/${b}" ]] || return 1; done
+# What a cached kubernetes binary was built with (next to it as NAME.build): a binary built by
+# other commands (another version, other stamps, other flags) is rebuilt, not reused.
+printf -v BUILD_MANIFEST 'k8s.io/kubernetes %s CGO_ENABLED=0 -trimpath -ldflags=-s -w + version stamps %s (1.%s)\n' \
+  "${K8S_VERSION}" "${K8S_VERSION}" "${K8S_MINOR}"
+
+# Sets K8S_MISSING to the kubernetes commands not cached or cached by other build commands;
+# builtins only (no fork), so the cached fast path stays in milliseconds.
+k8s_scan() {
+  local b have
+  K8S_MISSING=()
+  for b in "${K8S_CMDS[@]}"; do
+    have=""
+    [[ -x "${K8S_DIR}/${b}" && -f "${K8S_DIR}/${b}.build" ]] && IFS= read -r -d '' have <"${K8S_DIR}/${b}.build" || true
+    [[ "${have}" == "${BUILD_MANIFEST}" ]] || K8S_MISSING+=("${b}")
+  done
 }
+k8s_present() { k8s_scan && [[ ${#K8S_MISSING[@]} -eq 0 ]]; }
 etcd_present() { [[ -x "${ETCD_DIR}/etcd" ]]; }
 helm_present() { [[ -x "${HELM_DIR}/helm" ]]; }
 all_present() { k8s_present && etcd_present && helm_present; }
@@ -189,6 +203,9 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 EOF
 
@@ -220,11 +237,9 @@ done
 # running in other test sessions) in place.
 TARGETS=()
 INSTALL=()
-if ! k8s_present; then
-  TARGETS+=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-    k8s.io/kubernetes/cmd/kubectl)
-  INSTALL+=(k8s)
-fi
+k8s_scan
+for b in "${K8S_MISSING[@]}"; do TARGETS+=("k8s.io/kubernetes/cmd/${b}"); done
+[[ ${#K8S_MISSING[@]} -eq 0 ]] || INSTALL+=(k8s)
 if ! etcd_present; then
   TARGETS+=(go.etcd.io/etcd/server/v3)
   INSTALL+=(etcd)
@@ -236,7 +251,7 @@ fi
 
 OUT="${WORK}/out"
 mkdir -p "${OUT}"
-log "building: ${INSTALL[*]}"
+log "building: ${INSTALL[*]} ${K8S_MISSING[*]}"
 (cd "${WORK}" && "${GO}" build -p "${JOBS}" -ldflags="${LDFLAGS}" -o "${OUT}/" "${TARGETS[@]}")
 log "compiled and linked after $(($(date +%s) - start_ts))s"
 # `go build` names the etcd main package (module path ending in /v3) "server".
@@ -256,7 +271,15 @@ install_dir() { # install_dir DEST BIN...
 }
 for what in "${INSTALL[@]}"; do
   case "${what}" in
-    k8s) install_dir "${K8S_DIR}" "${K8S_CMDS[@]}" ;;
+    k8s) # add (or replace) single binaries: the others may be in use by running clusters
+      mkdir -p "${K8S_DIR}"
+      cp "${WORK}/go.mod" "${K8S_DIR}/build.go.mod"
+      for b in "${K8S_MISSING[@]}"; do
+        printf '%s' "${BUILD_MANIFEST}" >"${K8S_DIR}/${b}.build.tmp.$$"
+        mv "${OUT}/${b}" "${K8S_DIR}/${b}.tmp.$$"
+        mv "${K8S_DIR}/${b}.tmp.$$" "${K8S_DIR}/${b}"
+        mv "${K8S_DIR}/${b}.build.tmp.$$" "${K8S_DIR}/${b}.build"
+      done ;;
     etcd) install_dir "${ETCD_DIR}" etcd ;;
     helm) install_dir "${HELM_DIR}" helm ;;
   esac
