@@ -570,3 +570,40 @@ def test_one_script_admits_a_request_and_one_script_settles_a_batch(
     assert admitted == 20  # one script per request: key limits, budget and deployment together
     assert settled == 1  # one batch for all 20 settlements and charges
     assert spent == 21 * Decimal("0.000020")  # each charged once: 10 prompt x $1 + 5 completion x $2 per 1M
+
+
+def test_team_figures_in_key_info_and_admin_spend(
+    fake_openai: FakeOpenAI, start_router: Callable[..., RouterProcess]
+) -> None:
+    """Two keys of team "a" spend into the team's budget: each key's /v1/key/info shows the team's
+    spend, and /admin/spend?by=team sums both keys under the team."""
+    config = _config(fake_openai)
+    config["teams"] = [{"name": "a", "budget": {"amountUsd": "1", "period": "daily"}, "limits": {"rpm": 100}}]
+    config["keys"][1]["team"] = "a"  # team-b joins team a
+    config["keys"][1]["models"] = []
+    router = start_router(config, env={**KEYS, "KUBELLM_MASTER_KEY": MASTER_KEY})
+    for key in ("TEAM_A_KEY", "TEAM_A_KEY", "TEAM_B_KEY"):
+        _client(router, KEYS[key]).chat.completions.create(model="gpt-test", messages=MESSAGES, max_tokens=5)
+    _client(router, KEYS["LIMITED_KEY"]).chat.completions.create(model="gpt-test", messages=MESSAGES)
+    per_call = Decimal("0.000015")  # (5 prompt x $1 + 5 completion x $2) / 1M
+    for key in ("TEAM_A_KEY", "TEAM_B_KEY"):
+        status, body = http_get(router.v1 + "/key/info", {"Authorization": f"Bearer {KEYS[key]}"})
+        assert status == 200, body
+        team = orjson.loads(body)["teamPolicy"]
+        assert (team["name"], team["limits"]) == ("a", {"rpm": 100})
+        assert Decimal(team["budget"]["spentUsd"]) == 3 * per_call
+        assert Decimal(team["budget"]["remainingUsd"]) == 1 - 3 * per_call
+    status, body = http_get(router.v1 + "/key/info", {"Authorization": f"Bearer {KEYS['LIMITED_KEY']}"})
+    assert "teamPolicy" not in orjson.loads(body)
+    status, body = http_get(
+        router.base_url + "/admin/spend?by=team", {"Authorization": f"Bearer {MASTER_KEY}"}
+    )
+    assert status == 200, body
+    groups = orjson.loads(body)["groups"]
+    assert groups["a"]["requests"] == 3
+    assert Decimal(groups["a"]["spendUsd"]) == 3 * per_call
+    assert groups[""]["requests"] == 1  # the key without a team
+    status, body = http_get(
+        router.base_url + "/admin/spend?by=owner", {"Authorization": f"Bearer {MASTER_KEY}"}
+    )
+    assert status == 400 and b"key, team, model_group or deployment" in body

@@ -108,6 +108,7 @@ def components() -> dict[str, Schema]:
                 "key": {"type": "string"},
                 "master": {"type": "boolean"},
                 "usage": obj({"since": {"type": "string"}}),
+                "teamPolicy": obj({"name": {"type": "string"}}, ["name"]),
             },
             ["key"],
         ),
@@ -115,7 +116,7 @@ def components() -> dict[str, Schema]:
             {
                 "since": {"type": "string", "format": "date-time"},
                 "until": {"type": "string", "format": "date-time"},
-                "by": {"enum": ["key", "model_group", "deployment"]},
+                "by": {"enum": ["key", "team", "model_group", "deployment"]},
                 "groups": {"type": "object", "additionalProperties": _TOTALS},
                 "total": _TOTALS,
             },

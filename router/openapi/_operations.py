@@ -198,7 +198,9 @@ def other_operations() -> dict[tuple[str, str], Operation]:
             parameters=[
                 query("since", ref("Instant"), "From (default: a day ago)"),
                 query("until", ref("Instant"), "Until (default: now)"),
-                query("by", {"enum": ["key", "model_group", "deployment"]}, "Group by (default: key)"),
+                query(
+                    "by", {"enum": ["key", "team", "model_group", "deployment"]}, "Group by (default: key)"
+                ),
             ],
         ),
     }

@@ -1,8 +1,8 @@
 """Key self-service and admin reporting endpoints.
 
 ``GET /v1/key/info`` tells a key holder its own limits, usage and remaining
-budget. ``GET /admin/spend`` (master key only) aggregates the usage ledger by
-key, model group or deployment over a time range.
+budget, and its team's (``teamPolicy``). ``GET /admin/spend`` (master key only)
+aggregates the usage ledger by key, team, model group or deployment over a time range.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..metering._ledger import Totals
 from ..metering._pricing import format_usd
 
 if TYPE_CHECKING:
+    from ..config._schema import Budget
     from ..core._router import Router
 
 
@@ -76,6 +77,30 @@ def _time_param(request: Request, name: str, default: float) -> float:
 _LATEST = 253402300799.0
 
 
+async def _budget_doc(router: Router, scope: str, budget: Budget, now: float) -> dict[str, Any]:
+    start, end, _ = period_window(budget.period, now)
+    spent = await router.meter.budgets.spent(scope, budget.period, now)
+    return {
+        "amountUsd": format_usd(budget.amount_usd),
+        "period": budget.period,
+        "periodStart": _iso(start),
+        "resetsAt": _iso(end),
+        "spentUsd": format_usd(spent),
+        "remainingUsd": format_usd(max(Decimal(0), budget.amount_usd - spent)),
+    }
+
+
+def _by_team(router: Router, by_key: dict[str, Totals]) -> dict[str, Totals]:
+    """Per-key totals summed by each key's team *now* (the ledger records keys, not teams): a key
+    that moved team moves its history too, and keys without a team (or not in the config any more,
+    such as a ServiceAccount's identity) sum under ``""``."""
+    team_of = {k.config.name: k.config.team or "" for k in router.state.keys.values()}
+    out: dict[str, Totals] = {}
+    for name, t in by_key.items():
+        out.setdefault(team_of.get(name, ""), Totals()).merge(t)
+    return out
+
+
 def register_admin_routes(app: FastAPI, router: Router) -> None:
     async def key_info(request: Request) -> Response:
         try:
@@ -100,20 +125,20 @@ def register_admin_routes(app: FastAPI, router: Router) -> None:
         now = time.time()
         since = now - 86400
         if cfg.budget is not None:
-            start, end, _ = period_window(cfg.budget.period, now)
-            since = start
-            spent = await router.meter.budgets.spent(f"key:{cfg.name}", cfg.budget.period, now)
-            doc["budget"] = {
-                "amountUsd": format_usd(cfg.budget.amount_usd),
-                "period": cfg.budget.period,
-                "periodStart": _iso(start),
-                "resetsAt": _iso(end),
-                "spentUsd": format_usd(spent),
-                "remainingUsd": format_usd(max(Decimal(0), cfg.budget.amount_usd - spent)),
-            }
+            since = period_window(cfg.budget.period, now)[0]
+            doc["budget"] = await _budget_doc(router, f"key:{cfg.name}", cfg.budget, now)
         await router.meter.ledger.flush()
         usage = await router.meter.ledger.store.aggregate(since, now + 1, "key")
         doc["usage"] = {"since": _iso(since), **_totals(usage.get(cfg.name, Totals()))}
+        if key.team is not None:
+            team = key.team.config
+            doc["teamPolicy"] = {
+                "name": team.name,
+                "models": team.models,
+                "limits": team.limits.model_dump(by_alias=True, exclude_none=True),
+            }
+            if team.budget is not None:
+                doc["teamPolicy"]["budget"] = await _budget_doc(router, key.team.scope, team.budget, now)
         return _json(doc)
 
     async def spend(request: Request) -> Response:
@@ -125,14 +150,17 @@ def register_admin_routes(app: FastAPI, router: Router) -> None:
             since = _time_param(request, "since", now - 86400)
             until = _time_param(request, "until", now + 1)
             by = request.query_params.get("by", "key")
-            if by not in ("key", "model_group", "deployment"):
+            if by not in ("key", "team", "model_group", "deployment"):
                 raise InvalidRequestError(
-                    "'by' must be key, model_group or deployment", param="by", code="invalid_value"
+                    "'by' must be key, team, model_group or deployment", param="by", code="invalid_value"
                 )
         except KubellmError as err:
             return error_response(err)
         await router.meter.ledger.flush()
-        rows = await router.meter.ledger.store.aggregate(since, until, by)  # type: ignore[arg-type]
+        if by == "team":
+            rows = _by_team(router, await router.meter.ledger.store.aggregate(since, until, "key"))
+        else:
+            rows = await router.meter.ledger.store.aggregate(since, until, by)  # type: ignore[arg-type]
         total = Totals()
         for t in rows.values():
             total.merge(t)
